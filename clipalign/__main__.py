@@ -1,0 +1,3 @@
+from clipalign.cli import main
+
+raise SystemExit(main())
