@@ -1,0 +1,67 @@
+"""clipalign eval: zero-shot classification and retrieval on CLIP_benchmark wds/ sets."""
+from __future__ import annotations
+
+import json
+import sys
+
+from clipalign.cli.common import CliError, existing_path, parser, write_json
+
+
+def build_parser():
+    p = parser("eval", "Evaluate a checkpoint on evaluation sets in CLIP_benchmark's wds/ layout: "
+               "zero-shot classification (acc@1, acc@5, mean per-class recall) or retrieval "
+               "(image->text and text->image recall@1/5/10), chosen by each set's dataset_type.txt.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run folder (its latest checkpoint)")
+    p.add_argument("--data", required=True, nargs="+", help="one or more wds/ set folders")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """One line per set: its metrics, then chance for classification."""
+    rows = []
+    width = max(map(len, results)) if results else 0
+    for name, r in results.items():
+        m = r["metrics"]
+        if r["task"] == "zeroshot_classification":
+            cells = f"acc@1 {m['acc1']:6.1%}  acc@5 {m['acc5']:6.1%}  mean/class {m['mean_per_class_recall']:6.1%}" \
+                    f"  (chance {r['chance_acc1']:.1%}, n={r['n']})"
+        else:
+            cells = "  ".join(
+                f"{d}@{k} {m[f'{key}_retrieval_recall@{k}']:6.1%}"
+                for key, d in (("image", "t2i"), ("text", "i2t")) for k in (1, 5, 10)
+            ) + f"  (n={r['n']})"
+        skipped = f"  skipped {sum(r['skipped'].values())}" if r["skipped"] else ""
+        rows.append(f"{name:<{width}}  {cells}{skipped}")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    existing_path(args.checkpoint, "checkpoint")
+    roots = [existing_path(d, "evaluation set") for d in args.data]
+    from tqdm import tqdm
+
+    from clipalign.checkpoint import load_model
+    from clipalign.evaluate import evaluate, load_eval_set
+
+    try:
+        sets = [load_eval_set(r) for r in roots]
+        model, transform, tokenizer, meta = load_model(args.checkpoint)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        raise CliError(str(err)) from None
+    results = {}
+    for s in sets:
+        progress = None if args.no_progress else (lambda **kw: tqdm(desc=s.name, leave=False, **kw))
+        results[s.name] = evaluate(model, tokenizer, transform, s, batch_size=args.batch_size,
+                                   precision=args.precision, progress=progress)
+        results[s.name]["path"] = str(s.root)
+    report = {"checkpoint": meta["path"], "model": meta["model_name"], "step": meta.get("step"), "results": results}
+    if args.out:
+        write_json(args.out, report)
+    print(json.dumps(report, indent=2) if args.json else format_table(results))
+    return 0

@@ -1,0 +1,75 @@
+"""clipalign train: contrastive + masked-token training on WebDataset shards."""
+from __future__ import annotations
+
+import json
+import sys
+
+from clipalign.cli.common import CliError, parser
+
+
+
+def build_parser():
+    from clipalign.train import TrainConfig
+
+    d = TrainConfig(data="", out="")
+    p = parser("train", "Train a dual encoder with symmetric InfoNCE plus a masked-token (MLM) loss "
+               "on the text tower, streaming WebDataset shards. Writes checkpoints, config.json and "
+               "metrics.jsonl into --out; --resume continues from the latest checkpoint.")
+    p.add_argument("--data", required=True, help="shard folder, glob, brace pattern (a/{00000..00009}.tar)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--model", default=d.model, help="model config name (see clipalign.list_models())")
+    p.add_argument("--pretrained", default=None, help="local open_clip checkpoint to start from")
+    p.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps before cosine decay")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: off)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision,
+                   help="bf16 autocast is about 2x faster on CPUs with AVX-512 bf16")
+    p.add_argument("--workers", type=int, default=d.workers, help="data loader processes")
+    p.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer, help="sample shuffle buffer")
+    p.add_argument("--mlm-weight", type=float, default=d.mlm_weight, help="weight of the MLM loss (0: off)")
+    p.add_argument("--mlm-rate", type=float, default=d.mlm_rate, help="fraction of caption tokens masked")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--log-every", type=int, default=d.log_every, help="steps between metrics.jsonl lines")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="0 keeps all")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from tqdm import tqdm
+
+    from clipalign.data import resolve_shards
+    from clipalign.factory import list_models
+    from clipalign.train import TrainConfig, Trainer
+
+    if args.model not in list_models():
+        raise CliError(f"unknown model {args.model!r}; known: {', '.join(list_models()[:8])}, ...")
+    if not resolve_shards(args.data):
+        raise CliError(f"no shards found at {args.data}")
+    if args.steps <= 0 or args.batch_size <= 0:
+        raise CliError("--steps and --batch-size must be positive")
+    options = {k: v for k, v in vars(args).items() if k != "no_progress"}
+    cfg = TrainConfig(**options)
+    try:
+        trainer = Trainer(cfg)
+    except FileNotFoundError as err:
+        raise CliError(str(err)) from None
+    summary = trainer.fit(progress=None if args.no_progress else tqdm)
+    final = summary["final"]
+    print(
+        f"trained {summary['steps']} steps ({summary['steps_this_run']} this run) in {summary['seconds']:.0f} s, "
+        f"{summary['samples_per_s']:.0f} samples/s; loss {final.get('loss', float('nan')):.3f}"
+        + (f", mlm acc {final['mlm_acc']:.2f}" if "mlm_acc" in final else ""),
+        file=sys.stderr,
+    )
+    if summary["skipped"]:
+        print(f"skipped samples: {json.dumps(summary['skipped'])}", file=sys.stderr)
+    print(f"checkpoint: {summary['checkpoint']}", file=sys.stderr)
+    (trainer.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return 0

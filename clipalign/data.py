@@ -1,0 +1,144 @@
+"""Streaming training data: WebDataset shards → batches of (images, token ids).
+
+Bad samples never stop a run: an undecodable image, an empty caption or a truncated shard
+is skipped, counted by reason in the worker that met it, and the counts travel to the
+trainer with every batch.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import logging
+import os
+import tarfile
+from collections import Counter
+from typing import Callable, Iterable, Iterator
+
+import torch
+import webdataset as wds
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+class BadSample(ValueError):
+    """A sample that cannot be used, with a short stable reason (``empty_caption``, ...)."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def skip_reason(exn: BaseException) -> str:
+    """Map an exception met while reading a sample to a short reason string."""
+    if isinstance(exn, BadSample):
+        return exn.reason
+    if isinstance(exn, (tarfile.ReadError, tarfile.HeaderError, EOFError)):
+        return "truncated_shard"
+    if isinstance(exn, (UnidentifiedImageError, OSError, SyntaxError)):
+        return "undecodable_image"
+    return type(exn).__name__
+
+
+class SkipCounter:
+    """A webdataset exception handler: skip the sample, count it by reason, go on."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def __call__(self, exn: BaseException) -> bool:
+        reason = skip_reason(exn)
+        self.counts[reason] += 1
+        log.warning("skipped a sample (%s): %s", reason, exn)
+        return True
+
+
+def resolve_shards(spec: str | os.PathLike | Iterable[str]) -> list[str]:
+    """Shard paths from a folder (its ``*.tar``), a glob, a brace pattern or a list."""
+    if not isinstance(spec, (str, os.PathLike)):
+        return [str(s) for s in spec]
+    spec = str(spec)
+    if os.path.isdir(spec):
+        return sorted(glob.glob(os.path.join(spec, "*.tar")))
+    if any(ch in spec for ch in "*?["):
+        return sorted(glob.glob(spec))
+    return wds.shardlists.expand_urls(spec)
+
+
+class SampleDecoder:
+    """Raw tar sample → (image tensor, token ids); raises ``BadSample`` on bad input.
+
+    Args:
+        transform: PIL image → (3, H, W) tensor (open_clip's train or eval transform).
+        tokenizer: open_clip tokenizer, ``list[str] → (1, L)``.
+    """
+
+    def __init__(self, transform: Callable, tokenizer: Callable):
+        self.transform = transform
+        self.tokenizer = tokenizer
+
+    def __call__(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        key = next((k for k in IMAGE_KEYS if k in sample), None)
+        if key is None:
+            raise BadSample("missing_image", sample.get("__key__", ""))
+        caption = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
+        if not caption:
+            raise BadSample("empty_caption", sample.get("__key__", ""))
+        with Image.open(io.BytesIO(sample[key])) as img:
+            image = self.transform(img.convert("RGB"))
+        return image, self.tokenizer([caption])[0]
+
+
+def _attach_skip_counts(batches: Iterator, counter: SkipCounter) -> Iterator:
+    worker = torch.utils.data.get_worker_info()
+    worker_id = worker.id if worker is not None else 0
+    for images, texts in batches:
+        yield images, texts, {"worker": worker_id, "skipped": dict(counter.counts)}
+
+
+def train_pipeline(
+    shards: list[str],
+    *,
+    transform: Callable,
+    tokenizer: Callable,
+    batch_size: int,
+    seed: int = 0,
+    shuffle_buffer: int = 2000,
+) -> wds.DataPipeline:
+    """An endless stream of ``(images (B,3,H,W), texts (B,L), skip_info)`` batches.
+
+    Shards are drawn at random with replacement (each worker its own seeded stream, as
+    open_clip's ``--dataset-resampled``), samples are mixed in a shuffle buffer, and bad
+    samples are skipped and counted (``skip_info["skipped"]``: reason → count, cumulative
+    for the worker ``skip_info["worker"]``).
+    """
+    counter = SkipCounter()
+    return wds.DataPipeline(
+        wds.ResampledShards(shards, seed=seed, deterministic=True),
+        wds.tarfile_to_samples(handler=counter),
+        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 500)),
+        wds.map(SampleDecoder(transform, tokenizer), handler=counter),
+        wds.batched(batch_size, partial=False),
+        lambda batches: _attach_skip_counts(batches, counter),
+    )
+
+
+def train_loader(pipeline: wds.DataPipeline, workers: int) -> wds.WebLoader:
+    """A DataLoader over the pipeline's ready-made batches."""
+    return wds.WebLoader(
+        pipeline,
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+def merge_skip_counts(per_worker: dict[int, dict[str, int]]) -> dict[str, int]:
+    """Sum the latest cumulative counts of every worker."""
+    total: Counter[str] = Counter()
+    for counts in per_worker.values():
+        total.update(counts)
+    return dict(total)

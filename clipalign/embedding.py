@@ -1,0 +1,98 @@
+"""Batched inference: shard samples → images → features, and texts → features."""
+from __future__ import annotations
+
+import io
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import webdataset as wds
+from PIL import Image
+
+from clipalign.data import IMAGE_KEYS, BadSample, SkipCounter
+from clipalign.model import ClipAlign
+from clipalign.train import autocast
+
+
+def iter_shard_samples(shards: list[str], counter: SkipCounter) -> Iterator[dict[str, Any]]:
+    """Raw samples of the shards, in order, once; a truncated shard is counted and skipped."""
+    pipeline = wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=counter))
+    yield from pipeline
+
+
+def decode_image(sample: dict[str, Any]) -> Image.Image:
+    """The sample's image as RGB; raises ``BadSample`` if it has none or it is undecodable."""
+    key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if key is None:
+        raise BadSample("missing_image", sample.get("__key__", ""))
+    try:
+        with Image.open(io.BytesIO(sample[key])) as img:
+            return img.convert("RGB")
+    except Exception as exn:  # PIL raises many types for bad bytes
+        raise BadSample("undecodable_image", f"{sample.get('__key__', '')}: {exn}") from exn
+
+
+def decoded(
+    samples: Iterable[dict[str, Any]], counter: SkipCounter, parse: Callable[[dict[str, Any]], Any]
+) -> Iterator[tuple[Image.Image, Any]]:
+    """``(image, parse(sample))`` for each good sample; bad ones are counted in ``counter``."""
+    for sample in samples:
+        try:
+            yield decode_image(sample), parse(sample)
+        except Exception as exn:
+            counter(exn)
+
+
+@torch.no_grad()
+def image_features(
+    model: ClipAlign,
+    transform: Callable,
+    items: Iterable[tuple[Image.Image, Any]],
+    *,
+    batch_size: int = 256,
+    precision: str = "fp32",
+    progress: Callable[..., Any] | None = None,
+) -> tuple[torch.Tensor, list[Any]]:
+    """Normalised features of ``(image, payload)`` items.
+
+    Returns:
+        ``(features (N, D) float32, payloads)`` in input order.
+    """
+    feats, payloads, batch = [], [], []
+    bar = progress(unit="img") if progress else None
+
+    def flush() -> None:
+        with autocast(precision):
+            f = model.encode_image(torch.stack(batch), normalize=True)
+        feats.append(f.float())
+        if bar is not None:
+            bar.update(len(batch))
+        batch.clear()
+
+    for image, payload in items:
+        batch.append(transform(image))
+        payloads.append(payload)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    if bar is not None:
+        bar.close()
+    dim = model.clip.visual.output_dim if not feats else feats[0].shape[1]
+    return (torch.cat(feats) if feats else torch.empty(0, dim)), payloads
+
+
+@torch.no_grad()
+def text_features(
+    model: ClipAlign,
+    tokenizer: Callable,
+    texts: list[str],
+    *,
+    batch_size: int = 512,
+    precision: str = "fp32",
+) -> torch.Tensor:
+    """Normalised features of ``texts``: (N, D) float32."""
+    out = []
+    for start in range(0, len(texts), batch_size):
+        with autocast(precision):
+            out.append(model.encode_text(tokenizer(texts[start : start + batch_size]), normalize=True).float())
+    return torch.cat(out)

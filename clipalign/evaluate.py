@@ -1,0 +1,119 @@
+"""Zero-shot classification and retrieval on CLIP_benchmark ``wds/``-layout sets.
+
+A set's root holds ``test/nshards.txt`` and ``test/0.tar``…; ``dataset_type.txt`` says
+``retrieval`` (samples carry ``txt``, one caption per line) or ``classification`` (the
+default: samples carry ``cls``, with ``classnames.txt`` and
+``zeroshot_classification_templates.txt`` at the root, templates using ``{c}``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from open_clip import build_zero_shot_classifier
+
+from clipalign.data import SkipCounter
+from clipalign.embedding import decoded, image_features, iter_shard_samples, text_features
+from clipalign.metrics import mean_per_class_recall, retrieval_recall, topk_accuracy
+from clipalign.model import ClipAlign
+
+
+@dataclass
+class EvalSet:
+    """A ``wds/``-layout evaluation set."""
+
+    root: Path
+    task: str  # "classification" or "retrieval"
+    shards: list[str]
+    classnames: list[str] | None = None
+    templates: list[str] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+
+def _lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_eval_set(root: str | Path, split: str = "test") -> EvalSet:
+    """Read a set's layout; raises ``FileNotFoundError`` with the missing file's path."""
+    root = Path(root)
+    nshards_file = root / split / "nshards.txt"
+    if not nshards_file.is_file():
+        raise FileNotFoundError(f"not a wds/ evaluation set (no {nshards_file})")
+    shards = [str(root / split / f"{i}.tar") for i in range(int(nshards_file.read_text()))]
+    type_file = root / "dataset_type.txt"
+    task = type_file.read_text().strip().lower() if type_file.is_file() else "classification"
+    if task == "retrieval":
+        return EvalSet(root, task, shards)
+    if task != "classification":
+        raise ValueError(f"{root}: dataset type {task!r} is not supported")
+    for needed in ("classnames.txt", "zeroshot_classification_templates.txt"):
+        if not (root / needed).is_file():
+            raise FileNotFoundError(f"classification set without {root / needed}")
+    return EvalSet(
+        root, task, shards, _lines(root / "classnames.txt"), _lines(root / "zeroshot_classification_templates.txt")
+    )
+
+
+def zero_shot_classification(
+    model: ClipAlign,
+    tokenizer: Callable,
+    transform: Callable,
+    evalset: EvalSet,
+    *,
+    batch_size: int = 256,
+    precision: str = "fp32",
+    progress: Callable[..., Any] | None = None,
+) -> dict[str, Any]:
+    """acc@1, acc@5 and mean per-class recall, with class text embeddings averaged over templates."""
+    counter = SkipCounter()
+    samples = iter_shard_samples(evalset.shards, counter)
+    items = decoded(samples, counter, lambda s: int(s["cls"]))
+    feats, labels = image_features(model, transform, items, batch_size=batch_size, precision=precision, progress=progress)
+    templates = [lambda c, t=t: t.format(c=c) for t in evalset.templates]
+    with torch.no_grad():
+        classifier = build_zero_shot_classifier(model, tokenizer, evalset.classnames, templates, num_classes_per_batch=None)
+    logits = 100.0 * feats @ classifier.float()  # (N, C)
+    targets = torch.tensor(labels, dtype=torch.long)
+    acc = topk_accuracy(logits, targets, (1, 5))
+    metrics = {
+        "acc1": acc[1],
+        "acc5": acc[5],
+        "mean_per_class_recall": mean_per_class_recall(logits.argmax(1), targets),
+    }
+    return {"task": "zeroshot_classification", "n": len(labels), "n_classes": len(evalset.classnames),
+            "chance_acc1": 1.0 / len(evalset.classnames), "metrics": metrics, "skipped": dict(counter.counts)}
+
+
+def zero_shot_retrieval(
+    model: ClipAlign,
+    tokenizer: Callable,
+    transform: Callable,
+    evalset: EvalSet,
+    *,
+    batch_size: int = 256,
+    precision: str = "fp32",
+    ks: tuple[int, ...] = (1, 5, 10),
+    progress: Callable[..., Any] | None = None,
+) -> dict[str, Any]:
+    """Image→text and text→image recall@k; an image may have several captions."""
+    counter = SkipCounter()
+    samples = iter_shard_samples(evalset.shards, counter)
+    items = decoded(samples, counter, lambda s: [c for c in s["txt"].decode("utf-8").splitlines() if c.strip()])
+    img_feats, captions = image_features(model, transform, items, batch_size=batch_size, precision=precision, progress=progress)
+    texts = [c for caps in captions for c in caps]
+    text_to_image = torch.tensor([i for i, caps in enumerate(captions) for _ in caps], dtype=torch.long)
+    txt_feats = text_features(model, tokenizer, texts, precision=precision)
+    return {"task": "zeroshot_retrieval", "n": len(captions), "n_texts": len(texts),
+            "metrics": retrieval_recall(img_feats, txt_feats, text_to_image, ks), "skipped": dict(counter.counts)}
+
+
+def evaluate(model: ClipAlign, tokenizer: Callable, transform: Callable, evalset: EvalSet, **kwargs: Any) -> dict[str, Any]:
+    """Run the set's task."""
+    task = zero_shot_retrieval if evalset.task == "retrieval" else zero_shot_classification
+    return task(model, tokenizer, transform, evalset, **kwargs)

@@ -1,0 +1,94 @@
+"""Model registry and factory: the project's JSON configs plus every open_clip architecture.
+
+The configs in ``model_configs/`` use open_clip's schema (``embed_dim``, ``vision_cfg``,
+``text_cfg``) and are registered with open_clip, so one name works in both libraries.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import open_clip
+import torch
+
+from clipalign.model import ClipAlign
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(CONFIG_DIR)
+
+
+def list_models() -> list[str]:
+    """Names accepted by ``create_model``: the project's configs first, then open_clip's."""
+    ours = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+    return ours + [name for name in open_clip.list_models() if name not in ours]
+
+
+def get_model_config(name: str) -> dict[str, Any]:
+    """The open_clip config dict of a registered model name."""
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ValueError(f"unknown model {name!r}; see clipalign.list_models()")
+    return cfg
+
+
+@contextlib.contextmanager
+def _quiet_random_init(quiet: bool) -> Iterator[None]:
+    # open_clip warns "No pretrained weights loaded" on every random init, which is what we asked for.
+    previous = logging.root.manager.disable
+    if quiet:
+        logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def _check_pretrained(pretrained: str | None) -> None:
+    # open_clip would download a named tag; this project only loads local files.
+    if pretrained is not None and not Path(pretrained).is_file():
+        raise FileNotFoundError(f"pretrained weights must be a local file: {pretrained}")
+
+
+def create_model_and_transforms(
+    name: str,
+    *,
+    mlm_head: bool = True,
+    pretrained: str | None = None,
+    **overrides: Any,
+) -> tuple[ClipAlign, Callable, Callable]:
+    """Build a ``ClipAlign`` model and its train / eval image transforms.
+
+    Args:
+        name: a name from ``list_models()``.
+        mlm_head: add the masked-token head to the text tower.
+        pretrained: path to a local open_clip checkpoint (never a download tag).
+        **overrides: keyword arguments for ``open_clip.create_model_and_transforms``
+            (``force_image_size``, ``force_patch_dropout``, ...); ``None`` values are dropped
+            so that CLI defaults never clobber a config's own values.
+
+    Returns:
+        ``(model, train_transform, eval_transform)``.
+    """
+    get_model_config(name)
+    _check_pretrained(pretrained)
+    kwargs = {k: v for k, v in overrides.items() if v is not None}
+    with _quiet_random_init(pretrained is None):
+        clip, train_tf, eval_tf = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, pretrained_text=False, **kwargs
+        )
+    tokenizer = open_clip.get_tokenizer(name)
+    model = ClipAlign(clip, mlm_head=mlm_head, eot_id=tokenizer.eot_token_id)
+    return model, train_tf, eval_tf
+
+
+def create_model(name: str, **kwargs: Any) -> ClipAlign:
+    """``create_model_and_transforms`` without the transforms."""
+    return create_model_and_transforms(name, **kwargs)[0]
+
+
+def get_tokenizer(name: str) -> Callable[..., torch.Tensor]:
+    """open_clip's tokenizer for ``name``: ``tokenizer(list[str]) -> (B, L)`` ids."""
+    get_model_config(name)
+    return open_clip.get_tokenizer(name)

@@ -1,0 +1,53 @@
+"""Losses: each a small module that returns a dict of named, already-weighted losses.
+
+The training step sums every ``*_loss`` entry of every loss module it uses.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ClipLoss(nn.Module):
+    """Symmetric InfoNCE (CLIP): cross-entropy over image→text and text→image similarities.
+
+    Shape:
+        image_features: (B, D), L2-normalised.
+        text_features: (B, D), L2-normalised; row i is the caption of image i.
+        logit_scale: scalar, the exponentiated learnable inverse temperature.
+    """
+
+    def forward(
+        self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        logits_per_image = logit_scale * image_features @ text_features.T  # (B, B)
+        labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+        loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.T, labels)) / 2
+        return {"contrastive_loss": loss}
+
+
+class MlmLoss(nn.Module):
+    """Masked-token cross-entropy, scaled by ``weight``.
+
+    Args:
+        weight: multiplier of the cross-entropy in the total loss.
+
+    Shape:
+        logits: (M, V), computed at the M masked positions only.
+        targets: (M,) original token ids.
+    """
+
+    def __init__(self, weight: float = 0.1):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"mlm_loss": self.weight * F.cross_entropy(logits.float(), targets)}
+
+
+def mlm_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Fraction of masked positions whose top-1 prediction is the original token."""
+    if targets.numel() == 0:
+        return float("nan")
+    return (logits.argmax(dim=-1) == targets).float().mean().item()

@@ -1,0 +1,70 @@
+"""BERT-style token masking for the masked-token (MLM) objective on the text tower."""
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100  # label of positions that are not predicted (torch's cross-entropy default)
+
+
+def maskable_positions(ids: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """Positions that may be masked: strictly between start-of-text and end-of-text.
+
+    open_clip pads with id 0, which is also a real token ("!"), so padding is found by
+    position (after the end-of-text token), never by value.
+
+    Args:
+        ids: (B, L) token ids as produced by open_clip's tokenizer (start token at 0).
+        eot_id: the end-of-text token id.
+
+    Returns:
+        (B, L) bool.
+    """
+    pos = torch.arange(ids.shape[1], device=ids.device)
+    has_eot = (ids == eot_id).any(dim=1)
+    eot_pos = torch.where(has_eot, (ids == eot_id).int().argmax(dim=1), ids.shape[1])
+    return (pos > 0) & (pos < eot_pos[:, None])
+
+
+def mask_tokens(
+    ids: torch.Tensor,
+    *,
+    mask_id: int,
+    eot_id: int,
+    random_high: int,
+    rate: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose ``rate`` of each caption's tokens to predict, BERT-style (80/10/10).
+
+    Of the chosen positions, 80 % become ``mask_id``, 10 % a random token in
+    ``[0, random_high)`` and 10 % stay unchanged. Start, end and padding tokens are never
+    chosen, and every caption with at least one real token gets at least one chosen.
+
+    Args:
+        ids: (B, L) token ids.
+        mask_id: id written at masked positions (may lie outside the vocabulary).
+        eot_id: end-of-text id.
+        random_high: random replacements are drawn from ``[0, random_high)``; pass the
+            first special-token id so that no special token is ever inserted.
+        rate: fraction of maskable tokens to choose.
+        generator: source of randomness (for reproducible masks).
+
+    Returns:
+        ``(masked_ids, labels)``, both (B, L): ``labels`` holds the original id at chosen
+        positions and ``IGNORE_INDEX`` elsewhere.
+    """
+    maskable = maskable_positions(ids, eot_id)
+    u = torch.rand(ids.shape, generator=generator, device=ids.device)
+    chosen = maskable & (u < rate)
+
+    # Guarantee one prediction per caption: take the maskable position with the smallest draw.
+    need_one = maskable.any(dim=1) & ~chosen.any(dim=1)
+    first = torch.where(maskable, u, 2.0).argmin(dim=1)
+    chosen[need_one, first[need_one]] = True
+
+    labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE_INDEX))
+    action = torch.rand(ids.shape, generator=generator, device=ids.device)
+    random_ids = torch.randint(0, random_high, ids.shape, generator=generator, device=ids.device)
+    masked = torch.where(chosen & (action < 0.8), torch.full_like(ids, mask_id), ids)
+    masked = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, masked)
+    return masked, labels

@@ -1,0 +1,146 @@
+"""The dual encoder: an open_clip CLIP model plus a masked-token (MLM) head on its text tower."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipalign.masking import IGNORE_INDEX
+
+
+class MlmHead(nn.Module):
+    """BERT's prediction head: dense → GELU → LayerNorm → decoder tied to the token embedding.
+
+    Args:
+        width: text tower width W.
+        vocab_size: V, rows of the token embedding that the decoder shares.
+    """
+
+    def __init__(self, width: int, vocab_size: int):
+        super().__init__()
+        self.dense = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+        # A learned input vector for the [MASK] token: open_clip's vocabulary has none, and a
+        # new id above end-of-text would break its argmax pooling, so the id never reaches it.
+        self.mask_embedding = nn.Parameter(torch.randn(width) * 0.02)
+
+    def forward(self, hidden: torch.Tensor, token_embedding: torch.Tensor) -> torch.Tensor:
+        """(M, W) hidden states at masked positions, (V, W) tied decoder weight → (M, V) logits."""
+        h = self.norm(F.gelu(self.dense(hidden)))
+        return F.linear(h, token_embedding.to(h.dtype), self.bias.to(h.dtype))
+
+
+def _text_tower(clip: nn.Module) -> nn.Module:
+    """The module that holds open_clip's text transformer pieces (CLIP or CustomTextCLIP)."""
+    tower = getattr(clip, "text", clip)
+    needed = ("token_embedding", "positional_embedding", "transformer", "ln_final")
+    if not all(hasattr(tower, name) for name in needed):
+        raise ValueError(f"the MLM head needs an open_clip transformer text tower; {type(tower).__name__} is not one")
+    return tower
+
+
+class ClipAlign(nn.Module):
+    """open_clip dual encoder with an optional MLM head.
+
+    Args:
+        clip: an open_clip ``CLIP`` or ``CustomTextCLIP`` model.
+        mlm_head: add the masked-token prediction head to the text tower.
+        eot_id: the tokenizer's end-of-text id.
+    """
+
+    def __init__(self, clip: nn.Module, *, mlm_head: bool = True, eot_id: int = 49407):
+        super().__init__()
+        self.clip = clip
+        self.eot_id = eot_id
+        emb = _text_tower(clip).token_embedding
+        self.mlm_head = MlmHead(emb.embedding_dim, emb.num_embeddings) if mlm_head else None
+
+    @property
+    def vocab_size(self) -> int:
+        return _text_tower(self.clip).token_embedding.num_embeddings
+
+    @property
+    def mask_id(self) -> int:
+        """Id that ``mask_tokens`` writes at masked positions: one past the vocabulary."""
+        return self.vocab_size
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.clip.logit_scale
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """(B, 3, H, W) → (B, D)."""
+        return self.clip.encode_image(image, normalize=normalize)
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """(B, L) token ids (no mask ids) → (B, D), with open_clip's causal text tower."""
+        return self.clip.encode_text(text, normalize=normalize)
+
+    def encode_text_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Bidirectional pass over (possibly masked) ids: (B, L) → (B, L, W) token states.
+
+        Attention is full (no causal mask) except that no token attends to padding
+        (positions after end-of-text).
+        """
+        tower = _text_tower(self.clip)
+        emb = tower.token_embedding
+        cast_dtype = tower.transformer.get_cast_dtype()
+        is_mask = ids == self.mask_id
+        x = emb(ids.masked_fill(is_mask, 0))
+        if self.mlm_head is not None:
+            x = torch.where(is_mask[..., None], self.mlm_head.mask_embedding.to(x.dtype), x)
+        x = x.to(cast_dtype) + tower.positional_embedding.to(cast_dtype)
+        x = tower.transformer(x, attn_mask=self._padding_mask(ids, tower.transformer, x.dtype))
+        return tower.ln_final(x)
+
+    def _padding_mask(self, ids: torch.Tensor, transformer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+        """Additive (B*heads, L, L) mask hiding the keys after end-of-text."""
+        batch, length = ids.shape
+        heads = transformer.resblocks[0].attn.num_heads
+        is_eot = ids == self.eot_id
+        eot_pos = torch.where(is_eot.any(1), is_eot.int().argmax(1), length - 1)
+        pad = torch.arange(length, device=ids.device)[None, :] > eot_pos[:, None]  # (B, L) keys
+        mask = torch.zeros(batch, 1, 1, length, dtype=dtype, device=ids.device)
+        mask = mask.masked_fill(pad[:, None, None, :], float("-inf"))
+        return mask.expand(batch, heads, length, length).reshape(batch * heads, length, length)
+
+    def mlm_logits(self, masked_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits at the masked positions only.
+
+        Args:
+            masked_ids: (B, L) ids from ``mask_tokens``.
+            labels: (B, L) original ids at chosen positions, ``IGNORE_INDEX`` elsewhere.
+
+        Returns:
+            ``(logits, targets)``: (M, V) and (M,), M = number of chosen positions.
+        """
+        if self.mlm_head is None:
+            raise RuntimeError("this model was built without an MLM head")
+        hidden = self.encode_text_tokens(masked_ids)  # (B, L, W)
+        chosen = labels != IGNORE_INDEX
+        weight = _text_tower(self.clip).token_embedding.weight
+        return self.mlm_head(hidden[chosen], weight), labels[chosen]
+
+    def forward(
+        self,
+        image: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
+        masked_text: torch.Tensor | None = None,
+        mlm_labels: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Features for the contrastive loss and, given masked text, logits for the MLM loss.
+
+        Returns:
+            A dict with ``image_features`` (B, D) and ``text_features`` (B, D), both
+            L2-normalised, ``logit_scale`` (scalar, already exponentiated), and with masked
+            text ``mlm_logits`` (M, V) and ``mlm_targets`` (M,).
+        """
+        out: dict[str, torch.Tensor] = {"logit_scale": self.clip.logit_scale.exp()}
+        if image is not None:
+            out["image_features"] = self.encode_image(image, normalize=True)
+        if text is not None:
+            out["text_features"] = self.encode_text(text, normalize=True)
+        if masked_text is not None and mlm_labels is not None:
+            out["mlm_logits"], out["mlm_targets"] = self.mlm_logits(masked_text, mlm_labels)
+        return out

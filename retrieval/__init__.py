@@ -1,0 +1,1 @@
+"""Retrieval: embeddings from a trained clipalign model into FAISS indexes, and search over them."""
