@@ -56,15 +56,22 @@ class SkipCounter:
 
 
 def resolve_shards(spec: str | os.PathLike | Iterable[str]) -> list[str]:
-    """Shard paths from a folder (its ``*.tar``), a glob, a brace pattern or a list."""
-    if not isinstance(spec, (str, os.PathLike)):
-        return [str(s) for s in spec]
-    spec = str(spec)
-    if os.path.isdir(spec):
-        return sorted(glob.glob(os.path.join(spec, "*.tar")))
-    if any(ch in spec for ch in "*?["):
-        return sorted(glob.glob(spec))
-    return wds.shardlists.expand_urls(spec)
+    """Shard paths from a folder (its ``*.tar``), a glob, a brace pattern or a list.
+
+    Local paths that do not exist are dropped, so a wrong path yields an empty list rather
+    than a stream that retries a missing file forever; URLs (``scheme://``) pass through.
+    """
+    if isinstance(spec, (str, os.PathLike)):
+        spec = str(spec)
+        if os.path.isdir(spec):
+            paths = sorted(glob.glob(os.path.join(spec, "*.tar")))
+        elif any(ch in spec for ch in "*?["):
+            paths = sorted(glob.glob(spec))
+        else:
+            paths = wds.shardlists.expand_urls(spec)
+    else:
+        paths = [str(s) for s in spec]
+    return [p for p in paths if "://" in p or p.startswith("pipe:") or os.path.isfile(p)]
 
 
 class SampleDecoder:
@@ -83,7 +90,9 @@ class SampleDecoder:
         key = next((k for k in IMAGE_KEYS if k in sample), None)
         if key is None:
             raise BadSample("missing_image", sample.get("__key__", ""))
-        caption = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
+        if "txt" not in sample:
+            raise BadSample("missing_caption", sample.get("__key__", ""))
+        caption = sample["txt"].decode("utf-8", errors="replace").strip()
         if not caption:
             raise BadSample("empty_caption", sample.get("__key__", ""))
         with Image.open(io.BytesIO(sample[key])) as img:

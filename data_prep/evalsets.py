@@ -1,0 +1,134 @@
+"""Write evaluation sets in CLIP_benchmark's ``wds/`` layout.
+
+Classification root::
+
+    ROOT/classnames.txt                          one class name per line
+    ROOT/zeroshot_classification_templates.txt   one template per line, ``{c}`` = class name
+    ROOT/dataset_type.txt                        "classification"
+    ROOT/test/nshards.txt                        number of shards
+    ROOT/test/0.tar, 1.tar, ...                  samples: __key__, <png|jpg|webp>, cls
+
+Retrieval root is the same without classnames/templates, ``dataset_type.txt`` holds
+"retrieval" and each sample has ``txt`` (one caption per line) instead of ``cls``.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+from PIL import Image
+
+from data_prep.images import IMAGE_FORMATS, encode_image
+from data_prep.shards import ShardSink
+
+ImageLike = Union[Image.Image, bytes]
+
+CLASSIFICATION = "classification"
+RETRIEVAL = "retrieval"
+
+
+def _encoded(image: ImageLike, fmt: str) -> bytes:
+    # Bytes are taken as already encoded in `fmt`; images are encoded losslessly for png.
+    return image if isinstance(image, (bytes, bytearray)) else encode_image(image.convert("RGB"), fmt)
+
+
+def _write_lines(path: Path, lines: Iterable[str]) -> None:
+    path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+
+
+def _shards(root: Path, split: str, samples: Iterable[dict], shard_size: int) -> int:
+    """Write samples as ``root/split/{0..n-1}.tar`` + ``nshards.txt``; return the sample count."""
+    split_dir = root / split
+    split_dir.mkdir(parents=True, exist_ok=True)
+    for old in split_dir.glob("*.tar"):  # stale shards of an earlier, larger run
+        if re.fullmatch(r"\d+\.tar", old.name):
+            old.unlink()
+    with ShardSink(split_dir, pattern="%d.tar", maxcount=shard_size) as sink:
+        for sample in samples:
+            sink.write(sample)
+    sizes = sink.close()
+    (split_dir / "nshards.txt").write_text(f"{len(sizes)}\n")
+    return sink.total
+
+
+def _check_format(image_format: str) -> None:
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+
+
+def write_classification_set(
+    root: str | os.PathLike,
+    samples: Iterable[tuple[ImageLike, int]],
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    *,
+    split: str = "test",
+    image_format: str = "png",
+    shard_size: int = 10_000,
+) -> int:
+    """Write a zero-shot classification set; return the number of samples.
+
+    Args:
+        root: The dataset root (created if missing).
+        samples: ``(image, class index)`` pairs; an image is a PIL image or bytes
+            already encoded as ``image_format``.
+        classnames: Class names, index ``i`` names label ``i``.
+        templates: Prompt templates with ``{c}`` where the class name goes.
+        split: Split folder name.
+        image_format: ``png``, ``jpg`` or ``webp``.
+        shard_size: Samples per tar at most.
+    """
+    _check_format(image_format)
+    bad = [t for t in templates if "{c}" not in t]
+    if bad:
+        raise ValueError(f"templates without '{{c}}': {bad}")
+    if any("\n" in c for c in classnames):
+        raise ValueError("class names must not contain newlines")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    _write_lines(root / "classnames.txt", classnames)
+    _write_lines(root / "zeroshot_classification_templates.txt", templates)
+    _write_lines(root / "dataset_type.txt", [CLASSIFICATION])
+
+    def encoded() -> Iterable[dict]:
+        for i, (image, label) in enumerate(samples):
+            if not 0 <= int(label) < len(classnames):
+                raise ValueError(f"sample {i}: label {label} outside 0..{len(classnames) - 1}")
+            yield {"__key__": f"s{i:07d}", image_format: _encoded(image, image_format), "cls": str(int(label))}
+
+    return _shards(root, split, encoded(), shard_size)
+
+
+def write_retrieval_set(
+    root: str | os.PathLike,
+    samples: Iterable[tuple[ImageLike, Sequence[str]]],
+    *,
+    split: str = "test",
+    image_format: str = "png",
+    shard_size: int = 10_000,
+) -> int:
+    """Write a zero-shot retrieval set; return the number of samples.
+
+    Args:
+        root: The dataset root (created if missing).
+        samples: ``(image, captions)`` pairs; captions must be non-empty and one-line.
+        split: Split folder name.
+        image_format: ``png``, ``jpg`` or ``webp``.
+        shard_size: Samples per tar at most.
+    """
+    _check_format(image_format)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    _write_lines(root / "dataset_type.txt", [RETRIEVAL])
+
+    def encoded() -> Iterable[dict]:
+        for i, (image, captions) in enumerate(samples):
+            if isinstance(captions, str) or not captions:
+                raise ValueError(f"sample {i}: captions must be a non-empty list of strings")
+            if any("\n" in c or not c.strip() for c in captions):
+                raise ValueError(f"sample {i}: captions must be non-empty single lines")
+            yield {"__key__": f"s{i:07d}", image_format: _encoded(image, image_format), "txt": "\n".join(captions)}
+
+    return _shards(root, split, encoded(), shard_size)

@@ -1,0 +1,23 @@
+"""Shared test helpers."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+
+def _read_shards(paths: list[Path] | list[str], decode: bool = True) -> list[dict]:
+    """Read tar shards back with webdataset, single-process and in order."""
+    import webdataset as wds
+
+    ds = wds.WebDataset([str(p) for p in paths], shardshuffle=False, nodesplitter=lambda src: src)
+    if decode:
+        ds = ds.decode("pil")
+    return list(ds)
+
+
+@pytest.fixture
+def read_shards() -> Callable[..., list[dict]]:
+    """``read_shards(paths, decode=True) -> [sample dict, ...]``."""
+    return _read_shards

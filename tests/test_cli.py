@@ -1,0 +1,36 @@
+import pytest
+
+from clipalign.cli import COMMANDS, main
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_explains_itself(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"clipalign {command}" in out and len(out.splitlines()) > 5
+
+
+def test_top_level_usage_and_unknown_command(capsys):
+    assert main(["--help"]) == 0
+    usage = capsys.readouterr().out
+    assert all(name in usage for name in COMMANDS)
+    assert main(["frobnicate"]) == 2
+    assert "unknown command" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--data", "{missing}", "--out", "{tmp}/run"],
+        ["eval", "--checkpoint", "{missing}", "--data", "{tmp}"],
+        ["index", "--checkpoint", "{missing}", "--data", "{tmp}", "--out", "{tmp}/idx"],
+        ["search", "--index", "{missing}", "--text", "a red circle"],
+    ],
+)
+def test_missing_input_is_a_one_line_error(argv, tmp_path, capsys):
+    argv = [a.format(missing=tmp_path / "does-not-exist", tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error" in err and "does-not-exist" in err

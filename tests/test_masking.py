@@ -1,0 +1,65 @@
+import torch
+
+from clipalign.factory import get_tokenizer
+from clipalign.masking import IGNORE_INDEX, mask_tokens, maskable_positions
+
+TOK = get_tokenizer("ca-nano")
+SOT, EOT, MASK = TOK.sot_token_id, TOK.eot_token_id, TOK.vocab_size
+CAPTIONS = ["a small red triangle at the top left", "a blue circle next to a yellow square", "a star", "x"]
+
+
+def _mask(ids, seed=0, rate=0.15):
+    return mask_tokens(ids, mask_id=MASK, eot_id=EOT, random_high=SOT, rate=rate,
+                       generator=torch.Generator().manual_seed(seed))
+
+
+def test_maskable_positions_are_the_real_tokens_only():
+    ids = TOK(CAPTIONS)
+    maskable = maskable_positions(ids, EOT)
+    for row, caption in zip(ids, maskable):
+        eot = (row == EOT).nonzero()[0, 0]
+        assert not caption[0] and not caption[eot:].any()  # start, end and padding
+        assert caption[1:eot].all()
+    # Id 0 is a real sub-word ("!") as well as padding: inside a caption it stays maskable.
+    ids[0, 2] = 0
+    assert maskable_positions(ids, EOT)[0, 2]
+
+
+def test_never_masks_special_tokens_or_padding():
+    ids = TOK(CAPTIONS * 50)
+    for seed in range(5):
+        masked, labels = _mask(ids, seed, rate=0.5)
+        chosen = labels != IGNORE_INDEX
+        assert not (chosen & ~maskable_positions(ids, EOT)).any()
+        unchanged = ~chosen
+        assert torch.equal(masked[unchanged], ids[unchanged])
+        assert not ((masked == SOT) | (masked == EOT))[chosen].any()
+
+
+def test_at_least_one_mask_per_caption():
+    ids = TOK(CAPTIONS * 100)
+    masked, labels = _mask(ids, rate=0.01)
+    assert ((labels != IGNORE_INDEX).sum(1) >= 1).all()
+    assert torch.equal(labels[labels != IGNORE_INDEX], ids[labels != IGNORE_INDEX])
+
+
+def test_rate_and_80_10_10_split():
+    ids = TOK(["one two three four five six seven eight nine ten eleven twelve"] * 4000)
+    masked, labels = _mask(ids, rate=0.15)
+    chosen = labels != IGNORE_INDEX
+    n = chosen.sum().item()
+    # 12 real tokens: rows left empty by the 15 % draw get one forced pick.
+    expected = 0.15 + 0.85**12 / 12
+    assert abs(n / maskable_positions(ids, EOT).sum().item() - expected) < 0.005
+    to_mask = (masked[chosen] == MASK).float().mean().item()
+    kept = (masked[chosen] == ids[chosen]).float().mean().item()
+    random = 1 - to_mask - kept
+    # Random replacements equal the original with probability ~1/49406: negligible.
+    assert abs(to_mask - 0.8) < 0.02 and abs(kept - 0.1) < 0.015 and abs(random - 0.1) < 0.015
+    assert (masked[chosen & (masked != MASK)] < SOT).all()
+
+
+def test_same_generator_seed_same_masks():
+    ids = TOK(CAPTIONS)
+    a, b = _mask(ids, seed=3), _mask(ids, seed=3)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

@@ -1,0 +1,105 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipalign.factory import create_model, get_tokenizer, list_models
+from clipalign.masking import IGNORE_INDEX, mask_tokens
+
+PROJECT_MODELS = ["ca-nano", "ca-tiny", "ca-small"]
+
+
+@pytest.fixture(scope="module")
+def nano():
+    torch.manual_seed(0)
+    return create_model("ca-nano").eval(), get_tokenizer("ca-nano")
+
+
+def test_registry_lists_project_configs_first_then_open_clip():
+    names = list_models()
+    assert names[: len(PROJECT_MODELS)] == sorted(PROJECT_MODELS)
+    assert "ViT-B-32" in names
+
+
+@pytest.mark.parametrize("name", PROJECT_MODELS)
+def test_every_project_model_trains_one_step_without_nan(name):
+    model = create_model(name)
+    tok = get_tokenizer(name)
+    size = model.clip.visual.image_size[0]
+    texts = tok(["a red circle", "a blue square at the top left"])
+    masked, labels = mask_tokens(texts, mask_id=model.mask_id, eot_id=tok.eot_token_id, random_high=tok.sot_token_id,
+                                 generator=torch.Generator().manual_seed(0))
+    out = model(torch.randn(2, 3, size, size), texts, masked, labels)
+    sims = out["logit_scale"] * out["image_features"] @ out["text_features"].T
+    loss = F.cross_entropy(sims, torch.arange(2)) + F.cross_entropy(out["mlm_logits"], out["mlm_targets"])
+    loss.backward()
+    assert torch.isfinite(loss)
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert missing == [] or missing == ["mlm_head.mask_embedding"]  # unused if no position drew [MASK]
+
+
+def test_open_clip_architecture_by_name_gets_the_head():
+    model = create_model("RN50", mlm_head=False)
+    assert model.mlm_head is None
+    model = create_model("ViT-S-32-alt" if "ViT-S-32-alt" in list_models() else "ViT-B-32", force_image_size=32)
+    assert model.mlm_head is not None and model.mask_id == model.vocab_size
+
+
+def test_none_overrides_are_dropped_and_pretrained_must_be_local(tmp_path):
+    assert create_model("ca-nano", force_image_size=None).clip.visual.image_size[0] == 32
+    with pytest.raises(FileNotFoundError):
+        create_model("ca-nano", pretrained="laion2b_s34b_b79k")
+
+
+def test_clean_text_path_is_open_clips_encode_text(nano):
+    model, tok = nano
+    ids = tok(["a red circle", "two green stars"])
+    assert torch.equal(model.encode_text(ids), model.clip.encode_text(ids))
+
+
+def test_masked_pass_is_bidirectional_and_ignores_padding(nano):
+    model, tok = nano
+    ids = tok(["a small red triangle at the top left"])
+    eot = (ids[0] == tok.eot_token_id).nonzero()[0, 0].item()
+    with torch.no_grad():
+        base = model.encode_text_tokens(ids)
+        later = ids.clone()
+        later[0, eot - 1] = tok.encoder["blue</w>"]
+        changed = model.encode_text_tokens(later)
+        padded = ids.clone()
+        padded[0, eot + 1 :] = 500  # garbage after end-of-text
+        repadded = model.encode_text_tokens(padded)
+    # A token early in the caption sees a change at its end: no causal mask.
+    assert not torch.allclose(base[0, 1], changed[0, 1])
+    # No real position attends to what follows end-of-text.
+    assert torch.allclose(base[0, : eot + 1], repadded[0, : eot + 1], atol=1e-5)
+
+
+def test_mask_id_above_end_of_text_never_reaches_argmax_pooling(nano):
+    model, tok = nano
+    ids = tok(["a red circle"])
+    masked, labels = mask_tokens(ids, mask_id=model.mask_id, eot_id=tok.eot_token_id, random_high=tok.sot_token_id,
+                                 rate=1.0, generator=torch.Generator().manual_seed(1))
+    assert masked.max() == model.mask_id > tok.eot_token_id
+    out = model(None, ids, masked, labels)
+    assert out["mlm_logits"].shape == (int((labels != IGNORE_INDEX).sum()), model.vocab_size)
+
+
+def test_mlm_logits_only_at_masked_positions_equal_full_sequence_loss(nano):
+    model, tok = nano
+    ids = tok(["a small red triangle at the top left", "a blue circle"])
+    masked, labels = mask_tokens(ids, mask_id=model.mask_id, eot_id=tok.eot_token_id, random_high=tok.sot_token_id,
+                                 rate=0.3, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits, targets = model.mlm_logits(masked, labels)
+        hidden = model.encode_text_tokens(masked)  # (B, L, W)
+        emb = model.clip.token_embedding.weight
+        full = model.mlm_head(hidden.flatten(0, 1), emb)  # (B*L, V): every position
+    full_loss = F.cross_entropy(full, labels.flatten(), ignore_index=IGNORE_INDEX)
+    assert torch.allclose(F.cross_entropy(logits, targets), full_loss, atol=1e-5)
+
+
+def test_mlm_decoder_is_tied_to_the_token_embedding(nano):
+    model, _ = nano
+    names = [n for n, _ in model.named_parameters()]
+    assert not any(n.startswith("mlm_head") and "weight" in n and "dense" not in n and "norm" not in n for n in names)
+    assert sum(p.numel() for p in model.mlm_head.parameters()) < model.clip.token_embedding.weight.numel()

@@ -1,0 +1,98 @@
+import json
+
+import pytest
+import torch
+
+from clipalign import checkpoint as ckpt
+from clipalign.schedule import warmup_cosine
+from clipalign.train import TrainConfig, Trainer, param_groups
+from toydata import truncate_mid_member, write_toy_shards
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_toy_shards(tmp_path_factory.mktemp("shards"), n=256, per_shard=64)
+
+
+def _cfg(shards, out, **kw):
+    base = dict(data=shards[0].rsplit("/", 1)[0], out=str(out), model="ca-nano", batch_size=32, lr=2e-3,
+                warmup=5, workers=0, shuffle_buffer=64, log_every=1, checkpoint_every=10, precision="fp32")
+    return TrainConfig(**{**base, **kw})
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    values = [warmup_cosine(s, 10, 100) for s in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == 1.0
+    assert all(a >= b for a, b in zip(values[9:], values[10:])) and values[-1] < 0.01
+
+
+def test_no_weight_decay_on_gains_biases_and_temperature():
+    trainer = Trainer(TrainConfig(data="", out="", model="ca-nano"))
+    decay, no_decay = param_groups(trainer.model, 0.1)
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert "clip.logit_scale" in exempt and "clip.ln_final.weight" in exempt and "mlm_head.bias" in exempt
+    assert all(p.ndim >= 2 for p in decay["params"]) and no_decay["weight_decay"] == 0.0
+
+
+def test_tiny_run_learns(shards, tmp_path):
+    summary = Trainer(_cfg(shards, tmp_path, steps=40)).fit()
+    rows = _metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    first = sum(r["contrastive_loss"] for r in rows[:5]) / 5
+    last = sum(r["contrastive_loss"] for r in rows[-5:]) / 5
+    assert last < 0.8 * first
+    assert rows[-1]["mlm_loss"] < rows[0]["mlm_loss"]
+    assert {"temperature", "mlm_acc", "samples_per_s", "lr"} <= rows[-1].keys()
+    assert summary["steps"] == 40 and summary["checkpoint"].endswith("step_00000040.pt")
+
+
+def test_mlm_weight_zero_turns_the_head_off(shards, tmp_path):
+    trainer = Trainer(_cfg(shards, tmp_path, steps=2, mlm_weight=0.0))
+    trainer.fit()
+    assert trainer.model.mlm_head is None
+    assert "mlm_loss" not in _metrics(tmp_path)[-1]
+
+
+def test_resume_continues_at_the_same_step_with_the_same_state(shards, tmp_path):
+    Trainer(_cfg(shards, tmp_path, steps=20, keep_checkpoints=0)).fit()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000010.pt", "step_00000020.pt"]
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+    saved = ckpt.load_checkpoint(tmp_path)
+
+    resumed = Trainer(_cfg(shards, tmp_path, steps=30, resume=True))
+    resumed.load_state_dict(ckpt.load_checkpoint(tmp_path))
+    assert resumed.step == 20 and resumed.scheduler.last_epoch == 20
+    for name, tensor in saved["model"].items():
+        assert torch.equal(resumed.model.state_dict()[name], tensor), name
+    opt_saved, opt_now = saved["optimizer"]["state"], resumed.optimizer.state_dict()["state"]
+    assert opt_saved.keys() == opt_now.keys()
+    assert all(torch.equal(opt_saved[k]["exp_avg"], opt_now[k]["exp_avg"]) for k in opt_saved)
+
+    summary = Trainer(_cfg(shards, tmp_path, steps=30, resume=True)).fit()
+    assert summary["resumed_from"].endswith("step_00000020.pt") and summary["steps_this_run"] == 10
+    assert [r["step"] for r in _metrics(tmp_path)] == list(range(1, 31))
+
+
+def test_bad_samples_and_truncated_shards_are_skipped_and_counted(tmp_path):
+    shards = write_toy_shards(tmp_path / "bad", n=128, per_shard=64, empty_caption_keys=(0, 1, 2))
+    truncate_mid_member(shards[1], 30)
+    summary = Trainer(_cfg(shards, tmp_path / "run", steps=8, workers=1)).fit()
+    assert summary["steps"] == 8
+    assert summary["skipped"].get("empty_caption", 0) >= 3
+    assert summary["skipped"].get("truncated_shard", 0) >= 1
+    assert _metrics(tmp_path / "run")[-1]["skipped"] == summary["skipped"]
+
+
+def test_nonfinite_loss_skips_the_update(shards, tmp_path):
+    trainer = Trainer(_cfg(shards, tmp_path, steps=1))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    images = torch.full((4, 3, 32, 32), float("nan"))
+    texts = trainer.tokenizer(["a red square"] * 4)
+    trainer.train_step(images, texts)
+    assert trainer.nonfinite_steps == 1 and trainer.step == 1
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
