@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from clipalign import checkpoint as ckpt
 from clipalign.data import merge_skip_counts, resolve_shards, train_loader, train_pipeline
@@ -42,6 +45,7 @@ class TrainConfig:
     warmup: int = 100
     grad_clip: float = 1.0
     precision: str = "bf16"
+    attention: str = "math"
     workers: int = 1
     shuffle_buffer: int = 2000
     mlm_weight: float = 0.1
@@ -70,6 +74,34 @@ def autocast(precision: str) -> contextlib.AbstractContextManager:
     if precision == "fp32":
         return contextlib.nullcontext()
     raise ValueError(f"unknown precision {precision!r} (fp32 or bf16)")
+
+
+def attention_backend(kind: str) -> contextlib.AbstractContextManager:
+    """``math`` forces PyTorch's plain attention kernels: on CPUs the fused (flash) backward
+    is slow in bf16, and the math path made the step about 1.6x faster here (BENCHMARKS.md)."""
+    if kind == "math":
+        return sdpa_kernel(SDPBackend.MATH)
+    if kind == "auto":
+        return contextlib.nullcontext()
+    raise ValueError(f"unknown attention backend {kind!r} (math or auto)")
+
+
+class RunLockedError(RuntimeError):
+    """Another live process is training into the same run folder."""
+
+
+def _lock_run(run_dir: Path) -> IO[str]:
+    """Hold an exclusive lock on ``run_dir/.lock`` while training; released when the file closes
+    (or the process dies, so a killed run never leaves a stale lock behind)."""
+    handle = (run_dir / ".lock").open("w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RunLockedError(f"another process is training into {run_dir}") from None
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def _rng_state() -> dict[str, Any]:
@@ -187,6 +219,7 @@ class Trainer:
         if not shards:
             raise FileNotFoundError(f"no shards found at {cfg.data}")
         self.out.mkdir(parents=True, exist_ok=True)
+        lock = _lock_run(self.out)
         resumed_from = None
         if cfg.resume and (latest := ckpt.latest_checkpoint(self.out)) is not None:
             self.load_state_dict(ckpt.load_checkpoint(latest))
@@ -204,38 +237,14 @@ class Trainer:
         )
         batches = iter(train_loader(pipeline, cfg.workers))
         bar = progress(total=cfg.steps, initial=self.step, unit="step") if progress else None
-        metrics = (self.out / "metrics.jsonl").open("a")
-        start, window_start, window_samples, logs = time.perf_counter(), time.perf_counter(), 0, {}
-        first_step = self.step
+        first_step, start = self.step, time.perf_counter()
         self.model.train()
-        try:
-            while self.step < cfg.steps:
-                images, texts, skip_info = next(batches)
-                self.skipped[skip_info["worker"]] = skip_info["skipped"]
-                logs = self.train_step(images, texts)
-                window_samples += images.shape[0]
+        with lock, (self.out / "metrics.jsonl").open("a") as metrics, attention_backend(cfg.attention):
+            try:
+                logs = self._loop(batches, bar, metrics)
+            finally:
                 if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{logs['loss']:.3f}", T=f"{logs['temperature']:.3f}")
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    now = time.perf_counter()
-                    record = {
-                        "step": self.step,
-                        "lr": self.scheduler.get_last_lr()[0],
-                        **logs,
-                        "samples_per_s": window_samples / (now - window_start),
-                        "skipped": merge_skip_counts(self.skipped),
-                        "nonfinite_steps": self.nonfinite_steps,
-                    }
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                    window_start, window_samples = now, 0
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                    self.save()
-        finally:
-            metrics.close()
-            if bar is not None:
-                bar.close()
+                    bar.close()
         elapsed = time.perf_counter() - start
         steps_run = self.step - first_step
         return {
@@ -249,3 +258,32 @@ class Trainer:
             "nonfinite_steps": self.nonfinite_steps,
             "checkpoint": str(ckpt.latest_checkpoint(self.out)),
         }
+
+    def _loop(self, batches: Iterator, bar: Any, metrics: IO[str]) -> dict[str, float]:
+        """Steps until ``cfg.steps``, logging and checkpointing on schedule; returns the last logs."""
+        cfg, logs = self.cfg, {}
+        window_start, window_samples = time.perf_counter(), 0
+        while self.step < cfg.steps:
+            images, texts, skip_info = next(batches)
+            self.skipped[skip_info["worker"]] = skip_info["skipped"]
+            logs = self.train_step(images, texts)
+            window_samples += images.shape[0]
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{logs['loss']:.3f}", T=f"{logs['temperature']:.3f}")
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                now = time.perf_counter()
+                record = {
+                    "step": self.step,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    **logs,
+                    "samples_per_s": window_samples / (now - window_start),
+                    "skipped": merge_skip_counts(self.skipped),
+                    "nonfinite_steps": self.nonfinite_steps,
+                }
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                window_start, window_samples = now, 0
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.save()
+        return logs

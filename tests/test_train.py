@@ -5,7 +5,7 @@ import torch
 
 from clipalign import checkpoint as ckpt
 from clipalign.schedule import warmup_cosine
-from clipalign.train import TrainConfig, Trainer, param_groups
+from clipalign.train import RunLockedError, TrainConfig, Trainer, _lock_run, param_groups
 from toydata import truncate_mid_member, write_toy_shards
 
 
@@ -96,3 +96,10 @@ def test_nonfinite_loss_skips_the_update(shards, tmp_path):
     trainer.train_step(images, texts)
     assert trainer.nonfinite_steps == 1 and trainer.step == 1
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_a_run_folder_takes_one_trainer_at_a_time(shards, tmp_path):
+    with _lock_run(tmp_path):
+        with pytest.raises(RunLockedError):
+            Trainer(_cfg(shards, tmp_path, steps=1)).fit()
+    Trainer(_cfg(shards, tmp_path, steps=1)).fit()  # free again once the holder lets go

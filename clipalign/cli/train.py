@@ -27,6 +27,8 @@ def build_parser():
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: off)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision,
                    help="bf16 autocast is about 2x faster on CPUs with AVX-512 bf16")
+    p.add_argument("--attention", choices=["math", "auto"], default=d.attention,
+                   help="'math' forces plain attention kernels (faster training on CPU); 'auto' lets torch pick")
     p.add_argument("--workers", type=int, default=d.workers, help="data loader processes")
     p.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer, help="sample shuffle buffer")
     p.add_argument("--mlm-weight", type=float, default=d.mlm_weight, help="weight of the MLM loss (0: off)")
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from clipalign.data import resolve_shards
     from clipalign.factory import list_models
-    from clipalign.train import TrainConfig, Trainer
+    from clipalign.train import RunLockedError, TrainConfig, Trainer
 
     if args.model not in list_models():
         raise CliError(f"unknown model {args.model!r}; known: {', '.join(list_models()[:8])}, ...")
@@ -60,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg)
     except FileNotFoundError as err:
         raise CliError(str(err)) from None
-    summary = trainer.fit(progress=None if args.no_progress else tqdm)
+    try:
+        summary = trainer.fit(progress=None if args.no_progress else tqdm)
+    except (FileNotFoundError, RunLockedError) as err:
+        raise CliError(str(err)) from None
     final = summary["final"]
     print(
         f"trained {summary['steps']} steps ({summary['steps_this_run']} this run) in {summary['seconds']:.0f} s, "
