@@ -66,6 +66,12 @@ class ClipAlign(nn.Module):
         return self.vocab_size
 
     @property
+    def image_size(self) -> int:
+        """Side of the square input images."""
+        size = self.clip.visual.image_size
+        return size if isinstance(size, int) else size[0]
+
+    @property
     def logit_scale(self) -> nn.Parameter:
         return self.clip.logit_scale
 

@@ -6,7 +6,7 @@ set -euo pipefail
 
 OUT=${DEMO_OUT:-demo_out}
 N=${DEMO_N:-20000}          # training images
-STEPS=${DEMO_STEPS:-400}    # optimizer steps of 128 samples
+STEPS=${DEMO_STEPS:-500}    # optimizer steps of 128 samples
 MODEL=${DEMO_MODEL:-ca-tiny}
 start=$(date +%s)
 step() { printf '\n== %s  [%ds]\n' "$1" "$(( $(date +%s) - start ))"; }
@@ -20,7 +20,7 @@ echo "errors.jsonl:"; head -n 3 "$OUT/shards/errors.jsonl"
 
 step "3/6 train: $MODEL, contrastive + masked-token loss, bf16, $STEPS steps"
 clipalign train --data "$OUT/shards" --out "$OUT/run" --model "$MODEL" --steps "$STEPS" \
-    --batch-size 128 --lr 1e-3 --warmup 40 --checkpoint-every 100 --resume
+    --batch-size 128 --lr 2e-3 --warmup 30 --checkpoint-every 100 --resume
 
 step "4/6 eval: zero-shot shape / colour (seen and unseen colour-shape pairs) and retrieval"
 clipalign eval --checkpoint "$OUT/run" --data "$OUT"/corpus/eval/* --out "$OUT/eval.json"
@@ -31,7 +31,9 @@ clipalign index --checkpoint "$OUT/run" --data "$OUT/shards" --out "$OUT/index"
 step "6/6 search"
 echo '$ clipalign search --text "a red circle" -k 5'
 clipalign search --index "$OUT/index" --text "a red circle" -k 5
-echo '$ clipalign search --text "a small blue star at the top left" -k 5'
-clipalign search --index "$OUT/index" --text "a small blue star at the top left" -k 5
+echo '$ clipalign search --text "a large green star at the bottom right" -k 5'
+clipalign search --index "$OUT/index" --text "a large green star at the bottom right" -k 5
+echo '$ clipalign search --image corpus/train/images/000000001.png -k 3   (image to image)'
+clipalign search --index "$OUT/index" --image "$OUT/corpus/train/images/000000001.png" -k 3
 
 step "done: results in $OUT/ (eval.json, run/metrics.jsonl, index/)"

@@ -24,7 +24,7 @@ def test_registry_lists_project_configs_first_then_open_clip():
 def test_every_project_model_trains_one_step_without_nan(name):
     model = create_model(name)
     tok = get_tokenizer(name)
-    size = model.clip.visual.image_size[0]
+    size = model.image_size
     texts = tok(["a red circle", "a blue square at the top left"])
     masked, labels = mask_tokens(texts, mask_id=model.mask_id, eot_id=tok.eot_token_id, random_high=tok.sot_token_id,
                                  generator=torch.Generator().manual_seed(0))
@@ -45,7 +45,7 @@ def test_open_clip_architecture_by_name_gets_the_head():
 
 
 def test_none_overrides_are_dropped_and_pretrained_must_be_local(tmp_path):
-    assert create_model("ca-nano", force_image_size=None).clip.visual.image_size[0] == 32
+    assert create_model("ca-nano", force_image_size=None).image_size == 32
     with pytest.raises(FileNotFoundError):
         create_model("ca-nano", pretrained="laion2b_s34b_b79k")
 
