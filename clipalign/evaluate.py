@@ -60,6 +60,16 @@ def load_eval_set(root: str | Path, split: str = "test") -> EvalSet:
     )
 
 
+def _embed_set(
+    model: ClipAlign, transform: Callable, evalset: EvalSet, parse: Callable[[dict], Any], **kwargs: Any
+) -> tuple[torch.Tensor, list[Any], dict[str, int]]:
+    """Image features of the set's good samples, ``parse(sample)`` of each, and skip counts."""
+    counter = SkipCounter()
+    items = decoded(iter_shard_samples(evalset.shards, counter), counter, parse)
+    feats, payloads = image_features(model, transform, items, **kwargs)
+    return feats, payloads, dict(counter.counts)
+
+
 def zero_shot_classification(
     model: ClipAlign,
     tokenizer: Callable,
@@ -71,10 +81,8 @@ def zero_shot_classification(
     progress: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
     """acc@1, acc@5 and mean per-class recall, with class text embeddings averaged over templates."""
-    counter = SkipCounter()
-    samples = iter_shard_samples(evalset.shards, counter)
-    items = decoded(samples, counter, lambda s: int(s["cls"]))
-    feats, labels = image_features(model, transform, items, batch_size=batch_size, precision=precision, progress=progress)
+    feats, labels, skipped = _embed_set(model, transform, evalset, lambda s: int(s["cls"]),
+                                        batch_size=batch_size, precision=precision, progress=progress)
     templates = [lambda c, t=t: t.format(c=c) for t in evalset.templates]
     with torch.no_grad():
         classifier = build_zero_shot_classifier(model, tokenizer, evalset.classnames, templates, num_classes_per_batch=None)
@@ -87,7 +95,7 @@ def zero_shot_classification(
         "mean_per_class_recall": mean_per_class_recall(logits.argmax(1), targets),
     }
     return {"task": "zeroshot_classification", "n": len(labels), "n_classes": len(evalset.classnames),
-            "chance_acc1": 1.0 / len(evalset.classnames), "metrics": metrics, "skipped": dict(counter.counts)}
+            "chance_acc1": 1.0 / len(evalset.classnames), "metrics": metrics, "skipped": skipped}
 
 
 def zero_shot_retrieval(
@@ -102,15 +110,15 @@ def zero_shot_retrieval(
     progress: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
     """Image→text and text→image recall@k; an image may have several captions."""
-    counter = SkipCounter()
-    samples = iter_shard_samples(evalset.shards, counter)
-    items = decoded(samples, counter, lambda s: [c for c in s["txt"].decode("utf-8").splitlines() if c.strip()])
-    img_feats, captions = image_features(model, transform, items, batch_size=batch_size, precision=precision, progress=progress)
+    img_feats, captions, skipped = _embed_set(
+        model, transform, evalset, lambda s: [c for c in s["txt"].decode("utf-8").splitlines() if c.strip()],
+        batch_size=batch_size, precision=precision, progress=progress,
+    )
     texts = [c for caps in captions for c in caps]
     text_to_image = torch.tensor([i for i, caps in enumerate(captions) for _ in caps], dtype=torch.long)
     txt_feats = text_features(model, tokenizer, texts, precision=precision)
     return {"task": "zeroshot_retrieval", "n": len(captions), "n_texts": len(texts),
-            "metrics": retrieval_recall(img_feats, txt_feats, text_to_image, ks), "skipped": dict(counter.counts)}
+            "metrics": retrieval_recall(img_feats, txt_feats, text_to_image, ks), "skipped": skipped}
 
 
 def evaluate(model: ClipAlign, tokenizer: Callable, transform: Callable, evalset: EvalSet, **kwargs: Any) -> dict[str, Any]:
