@@ -10,6 +10,7 @@ import glob
 import io
 import logging
 import os
+import random
 import tarfile
 from collections import Counter
 from typing import Callable, Iterable, Iterator
@@ -35,6 +36,8 @@ def skip_reason(exn: BaseException) -> str:
     """Map an exception met while reading a sample to a short reason string."""
     if isinstance(exn, BadSample):
         return exn.reason
+    if isinstance(exn, FileNotFoundError):
+        return "missing_shard"
     if isinstance(exn, (tarfile.ReadError, tarfile.HeaderError, EOFError)):
         return "truncated_shard"
     if isinstance(exn, (UnidentifiedImageError, OSError, SyntaxError)):
@@ -74,6 +77,28 @@ def resolve_shards(spec: str | os.PathLike | Iterable[str]) -> list[str]:
     return [p for p in paths if "://" in p or p.startswith("pipe:") or os.path.isfile(p)]
 
 
+def decode_image(sample: dict) -> Image.Image:
+    """The sample's image as RGB; raises ``BadSample`` if it has none or it is undecodable."""
+    key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if key is None:
+        raise BadSample("missing_image", sample.get("__key__", ""))
+    try:
+        with Image.open(io.BytesIO(sample[key])) as img:
+            return img.convert("RGB")
+    except Exception as exn:  # PIL raises many types for bad bytes
+        raise BadSample("undecodable_image", f"{sample.get('__key__', '')}: {exn}") from exn
+
+
+def decode_caption(sample: dict) -> str:
+    """The sample's caption, stripped; raises ``BadSample`` if it is missing or empty."""
+    if "txt" not in sample:
+        raise BadSample("missing_caption", sample.get("__key__", ""))
+    caption = sample["txt"].decode("utf-8", errors="replace").strip()
+    if not caption:
+        raise BadSample("empty_caption", sample.get("__key__", ""))
+    return caption
+
+
 class SampleDecoder:
     """Raw tar sample → (image tensor, token ids); raises ``BadSample`` on bad input.
 
@@ -87,17 +112,55 @@ class SampleDecoder:
         self.tokenizer = tokenizer
 
     def __call__(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        key = next((k for k in IMAGE_KEYS if k in sample), None)
-        if key is None:
-            raise BadSample("missing_image", sample.get("__key__", ""))
-        if "txt" not in sample:
-            raise BadSample("missing_caption", sample.get("__key__", ""))
-        caption = sample["txt"].decode("utf-8", errors="replace").strip()
-        if not caption:
-            raise BadSample("empty_caption", sample.get("__key__", ""))
-        with Image.open(io.BytesIO(sample[key])) as img:
-            image = self.transform(img.convert("RGB"))
-        return image, self.tokenizer([caption])[0]
+        caption = decode_caption(sample)
+        return self.transform(decode_image(sample)), self.tokenizer([caption])[0]
+
+
+class DataStreamError(RuntimeError):
+    """The shards yield no usable sample at all."""
+
+
+class ProgressGuard:
+    """Stops an endless resampled stream that never yields a usable sample.
+
+    ``ResampledShards`` repeats forever, so shards that are all empty, or samples that are
+    all bad, would make the loader wait forever. The guard raises ``DataStreamError`` after
+    ``max_barren_shards`` shards in a row without a sample, or ``max_skips`` skipped samples
+    in a row without a good one.
+    """
+
+    def __init__(self, counter: SkipCounter, max_barren_shards: int, max_skips: int):
+        self.counter = counter
+        self.max_barren_shards, self.max_skips = max_barren_shards, max_skips
+        self.barren_shards = 0
+        self.skips_at_last_good = 0
+
+    def _fail(self, what: str) -> None:
+        raise DataStreamError(f"{what}; skipped so far: {dict(self.counter.counts)}")
+
+    def shards(self, urls: Iterable[dict]) -> Iterator[dict]:
+        for url in urls:
+            self.barren_shards += 1
+            if self.barren_shards > self.max_barren_shards:
+                self._fail(f"the last {self.max_barren_shards} shards read held no sample")
+            yield url
+
+    def raw(self, samples: Iterable[dict]) -> Iterator[dict]:
+        for sample in samples:
+            self.barren_shards = 0
+            yield sample
+
+    def skipped(self, exn: BaseException) -> bool:
+        """The stream's exception handler: count, then give up after too many in a row."""
+        self.counter(exn)
+        if sum(self.counter.counts.values()) - self.skips_at_last_good > self.max_skips:
+            self._fail(f"{self.max_skips} samples in a row were unusable")
+        return True
+
+    def good(self, samples: Iterable) -> Iterator:
+        for sample in samples:
+            self.skips_at_last_good = sum(self.counter.counts.values())
+            yield sample
 
 
 def _attach_skip_counts(batches: Iterator, counter: SkipCounter) -> Iterator:
@@ -119,19 +182,36 @@ def train_pipeline(
     """An endless stream of ``(images (B,3,H,W), texts (B,L), skip_info)`` batches.
 
     Shards are drawn at random with replacement (each worker its own seeded stream, as
-    open_clip's ``--dataset-resampled``), samples are mixed in a shuffle buffer, and bad
+    open_clip's ``--dataset-resampled``), samples are mixed in a seeded shuffle buffer, and bad
     samples are skipped and counted (``skip_info["skipped"]``: reason → count, cumulative
-    for the worker ``skip_info["worker"]``).
+    for the worker ``skip_info["worker"]``). A stream that yields no usable sample from
+    many shards in a row raises ``DataStreamError`` instead of waiting forever.
     """
     counter = SkipCounter()
+    guard = ProgressGuard(counter, max_barren_shards=max(20, 2 * len(shards)), max_skips=max(1000, 2 * shuffle_buffer))
     return wds.DataPipeline(
         wds.ResampledShards(shards, seed=seed, deterministic=True),
-        wds.tarfile_to_samples(handler=counter),
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 500)),
-        wds.map(SampleDecoder(transform, tokenizer), handler=counter),
+        guard.shards,
+        wds.tarfile_to_samples(handler=guard.skipped),
+        guard.raw,
+        _seeded_shuffle(shuffle_buffer, seed),
+        wds.map(SampleDecoder(transform, tokenizer), handler=guard.skipped),
+        guard.good,
         wds.batched(batch_size, partial=False),
         lambda batches: _attach_skip_counts(batches, counter),
     )
+
+
+def _seeded_shuffle(bufsize: int, seed: int) -> Callable[[Iterable], Iterator]:
+    """webdataset's shuffle buffer with an RNG seeded from (seed, loader worker id), made
+    inside the worker, so every worker shuffles differently yet reproducibly."""
+
+    def stage(samples: Iterable) -> Iterator:
+        worker = torch.utils.data.get_worker_info()
+        rng = random.Random(seed * 1009 + (worker.id if worker is not None else 0))
+        return wds.shuffle(bufsize, initial=min(bufsize, 500), rng=rng)(samples)
+
+    return stage
 
 
 def train_loader(pipeline: wds.DataPipeline, workers: int) -> wds.WebLoader:

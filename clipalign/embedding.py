@@ -1,34 +1,21 @@
 """Batched inference: shard samples → images → features, and texts → features."""
 from __future__ import annotations
 
-import io
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import webdataset as wds
 from PIL import Image
 
-from clipalign.data import IMAGE_KEYS, BadSample, SkipCounter
+from clipalign.data import SkipCounter, decode_image
 from clipalign.model import ClipAlign
-from clipalign.train import autocast
+from clipalign.precision import autocast
 
 
 def iter_shard_samples(shards: list[str], counter: SkipCounter) -> Iterator[dict[str, Any]]:
     """Raw samples of the shards, in order, once; a truncated shard is counted and skipped."""
     pipeline = wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=counter))
     yield from pipeline
-
-
-def decode_image(sample: dict[str, Any]) -> Image.Image:
-    """The sample's image as RGB; raises ``BadSample`` if it has none or it is undecodable."""
-    key = next((k for k in IMAGE_KEYS if k in sample), None)
-    if key is None:
-        raise BadSample("missing_image", sample.get("__key__", ""))
-    try:
-        with Image.open(io.BytesIO(sample[key])) as img:
-            return img.convert("RGB")
-    except Exception as exn:  # PIL raises many types for bad bytes
-        raise BadSample("undecodable_image", f"{sample.get('__key__', '')}: {exn}") from exn
 
 
 def decoded(
@@ -91,6 +78,8 @@ def text_features(
     precision: str = "fp32",
 ) -> torch.Tensor:
     """Normalised features of ``texts``: (N, D) float32."""
+    if not texts:
+        raise ValueError("no texts to embed")
     out = []
     for start in range(0, len(texts), batch_size):
         with autocast(precision):

@@ -16,7 +16,7 @@ from open_clip import build_zero_shot_classifier
 
 from clipalign.data import SkipCounter
 from clipalign.embedding import decoded, image_features, iter_shard_samples, text_features
-from clipalign.metrics import mean_per_class_recall, retrieval_recall, topk_accuracy
+from clipalign.metrics import confusion_matrix, macro_f1, mean_per_class_recall, retrieval_metrics, topk_accuracy
 from clipalign.model import ClipAlign
 
 
@@ -46,6 +46,9 @@ def load_eval_set(root: str | Path, split: str = "test") -> EvalSet:
     if not nshards_file.is_file():
         raise FileNotFoundError(f"not a wds/ evaluation set (no {nshards_file})")
     shards = [str(root / split / f"{i}.tar") for i in range(int(nshards_file.read_text()))]
+    missing = [s for s in shards if not Path(s).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{nshards_file} lists {len(shards)} shards but {missing[0]} is missing")
     type_file = root / "dataset_type.txt"
     task = type_file.read_text().strip().lower() if type_file.is_file() else "classification"
     if task == "retrieval":
@@ -67,6 +70,8 @@ def _embed_set(
     counter = SkipCounter()
     items = decoded(iter_shard_samples(evalset.shards, counter), counter, parse)
     feats, payloads = image_features(model, transform, items, **kwargs)
+    if not payloads:
+        raise ValueError(f"{evalset.root}: no usable image (skipped: {dict(counter.counts)})")
     return feats, payloads, dict(counter.counts)
 
 
@@ -80,7 +85,8 @@ def zero_shot_classification(
     precision: str = "fp32",
     progress: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
-    """acc@1, acc@5 and mean per-class recall, with class text embeddings averaged over templates."""
+    """acc@1, acc@5, mean per-class recall, macro F1 and the confusion matrix (rows: true
+    class), with each class's text embedding averaged over the templates as CLIP does."""
     feats, labels, skipped = _embed_set(model, transform, evalset, lambda s: int(s["cls"]),
                                         batch_size=batch_size, precision=precision, progress=progress)
     templates = [lambda c, t=t: t.format(c=c) for t in evalset.templates]
@@ -88,14 +94,19 @@ def zero_shot_classification(
         classifier = build_zero_shot_classifier(model, tokenizer, evalset.classnames, templates, num_classes_per_batch=None)
     logits = 100.0 * feats @ classifier.float()  # (N, C)
     targets = torch.tensor(labels, dtype=torch.long)
+    preds = logits.argmax(1)
     acc = topk_accuracy(logits, targets, (1, 5))
     metrics = {
         "acc1": acc[1],
         "acc5": acc[5],
-        "mean_per_class_recall": mean_per_class_recall(logits.argmax(1), targets),
+        "mean_per_class_recall": mean_per_class_recall(preds, targets),
+        "macro_f1": macro_f1(preds, targets),
     }
     return {"task": "zeroshot_classification", "n": len(labels), "n_classes": len(evalset.classnames),
-            "chance_acc1": 1.0 / len(evalset.classnames), "metrics": metrics, "skipped": skipped}
+            "chance_acc1": 1.0 / len(evalset.classnames), "metrics": metrics,
+            "classnames": evalset.classnames,
+            "confusion_matrix": confusion_matrix(preds, targets, len(evalset.classnames)).tolist(),
+            "skipped": skipped}
 
 
 def zero_shot_retrieval(
@@ -109,7 +120,7 @@ def zero_shot_retrieval(
     ks: tuple[int, ...] = (1, 5, 10),
     progress: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
-    """Image→text and text→image recall@k; an image may have several captions."""
+    """Image→text and text→image recall@k, mean and median rank; an image may have several captions."""
     img_feats, captions, skipped = _embed_set(
         model, transform, evalset, lambda s: [c for c in s["txt"].decode("utf-8").splitlines() if c.strip()],
         batch_size=batch_size, precision=precision, progress=progress,
@@ -118,7 +129,7 @@ def zero_shot_retrieval(
     text_to_image = torch.tensor([i for i, caps in enumerate(captions) for _ in caps], dtype=torch.long)
     txt_feats = text_features(model, tokenizer, texts, precision=precision)
     return {"task": "zeroshot_retrieval", "n": len(captions), "n_texts": len(texts),
-            "metrics": retrieval_recall(img_feats, txt_feats, text_to_image, ks), "skipped": skipped}
+            "metrics": retrieval_metrics(img_feats, txt_feats, text_to_image, ks), "skipped": skipped}
 
 
 def evaluate(model: ClipAlign, tokenizer: Callable, transform: Callable, evalset: EvalSet, **kwargs: Any) -> dict[str, Any]:

@@ -4,13 +4,21 @@ The training step sums every ``*_loss`` entry of every loss module it uses.
 """
 from __future__ import annotations
 
+import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-class ClipLoss(nn.Module):
+class ClipLoss(open_clip.loss.ClipLoss):
     """Symmetric InfoNCE (CLIP): cross-entropy over image→text and text→image similarities.
+
+    open_clip's implementation, with its gather of features across ranks (gradients kept,
+    labels offset by rank), returning a named loss.
+
+    Args:
+        rank: this process's rank.
+        world_size: number of processes whose batches form the negatives.
 
     Shape:
         image_features: (B, D), L2-normalised.
@@ -18,13 +26,13 @@ class ClipLoss(nn.Module):
         logit_scale: scalar, the exponentiated learnable inverse temperature.
     """
 
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        super().__init__(gather_with_grad=True, cache_labels=True, rank=rank, world_size=world_size)
+
     def forward(
         self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        logits_per_image = logit_scale * image_features @ text_features.T  # (B, B)
-        labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
-        loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.T, labels)) / 2
-        return {"contrastive_loss": loss}
+        return super().forward(image_features, text_features, logit_scale, output_dict=True)
 
 
 class MlmLoss(nn.Module):

@@ -15,7 +15,6 @@ from typing import IO, Any, Callable, Iterator
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from clipalign import checkpoint as ckpt
 from clipalign.data import merge_skip_counts, resolve_shards, train_loader, train_pipeline
@@ -23,6 +22,7 @@ from clipalign.factory import create_model_and_transforms, get_tokenizer
 from clipalign.loss import ClipLoss, MlmLoss, mlm_accuracy
 from clipalign.masking import mask_tokens
 from clipalign.model import ClipAlign
+from clipalign.precision import attention_backend, autocast
 from clipalign.schedule import warmup_cosine_scheduler
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learned inverse temperature at 100
@@ -68,22 +68,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def autocast(precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    raise ValueError(f"unknown precision {precision!r} (fp32 or bf16)")
+class ResumeMismatchError(ValueError):
+    """The run to resume was trained with a structurally different model."""
 
 
-def attention_backend(kind: str) -> contextlib.AbstractContextManager:
-    """``math`` forces PyTorch's plain attention kernels: on CPUs the fused (flash) backward
-    is slow in bf16, and the math path made the step about 1.6x faster here (BENCHMARKS.md)."""
-    if kind == "math":
-        return sdpa_kernel(SDPBackend.MATH)
-    if kind == "auto":
-        return contextlib.nullcontext()
-    raise ValueError(f"unknown attention backend {kind!r} (math or auto)")
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the metrics lines of steps up to ``step``."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
 
 
 class RunLockedError(RuntimeError):
@@ -93,12 +91,13 @@ class RunLockedError(RuntimeError):
 def _lock_run(run_dir: Path) -> IO[str]:
     """Hold an exclusive lock on ``run_dir/.lock`` while training; released when the file closes
     (or the process dies, so a killed run never leaves a stale lock behind)."""
-    handle = (run_dir / ".lock").open("w")
+    handle = (run_dir / ".lock").open("a+")  # not "w": that would wipe the holder's pid
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
         raise RunLockedError(f"another process is training into {run_dir}") from None
+    handle.truncate(0)
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     return handle
@@ -151,7 +150,13 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["model_name"] != self.cfg.model:
-            raise ValueError(f"checkpoint is for model {state['model_name']!r}, not {self.cfg.model!r}")
+            raise ResumeMismatchError(f"the checkpoint is for model {state['model_name']!r}, not {self.cfg.model!r}")
+        had_head = any(k.startswith("mlm_head.") for k in state["model"])
+        if had_head != (self.model.mlm_head is not None):
+            raise ResumeMismatchError(
+                f"the checkpoint was trained {'with' if had_head else 'without'} the MLM head; "
+                f"resume with --mlm-weight {'> 0' if had_head else '0'}"
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -219,13 +224,19 @@ class Trainer:
         if not shards:
             raise FileNotFoundError(f"no shards found at {cfg.data}")
         self.out.mkdir(parents=True, exist_ok=True)
-        lock = _lock_run(self.out)
-        resumed_from = None
-        if cfg.resume and (latest := ckpt.latest_checkpoint(self.out)) is not None:
-            self.load_state_dict(ckpt.load_checkpoint(latest))
-            resumed_from = str(latest)
-        (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        with _lock_run(self.out):
+            resumed_from = None
+            if cfg.resume and (latest := ckpt.latest_checkpoint(self.out)) is not None:
+                self.load_state_dict(ckpt.load_checkpoint(latest))
+                resumed_from = str(latest)
+            # Steps logged after the checkpoint we resume from (a kill between two checkpoints)
+            # are about to be run again: drop their old lines.
+            _truncate_metrics(self.out / "metrics.jsonl", self.step)
+            (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+            return self._fit(shards, resumed_from, progress)
 
+    def _fit(self, shards: list[str], resumed_from: str | None, progress: Callable[..., Any] | None) -> dict[str, Any]:
+        cfg = self.cfg
         # A resumed run draws a fresh data stream rather than replaying the one already seen.
         pipeline = train_pipeline(
             shards,
@@ -239,7 +250,7 @@ class Trainer:
         bar = progress(total=cfg.steps, initial=self.step, unit="step") if progress else None
         first_step, start = self.step, time.perf_counter()
         self.model.train()
-        with lock, (self.out / "metrics.jsonl").open("a") as metrics, attention_backend(cfg.attention):
+        with (self.out / "metrics.jsonl").open("a") as metrics, attention_backend(cfg.attention):
             try:
                 logs = self._loop(batches, bar, metrics)
             finally:

@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from clipalign.train import TrainConfig, Trainer, attention_backend
+from clipalign.precision import attention_backend
+from clipalign.train import TrainConfig, Trainer
 
 
 def bench(model: str, batch_size: int, precision: str, attention: str, mlm_weight: float,

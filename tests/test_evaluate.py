@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+import torchvision
 from PIL import Image
 
 from clipalign.factory import create_model_and_transforms, get_tokenizer
@@ -41,3 +43,58 @@ def test_retrieval_set_with_several_captions_per_image(nano, tmp_path):
 def test_not_an_eval_set_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nshards.txt"):
         load_eval_set(tmp_path)
+
+
+COLOURS = ("red", "green", "blue")
+
+
+class StubModel(torch.nn.Module):
+    """Features whose answers are obvious. An image is its dominant channel, plus a constant;
+    a text is the colour it names, plus 0.01 × its length (which breaks ties between captions
+    of one colour in image → text ranking, and changes nothing in text → image ranking)."""
+
+    def encode_image(self, images, normalize=False):
+        colour = F.one_hot(images.mean(dim=(2, 3)).argmax(1), 3).float()
+        return torch.cat([colour, torch.full((len(images), 1), 0.1)], dim=1)
+
+    def encode_text(self, ids, normalize=False):
+        return torch.cat([F.one_hot(ids[:, 0], 3).float(), 0.01 * ids[:, 1:].float()], dim=1)
+
+
+def stub_tokenizer(texts):
+    return torch.tensor([[next(i for i, c in enumerate(COLOURS) if c in t), len(t)] for t in texts])
+
+
+def _solid(colour):
+    rgb = [0, 0, 0]
+    rgb[COLOURS.index(colour)] = 255
+    return Image.fromarray(np.full((8, 8, 3), rgb, np.uint8))
+
+
+TO_TENSOR = torchvision.transforms.ToTensor()
+
+
+def test_zero_shot_classification_known_answer(tmp_path):
+    classnames = ["blue", "red", "green"]  # not in channel order: labels must follow this file
+    samples = [(_solid(c), classnames.index(c)) for c in ["red", "green", "blue", "red"]]
+    samples.append((_solid("green"), classnames.index("blue")))  # mislabelled: a sure miss
+    write_classification_set(tmp_path / "cls", samples, classnames, ["a {c} thing."])
+    result = evaluate(StubModel(), stub_tokenizer, TO_TENSOR, load_eval_set(tmp_path / "cls"))
+    m = result["metrics"]
+    assert m["acc1"] == pytest.approx(4 / 5)
+    assert m["mean_per_class_recall"] == pytest.approx((1 / 2 + 1 + 1) / 3)  # "blue": 1 of 2 right
+    assert result["confusion_matrix"] == [[1, 0, 1], [0, 2, 0], [0, 0, 1]]  # rows: true blue, red, green
+
+
+def test_zero_shot_retrieval_known_answer_and_direction_names(tmp_path):
+    samples = [(_solid("red"), ["a red thing", "red"]), (_solid("green"), ["a green thing"]),
+               (_solid("blue"), ["a red caption on a blue image"])]
+    write_retrieval_set(tmp_path / "ret", samples)
+    m = evaluate(StubModel(), stub_tokenizer, TO_TENSOR, load_eval_set(tmp_path / "ret"), ks=(1, 3))["metrics"]
+    # text -> image ("image retrieval"): the blue image's red caption finds the red image first.
+    assert m["image_retrieval_recall@1"] == pytest.approx(3 / 4) and m["image_retrieval_recall@3"] == 1.0
+    assert m["image_retrieval_mean_rank"] == pytest.approx((1 + 1 + 1 + 2) / 4)
+    # image -> text ("text retrieval"): the red image's best own caption is beaten by the blue
+    # image's longer red caption; the blue image still ranks its own caption first.
+    assert m["text_retrieval_recall@1"] == pytest.approx(2 / 3)
+    assert m["text_retrieval_mean_rank"] == pytest.approx((2 + 1 + 1) / 3) and m["text_retrieval_median_rank"] == 1.0

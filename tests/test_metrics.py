@@ -2,7 +2,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipalign.metrics import mean_per_class_recall, retrieval_recall, topk_accuracy
+from clipalign.metrics import (
+    confusion_matrix,
+    macro_f1,
+    mean_per_class_recall,
+    retrieval_metrics,
+    retrieval_recall,
+    topk_accuracy,
+)
 
 
 def test_topk_accuracy_known_answers():
@@ -36,3 +43,30 @@ def test_retrieval_recall_partial_hit_counts_any_correct_caption():
     r = retrieval_recall(img, txt, owner, (1,))
     assert r["text_retrieval_recall@1"] == 1.0  # each image's best caption is one of its own
     assert abs(r["image_retrieval_recall@1"] - 2 / 3) < 1e-6  # the first caption retrieves image 1
+
+
+def test_confusion_matrix_and_macro_f1_known_answers():
+    targets = torch.tensor([0, 0, 1, 1, 2])
+    preds = torch.tensor([0, 1, 1, 1, 0])
+    assert confusion_matrix(preds, targets, 3).tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    # per class F1: 0 -> 2*1/(2+1+1) = 0.5, 1 -> 2*2/(4+1+0) = 0.8, 2 -> 0
+    assert macro_f1(preds, targets) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+
+
+def test_blocked_retrieval_equals_one_block():
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(50, 8, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(120, 8, generator=g), dim=-1)
+    owner = torch.randint(0, 50, (120,), generator=g)
+    one = retrieval_metrics(img, txt, owner, (1, 5, 10), block_size=10_000)
+    blocked = retrieval_metrics(img, txt, owner, (1, 5, 10), block_size=7)
+    assert one == blocked
+    assert one["image_retrieval_median_rank"] >= 1 and one["text_retrieval_mean_rank"] >= 1
+
+
+def test_ranks_of_a_perfect_and_a_reversed_ranking():
+    img = torch.eye(3)
+    perfect = retrieval_metrics(img, img, torch.arange(3), (1,))
+    assert perfect["image_retrieval_mean_rank"] == perfect["text_retrieval_median_rank"] == 1.0
+    worst = retrieval_metrics(img, -img + 1, torch.arange(3), (1,))  # each caption matches every other image
+    assert worst["image_retrieval_mean_rank"] == 3.0 and worst["image_retrieval_recall@1"] == 0.0

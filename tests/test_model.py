@@ -80,8 +80,14 @@ def test_mask_id_above_end_of_text_never_reaches_argmax_pooling(nano):
     masked, labels = mask_tokens(ids, mask_id=model.mask_id, eot_id=tok.eot_token_id, random_high=tok.sot_token_id,
                                  rate=1.0, generator=torch.Generator().manual_seed(1))
     assert masked.max() == model.mask_id > tok.eot_token_id
-    out = model(None, ids, masked, labels)
+    with torch.no_grad():
+        out = model(None, ids, masked, labels)
+        clean = model.clip.encode_text(ids, normalize=True)
     assert out["mlm_logits"].shape == (int((labels != IGNORE_INDEX).sum()), model.vocab_size)
+    # The contrastive features still come from the clean ids, pooled at end-of-text.
+    assert torch.allclose(out["text_features"], clean)
+    # Had the masked ids been pooled by argmax, a [MASK] position would have been taken.
+    assert masked.argmax(-1).item() != (ids == tok.eot_token_id).int().argmax(-1).item()
 
 
 def test_mlm_logits_only_at_masked_positions_equal_full_sequence_loss(nano):

@@ -16,6 +16,7 @@ def build_parser():
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--recall-k", type=int, nargs="+", default=[1, 5, 10], help="k values of retrieval recall@k")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -31,9 +32,10 @@ def format_table(results: dict[str, dict]) -> str:
             cells = f"acc@1 {m['acc1']:6.1%}  acc@5 {m['acc5']:6.1%}  mean/class {m['mean_per_class_recall']:6.1%}" \
                     f"  (chance {r['chance_acc1']:.1%}, n={r['n']})"
         else:
+            ks = [int(k.rsplit("@", 1)[1]) for k in m if k.startswith("image_retrieval_recall@")]
             cells = "  ".join(
                 f"{d}@{k} {m[f'{key}_retrieval_recall@{k}']:6.1%}"
-                for key, d in (("image", "t2i"), ("text", "i2t")) for k in (1, 5, 10)
+                for key, d in (("image", "t2i"), ("text", "i2t")) for k in ks
             ) + f"  (n={r['n']})"
         skipped = f"  skipped {sum(r['skipped'].values())}" if r["skipped"] else ""
         rows.append(f"{name:<{width}}  {cells}{skipped}")
@@ -42,6 +44,8 @@ def format_table(results: dict[str, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if any(k <= 0 for k in args.recall_k):
+        raise CliError("--recall-k values must be positive")
     existing_path(args.checkpoint, "checkpoint")
     roots = [existing_path(d, "evaluation set") for d in args.data]
     from tqdm import tqdm
@@ -57,8 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for s in sets:
         progress = None if args.no_progress else (lambda **kw: tqdm(desc=s.name, leave=False, **kw))
-        results[s.name] = evaluate(model, tokenizer, transform, s, batch_size=args.batch_size,
-                                   precision=args.precision, progress=progress)
+        options = {"ks": tuple(args.recall_k)} if s.task == "retrieval" else {}
+        try:
+            results[s.name] = evaluate(model, tokenizer, transform, s, batch_size=args.batch_size,
+                                       precision=args.precision, progress=progress, **options)
+        except ValueError as err:
+            raise CliError(str(err)) from None
         results[s.name]["path"] = str(s.root)
     report = {"checkpoint": meta["path"], "model": meta["model_name"], "step": meta.get("step"), "results": results}
     if args.out:

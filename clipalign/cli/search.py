@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from clipalign.cli.common import CliError, existing_path, parser
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         index = load_index(args.index)
-        model, transform, tokenizer, meta = load_model(args.checkpoint or index.info["checkpoint"])
+        model, transform, tokenizer, meta = load_model(args.checkpoint or Path(args.index) / index.info["checkpoint"])
     except (FileNotFoundError, ValueError) as err:
         raise CliError(str(err)) from None
     if meta["model_name"] != index.info["model"]:

@@ -46,16 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tqdm import tqdm
 
-    from clipalign.data import resolve_shards
+    from clipalign.data import DataStreamError, resolve_shards
     from clipalign.factory import list_models
-    from clipalign.train import RunLockedError, TrainConfig, Trainer
+    from clipalign.train import ResumeMismatchError, RunLockedError, TrainConfig, Trainer
 
     if args.model not in list_models():
         raise CliError(f"unknown model {args.model!r}; known: {', '.join(list_models()[:8])}, ...")
     if not resolve_shards(args.data):
         raise CliError(f"no shards found at {args.data}")
-    if args.steps <= 0 or args.batch_size <= 0:
-        raise CliError("--steps and --batch-size must be positive")
+    for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
+        if getattr(args, name) <= 0:
+            raise CliError(f"--{name.replace('_', '-')} must be positive")
     options = {k: v for k, v in vars(args).items() if k != "no_progress"}
     cfg = TrainConfig(**options)
     try:
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         raise CliError(str(err)) from None
     try:
         summary = trainer.fit(progress=None if args.no_progress else tqdm)
-    except (FileNotFoundError, RunLockedError) as err:
+    except (FileNotFoundError, RunLockedError, ResumeMismatchError, DataStreamError) as err:
         raise CliError(str(err)) from None
     final = summary["final"]
     print(
