@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import torch
 
+from clipalign.atomic import replace_file
 from clipalign.model import ClipAlign
 
 _STEP_FILE = re.compile(r"step_(\d+)\.pt$")
@@ -15,12 +16,7 @@ _STEP_FILE = re.compile(r"step_(\d+)\.pt$")
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """``torch.save`` to a temporary file, then rename: a killed write never leaves a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
+    return replace_file(path, lambda tmp: torch.save(state, tmp))
 
 
 def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:

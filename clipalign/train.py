@@ -1,7 +1,6 @@
 """The trainer: streaming shards, contrastive + masked-token objective, atomic checkpoints, resume."""
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import math
@@ -21,7 +20,6 @@ from clipalign.data import merge_skip_counts, resolve_shards, train_loader, trai
 from clipalign.factory import create_model_and_transforms, get_tokenizer
 from clipalign.loss import ClipLoss, MlmLoss, mlm_accuracy
 from clipalign.masking import mask_tokens
-from clipalign.model import ClipAlign
 from clipalign.precision import attention_backend, autocast
 from clipalign.schedule import warmup_cosine_scheduler
 

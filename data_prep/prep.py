@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from clipalign.atomic import write_json
 from data_prep.images import IMAGE_FORMATS, RESIZE_MODES, UndecodableImage, process_image
 from data_prep.manifest import Record
 from data_prep.shards import ShardSink
@@ -155,12 +156,6 @@ def _error_line(outcome: Outcome) -> str:
     return json.dumps(entry, ensure_ascii=False) + "\n"
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def run_prep(
     records: Iterable[Record],
     out_dir: str | os.PathLike,
@@ -212,6 +207,6 @@ def run_prep(
         "output": str(out_dir),
         "config": asdict(config),
     }
-    _write_json(out_dir / "sizes.json", sizes)
-    _write_json(out_dir / "stats.json", stats)
+    write_json(out_dir / "sizes.json", sizes)
+    write_json(out_dir / "stats.json", stats)
     return stats

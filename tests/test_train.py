@@ -2,12 +2,12 @@ import json
 
 import pytest
 import torch
+from toydata import truncate_mid_member, write_toy_shards
 
 from clipalign import checkpoint as ckpt
 from clipalign.data import DataStreamError
 from clipalign.schedule import warmup_cosine
 from clipalign.train import ResumeMismatchError, RunLockedError, TrainConfig, Trainer, _lock_run, param_groups
-from toydata import truncate_mid_member, write_toy_shards
 
 
 @pytest.fixture(scope="module")

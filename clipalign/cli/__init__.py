@@ -15,6 +15,8 @@ COMMANDS: dict[str, str] = {
     "prep": "turn an image-caption manifest or folder into WebDataset shards",
     "train": "train a dual encoder with the contrastive + masked-token objective",
     "eval": "zero-shot classification and retrieval on CLIP_benchmark wds/ sets",
+    "classify": "zero-shot classify your own images against class names you give",
+    "export": "write a run's model as an open_clip checkpoint + model config",
     "index": "embed images from shards into a FAISS index",
     "search": "search an index by text or by image",
 }

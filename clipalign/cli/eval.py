@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
-import sys
+import math
 
-from clipalign.cli.common import CliError, existing_path, parser, write_json
+from clipalign.atomic import write_json
+from clipalign.cli.common import CliError, existing_path, parser
 
 
 def build_parser():
@@ -29,7 +30,8 @@ def format_table(results: dict[str, dict]) -> str:
     for name, r in results.items():
         m = r["metrics"]
         if r["task"] == "zeroshot_classification":
-            cells = f"acc@1 {m['acc1']:6.1%}  acc@5 {m['acc5']:6.1%}  mean/class {m['mean_per_class_recall']:6.1%}" \
+            acc5 = "   n/a" if math.isnan(m["acc5"]) else f"{m['acc5']:6.1%}"
+            cells = f"acc@1 {m['acc1']:6.1%}  acc@5 {acc5}  mean/class {m['mean_per_class_recall']:6.1%}" \
                     f"  (chance {r['chance_acc1']:.1%}, n={r['n']})"
         else:
             ks = [int(k.rsplit("@", 1)[1]) for k in m if k.startswith("image_retrieval_recall@")]

@@ -7,7 +7,6 @@ import sys
 from clipalign.cli.common import CliError, parser
 
 
-
 def build_parser():
     from clipalign.train import TrainConfig
 

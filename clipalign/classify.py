@@ -1,0 +1,90 @@
+"""Zero-shot classification of a user's own images against class names."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence, Union
+
+import torch
+from open_clip import SIMPLE_IMAGENET_TEMPLATES, build_zero_shot_classifier
+from PIL import Image
+
+from clipalign.data import BadSample, SkipCounter
+from clipalign.embedding import image_features
+from clipalign.model import ClipAlign
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+Template = Union[str, Callable[[str], str]]
+DEFAULT_TEMPLATES: tuple[Template, ...] = tuple(SIMPLE_IMAGENET_TEMPLATES)  # CLIP's 7 "simple" prompts
+
+
+def as_template_fns(templates: Sequence[Template]) -> list[Callable[[str], str]]:
+    """Templates as callables; a string uses ``{c}`` (CLIP_benchmark's files) where the class goes."""
+    return [t if callable(t) else (lambda c, t=t: t.format(c=c)) for t in templates]
+
+
+@torch.no_grad()
+def class_embeddings(
+    model: ClipAlign, tokenizer: Callable, classnames: Sequence[str], templates: Sequence[Template]
+) -> torch.Tensor:
+    """(D, C) classifier: per class, the normalised mean of its normalised template embeddings."""
+    classifier = build_zero_shot_classifier(
+        model, tokenizer, list(classnames), as_template_fns(templates), num_classes_per_batch=None
+    )
+    return classifier.float()
+
+
+def expand_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files as given, and the image files found (recursively, sorted) in folders."""
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        else:
+            paths.append(item)
+    return paths
+
+
+def _open_images(paths: Iterable[Path], counter: SkipCounter) -> Iterator[tuple[Image.Image, Path]]:
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                image = img.convert("RGB")
+        except FileNotFoundError:
+            counter(BadSample("missing_image", str(path)))
+        except Exception as exn:  # PIL raises many types for bad bytes: counted, never fatal
+            counter(BadSample("undecodable_image", f"{path}: {exn}"))
+        else:
+            yield image, path
+
+
+def classify_images(
+    model: ClipAlign,
+    transform: Callable,
+    classifier: torch.Tensor,
+    classnames: Sequence[str],
+    paths: Iterable[Path],
+    *,
+    top_k: int = 3,
+    batch_size: int = 64,
+    precision: str = "fp32",
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Top-``k`` classes of each readable image, with softmax probabilities at the model's
+    learned temperature.
+
+    Returns:
+        ``(results, skipped)``: one ``{"path", "predictions": [{"class", "prob"}, ...]}`` per
+        image in input order, and unreadable files counted by reason.
+    """
+    counter = SkipCounter()
+    feats, kept = image_features(model, transform, _open_images(paths, counter), batch_size=batch_size,
+                                 precision=precision)
+    if not kept:
+        return [], dict(counter.counts)
+    probs = (model.logit_scale.exp().item() * feats @ classifier).softmax(dim=-1)  # (N, C)
+    top = probs.topk(min(top_k, len(classnames)), dim=-1)
+    results = [
+        {"path": str(path), "predictions": [{"class": classnames[i], "prob": p} for p, i in zip(ps.tolist(), ix.tolist())]}
+        for path, ps, ix in zip(kept, top.values, top.indices)
+    ]
+    return results, dict(counter.counts)

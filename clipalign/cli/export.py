@@ -1,0 +1,47 @@
+"""clipalign export: write a run's model as an open_clip checkpoint + model config."""
+from __future__ import annotations
+
+import argparse
+
+from clipalign.cli.common import CliError, existing_path, parser
+
+_EPILOG = """\
+Use the export from plain open_clip (no clipalign needed):
+  import open_clip
+  open_clip.add_model_config("DIR")
+  model, _, preprocess = open_clip.create_model_and_transforms("NAME", pretrained="DIR/NAME.pt")
+  tokenizer = open_clip.get_tokenizer("NAME")
+
+or with CLIP_benchmark:
+  python scripts/clip_benchmark_eval.py DIR eval --model NAME --pretrained DIR/NAME.pt ...
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = parser("export", "Write a run's model for plain open_clip:\n"
+               "  DIR/NAME.json  the open_clip model config\n"
+               "  DIR/NAME.pt    the open_clip state dict only (no MLM head, optimizer or training state)\n"
+               "open_clip then gives the same image and text embeddings as clipalign.")
+    p.epilog = _EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the code lines as written
+    p.add_argument("run", metavar="RUN", help="checkpoint file, or a run folder (its latest checkpoint)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write NAME.json and NAME.pt into")
+    p.add_argument("--name", default=None,
+                   help="model name for open_clip's registry and the file names (default: the run's model name)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    existing_path(args.run, "run")
+    from clipalign.export import export_open_clip
+
+    try:
+        info = export_open_clip(args.run, args.out, name=args.name)
+    except (FileNotFoundError, ValueError) as err:
+        raise CliError(str(err)) from None
+    step = f" (step {info['step']})" if info["step"] is not None else ""
+    print(f"exported {info['model_name']}{step} from {info['checkpoint']} as {info['name']!r}")
+    print(f"config:  {info['config']}")
+    print(f"weights: {info['weights']}")
+    return 0

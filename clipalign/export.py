@@ -1,0 +1,71 @@
+"""Export a run's model for plain open_clip: a model config JSON plus a weights-only state dict.
+
+The exported folder is self-contained for open_clip users::
+
+    open_clip.add_model_config(out_dir)
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=f"{out_dir}/{name}.pt")
+
+Only the open_clip model is written (the ``clip.`` prefix stripped): no MLM head, optimizer,
+scheduler or RNG state.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from clipalign.atomic import write_json
+from clipalign.checkpoint import load_model, save_checkpoint
+
+# A name becomes a file name and an open_clip registry key: no path separators, and not
+# open_clip's "hf-hub:" / "local-dir:" schemas.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+def _check_name(name: str) -> None:
+    if not _NAME.match(name):
+        raise ValueError(f"invalid export name {name!r}: use letters, digits and . _ + - only")
+
+
+def export_open_clip(checkpoint: str | Path, out_dir: str | Path, name: str | None = None) -> dict[str, Any]:
+    """Write ``out_dir/<name>.json`` (open_clip model config) and ``out_dir/<name>.pt`` (state dict).
+
+    Args:
+        checkpoint: a checkpoint file, or a run folder (its latest checkpoint).
+        out_dir: folder to write into (created if missing).
+        name: model name under which open_clip will know the export; defaults to the run's
+            model name.
+
+    Returns:
+        ``{"name", "config", "weights", "model_name", "step", "checkpoint"}``: the export's
+        name, the two written paths, and where the weights came from.
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``checkpoint``.
+        ValueError: an invalid ``name``, or a model name no longer registered.
+    """
+    from clipalign.factory import get_model_config
+
+    if name is not None:
+        _check_name(name)
+    # load_model rebuilds the model from the registered config and loads the weights strictly,
+    # so a config that no longer matches the checkpoint fails here, not in the user's hands.
+    model, _, _, meta = load_model(checkpoint)
+    name = name or meta["model_name"]
+    _check_name(name)
+    config = get_model_config(meta["model_name"])
+    state = {k: v.detach().clone() for k, v in model.clip.state_dict().items()}
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config_path, weights_path = out / f"{name}.json", out / f"{name}.pt"
+    save_checkpoint(weights_path, state)
+    write_json(config_path, config)
+    return {
+        "name": name,
+        "config": str(config_path),
+        "weights": str(weights_path),
+        "model_name": meta["model_name"],
+        "step": meta.get("step"),
+        "checkpoint": meta["path"],
+    }
