@@ -3,17 +3,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence, Union
+from typing import Any, Callable, Iterable, Sequence, Union
 
 import torch
 from open_clip import SIMPLE_IMAGENET_TEMPLATES, build_zero_shot_classifier
-from PIL import Image
 
-from clipalign.data import BadSample, SkipCounter
-from clipalign.embedding import image_features
+from clipalign.data import SkipCounter
+from clipalign.embedding import image_features, open_images
 from clipalign.model import ClipAlign
+from data_prep.manifest import IMAGE_EXTENSIONS
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 Template = Union[str, Callable[[str], str]]
 DEFAULT_TEMPLATES: tuple[Template, ...] = tuple(SIMPLE_IMAGENET_TEMPLATES)  # CLIP's 7 "simple" prompts
 
@@ -39,23 +38,10 @@ def expand_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         else:
             paths.append(item)
     return paths
-
-
-def _open_images(paths: Iterable[Path], counter: SkipCounter) -> Iterator[tuple[Image.Image, Path]]:
-    for path in paths:
-        try:
-            with Image.open(path) as img:
-                image = img.convert("RGB")
-        except FileNotFoundError:
-            counter(BadSample("missing_image", str(path)))
-        except Exception as exn:  # PIL raises many types for bad bytes: counted, never fatal
-            counter(BadSample("undecodable_image", f"{path}: {exn}"))
-        else:
-            yield image, path
 
 
 def classify_images(
@@ -77,8 +63,8 @@ def classify_images(
         image in input order, and unreadable files counted by reason.
     """
     counter = SkipCounter()
-    feats, kept = image_features(model, transform, _open_images(paths, counter), batch_size=batch_size,
-                                 precision=precision)
+    items = open_images(((p, p) for p in paths), counter)
+    feats, kept = image_features(model, transform, items, batch_size=batch_size, precision=precision)
     if not kept:
         return [], dict(counter.counts)
     probs = (model.logit_scale.exp().item() * feats @ classifier).softmax(dim=-1)  # (N, C)

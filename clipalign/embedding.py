@@ -1,13 +1,14 @@
 """Batched inference: shard samples → images → features, and texts → features."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import webdataset as wds
 from PIL import Image
 
-from clipalign.data import SkipCounter, decode_image
+from clipalign.data import BadSample, SkipCounter, decode_image
 from clipalign.model import ClipAlign
 from clipalign.precision import autocast
 
@@ -27,6 +28,21 @@ def decoded(
             yield decode_image(sample), parse(sample)
         except Exception as exn:
             counter(exn)
+
+
+def open_images(items: Iterable[tuple[Path, Any]], counter: SkipCounter) -> Iterator[tuple[Image.Image, Any]]:
+    """``(RGB image, payload)`` for each readable ``(path, payload)``; a missing or undecodable
+    file is counted in ``counter``, never fatal."""
+    for path, payload in items:
+        try:
+            with Image.open(path) as img:
+                image = img.convert("RGB")
+        except FileNotFoundError:
+            counter(BadSample("missing_image", str(path)))
+        except Exception as exn:  # PIL raises many types for bad bytes
+            counter(BadSample("undecodable_image", f"{path}: {exn}"))
+        else:
+            yield image, payload
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
-"""Zero-shot classification and retrieval on CLIP_benchmark ``wds/``-layout sets.
+"""Zero-shot classification and retrieval on CLIP_benchmark ``wds/``-layout sets, and zero-shot
+classification of an ImageFolder tree or an (image, label) manifest.
 
-A set's root holds ``test/nshards.txt`` and ``test/0.tar``…; ``dataset_type.txt`` says
+A ``wds/`` set's root holds ``test/nshards.txt`` and ``test/0.tar``…; ``dataset_type.txt`` says
 ``retrieval`` (samples carry ``txt``, one caption per line) or ``classification`` (the
 default: samples carry ``cls``, with ``classnames.txt`` and
 ``zeroshot_classification_templates.txt`` at the root, templates using ``{c}``).
@@ -13,11 +14,12 @@ from typing import Any, Callable
 
 import torch
 
-from clipalign.classify import class_embeddings
+from clipalign.classify import DEFAULT_TEMPLATES, class_embeddings
 from clipalign.data import SkipCounter
-from clipalign.embedding import decoded, image_features, iter_shard_samples, text_features
+from clipalign.embedding import decoded, image_features, iter_shard_samples, open_images, text_features
 from clipalign.metrics import confusion_matrix, macro_f1, mean_per_class_recall, retrieval_metrics, topk_accuracy
 from clipalign.model import ClipAlign
+from data_prep.labelled import open_labelled
 
 
 @dataclass
@@ -28,7 +30,8 @@ class EvalSet:
     task: str  # "classification" or "retrieval"
     shards: list[str]
     classnames: list[str] | None = None
-    templates: list[str] | None = None
+    templates: list[Any] | None = None
+    items: list[tuple[Path, int]] | None = None  # (image path, class) when not read from shards
 
     @property
     def name(self) -> str:
@@ -39,9 +42,16 @@ def _lines(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
-def load_eval_set(root: str | Path, split: str = "test") -> EvalSet:
-    """Read a set's layout; raises ``FileNotFoundError`` with the missing file's path."""
+def load_eval_set(root: str | Path, split: str = "test", templates: list[str] | None = None) -> EvalSet:
+    """A ``wds/`` set, an ImageFolder tree (class = sub-folder) or a CSV/TSV/JSONL manifest of
+    (``image``, ``label``). ``templates`` (``{c}`` = class) replace the set's own or, for sets
+    without any, CLIP's simple prompts. Raises ``FileNotFoundError`` naming what is missing.
+    """
     root = Path(root)
+    if not (root / split / "nshards.txt").is_file() and (root.is_file() or _is_image_folder(root)):
+        labelled = open_labelled(root)
+        return EvalSet(root, "classification", [], labelled.classnames, templates or list(DEFAULT_TEMPLATES),
+                       items=labelled.items)
     nshards_file = root / split / "nshards.txt"
     if not nshards_file.is_file():
         raise FileNotFoundError(f"not a wds/ evaluation set (no {nshards_file})")
@@ -59,8 +69,13 @@ def load_eval_set(root: str | Path, split: str = "test") -> EvalSet:
         if not (root / needed).is_file():
             raise FileNotFoundError(f"classification set without {root / needed}")
     return EvalSet(
-        root, task, shards, _lines(root / "classnames.txt"), _lines(root / "zeroshot_classification_templates.txt")
+        root, task, shards, _lines(root / "classnames.txt"),
+        templates or _lines(root / "zeroshot_classification_templates.txt"),
     )
+
+
+def _is_image_folder(root: Path) -> bool:
+    return root.is_dir() and any(p.is_dir() for p in root.iterdir()) and not (root / "dataset_type.txt").exists()
 
 
 def _embed_set(
@@ -68,7 +83,10 @@ def _embed_set(
 ) -> tuple[torch.Tensor, list[Any], dict[str, int]]:
     """Image features of the set's good samples, ``parse(sample)`` of each, and skip counts."""
     counter = SkipCounter()
-    items = decoded(iter_shard_samples(evalset.shards, counter), counter, parse)
+    if evalset.items is not None:
+        items = open_images(evalset.items, counter)
+    else:
+        items = decoded(iter_shard_samples(evalset.shards, counter), counter, parse)
     feats, payloads = image_features(model, transform, items, **kwargs)
     if not payloads:
         raise ValueError(f"{evalset.root}: no usable image (skipped: {dict(counter.counts)})")

@@ -9,11 +9,15 @@ from clipalign.cli.common import CliError, existing_path, parser
 
 
 def build_parser():
-    p = parser("eval", "Evaluate a checkpoint on evaluation sets in CLIP_benchmark's wds/ layout: "
-               "zero-shot classification (acc@1, acc@5, mean per-class recall) or retrieval "
-               "(image->text and text->image recall@1/5/10), chosen by each set's dataset_type.txt.")
+    p = parser("eval", "Evaluate a checkpoint on evaluation sets: CLIP_benchmark wds/ sets (zero-shot "
+               "classification or retrieval, by each set's dataset_type.txt), ImageFolder trees "
+               "(class = sub-folder) or CSV/TSV/JSONL manifests with image and label columns "
+               "(zero-shot classification). Metrics use CLIP_benchmark's names and definitions.")
     p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run folder (its latest checkpoint)")
-    p.add_argument("--data", required=True, nargs="+", help="one or more wds/ set folders")
+    p.add_argument("--data", required=True, nargs="+", help="wds/ set folders, ImageFolder folders or label manifests")
+    p.add_argument("--templates-file", default=None,
+                   help="zero-shot prompt templates, one per line with {c} for the class (default: the set's own, "
+                        "else CLIP's simple templates)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
@@ -55,8 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     from clipalign.checkpoint import load_model
     from clipalign.evaluate import evaluate, load_eval_set
 
+    templates = None
+    if args.templates_file:
+        templates = [t.strip() for t in existing_path(args.templates_file, "templates file").read_text().splitlines()
+                     if t.strip()]
+        if not templates or any("{c}" not in t for t in templates):
+            raise CliError("every template needs {c} where the class name goes")
     try:
-        sets = [load_eval_set(r) for r in roots]
+        sets = [load_eval_set(r, templates=templates) for r in roots]
         model, transform, tokenizer, meta = load_model(args.checkpoint)
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise CliError(str(err)) from None

@@ -28,7 +28,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=10_000, help="samples per shard")
     p.add_argument("--workers", type=int, default=1, help="decoding processes (shards do not depend on it)")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    p.add_argument("--eval-set", choices=["classification", "retrieval"], default=None,
+                   help="write an evaluation set in CLIP_benchmark's wds/ layout instead of training shards: "
+                        "classification from an ImageFolder tree or an (image, label) manifest, retrieval from "
+                        "an (image, caption) manifest (rows of one image give it several captions)")
+    p.add_argument("--label-col", default="label", help="manifest column holding class labels (--eval-set classification)")
+    p.add_argument("--templates-file", default=None,
+                   help="prompt templates for --eval-set classification, one per line with {c} (default: CLIP's simple ones)")
     return p
+
+
+def _eval_set(args: argparse.Namespace, source: Path) -> int:
+    from data_prep.evalprep import DEFAULT_TEMPLATES, classification_set, retrieval_set
+    from data_prep.manifest import ManifestError
+
+    out = Path(args.out)
+    if (out / "test" / "nshards.txt").exists() and not args.overwrite:
+        raise CliError(f"{out} already holds an evaluation set; pass --overwrite to replace it")
+    options = dict(image_size=args.image_size, resize_mode=args.resize_mode, image_format=args.format)
+    try:
+        if args.eval_set == "classification":
+            templates = DEFAULT_TEMPLATES
+            if args.templates_file:
+                templates = [t.strip() for t in existing_path(args.templates_file, "templates file").read_text()
+                             .splitlines() if t.strip()]
+            stats = classification_set(source, out, image_col=args.image_col, label_col=args.label_col,
+                                       templates=templates, **options)
+        else:
+            stats = retrieval_set(source, out, image_col=args.image_col, caption_col=args.caption_col, **options)
+    except (ManifestError, ValueError) as err:
+        raise CliError(str(err)) from None
+    skipped = ", ".join(f"{k}: {v}" for k, v in stats["skipped"].items()) or "none"
+    print(f"prep: wrote a {stats['task']} set of {stats['written']} images to {out} (skipped: {skipped})")
+    return 0
 
 
 def _clear_outputs(out: Path, overwrite: bool) -> None:
@@ -56,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.quality <= 100:
         raise CliError(f"--quality must be in 1..100, got {args.quality}")
     source = existing_path(args.input, "input")
+    if args.eval_set:
+        return _eval_set(args, source)
 
     from tqdm import tqdm
 

@@ -1,0 +1,79 @@
+"""A user's own evaluation data → CLIP_benchmark's ``wds/`` layout, so both tools can run it.
+
+Classification from an ImageFolder tree or an (image, label) manifest; retrieval from an
+(image, caption) manifest, where rows naming the same image give it several captions.
+Unreadable images are skipped and counted, as in ``prep``.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from data_prep.evalsets import write_classification_set, write_retrieval_set
+from data_prep.images import UndecodableImage, process_image
+from data_prep.labelled import open_labelled
+from data_prep.manifest import open_records
+
+# CLIP's "simple" ImageNet prompts, as template strings.
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "itap of a {c}.", "a bad photo of the {c}.", "a origami {c}.", "a photo of the large {c}.",
+    "a {c} in a video game.", "art of the {c}.", "a photo of the small {c}.",
+)
+
+
+def _encoded_images(items: Iterable[tuple[Path, object]], skipped: Counter, *, image_size: int, resize_mode: str,
+                    image_format: str) -> Iterator[tuple[bytes, object]]:
+    for path, payload in items:
+        try:
+            data = Path(path).read_bytes()
+            yield process_image(data, size=image_size, resize_mode=resize_mode, fmt=image_format).data, payload
+        except FileNotFoundError:
+            skipped["missing_image"] += 1
+        except (OSError, UndecodableImage):
+            skipped["undecodable_image"] += 1
+
+
+def classification_set(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    image_col: str = "image",
+    label_col: str = "label",
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    image_size: int = 224,
+    resize_mode: str = "center_crop",
+    image_format: str = "png",
+) -> dict:
+    """Write ``source`` (ImageFolder or label manifest) as a ``wds/`` classification set."""
+    labelled = open_labelled(source, image_col=image_col, label_col=label_col)
+    skipped: Counter = Counter({"bad_row": len(labelled.bad_rows)} if labelled.bad_rows else {})
+    samples = _encoded_images(labelled.items, skipped, image_size=image_size, resize_mode=resize_mode,
+                              image_format=image_format)
+    written = write_classification_set(out, samples, labelled.classnames, templates, image_format=image_format)
+    return {"task": "classification", "written": written, "classes": len(labelled.classnames), "skipped": dict(skipped)}
+
+
+def retrieval_set(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    image_col: str = "image",
+    caption_col: str = "caption",
+    image_size: int = 224,
+    resize_mode: str = "center_crop",
+    image_format: str = "png",
+) -> dict:
+    """Write an (image, caption) manifest as a ``wds/`` retrieval set, one sample per image."""
+    captions: dict[Path, list[str]] = {}
+    skipped: Counter = Counter()
+    for record in open_records(source, image_col=image_col, caption_col=caption_col):
+        if record.error or record.path is None or not record.caption:
+            skipped["bad_row" if record.error else "empty_caption"] += 1
+            continue
+        captions.setdefault(record.path, []).append(" ".join(record.caption.split()))
+    samples = _encoded_images(captions.items(), skipped, image_size=image_size, resize_mode=resize_mode,
+                              image_format=image_format)
+    written = write_retrieval_set(out, samples, image_format=image_format)
+    return {"task": "retrieval", "written": written, "skipped": dict(skipped)}
