@@ -18,7 +18,9 @@ from clipalign.classify import DEFAULT_TEMPLATES, class_embeddings
 from clipalign.data import SkipCounter
 from clipalign.embedding import decoded, image_features, iter_shard_samples, open_images, text_features
 from clipalign.metrics import confusion_matrix, macro_f1, mean_per_class_recall, retrieval_metrics, topk_accuracy
+from clipalign.masking import mask_tokens
 from clipalign.model import ClipAlign
+from clipalign.precision import autocast
 from data_prep.labelled import open_labelled
 
 
@@ -136,7 +138,8 @@ def zero_shot_retrieval(
     ks: tuple[int, ...] = (1, 5, 10),
     progress: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
-    """Image→text and text→image recall@k, mean and median rank; an image may have several captions."""
+    """Image→text and text→image recall@k, mean and median rank (an image may have several
+    captions), and for models with an MLM head its accuracy on the held-out captions."""
     img_feats, captions, skipped = _embed_set(
         model, transform, evalset, lambda s: [c for c in s["txt"].decode("utf-8").splitlines() if c.strip()],
         batch_size=batch_size, precision=precision, progress=progress,
@@ -144,8 +147,30 @@ def zero_shot_retrieval(
     texts = [c for caps in captions for c in caps]
     text_to_image = torch.tensor([i for i, caps in enumerate(captions) for _ in caps], dtype=torch.long)
     txt_feats = text_features(model, tokenizer, texts, precision=precision)
-    return {"task": "zeroshot_retrieval", "n": len(captions), "n_texts": len(texts),
-            "metrics": retrieval_metrics(img_feats, txt_feats, text_to_image, ks), "skipped": skipped}
+    metrics = retrieval_metrics(img_feats, txt_feats, text_to_image, ks)
+    if getattr(model, "mlm_head", None) is not None:
+        metrics["mlm_acc"] = heldout_mlm_accuracy(model, tokenizer, texts, precision=precision)
+    return {"task": "zeroshot_retrieval", "n": len(captions), "n_texts": len(texts), "metrics": metrics,
+            "skipped": skipped}
+
+
+@torch.no_grad()
+def heldout_mlm_accuracy(
+    model: ClipAlign, tokenizer: Callable, texts: list[str], *, batch_size: int = 512, precision: str = "fp32",
+    seed: int = 0,
+) -> float:
+    """Top-1 accuracy of the MLM head on ``texts``, masked as in training with a fixed seed."""
+    generator = torch.Generator().manual_seed(seed)
+    hits = total = 0
+    for start in range(0, len(texts), batch_size):
+        ids = tokenizer(texts[start : start + batch_size])
+        masked, labels = mask_tokens(ids, mask_id=model.mask_id, eot_id=tokenizer.eot_token_id,
+                                     random_high=tokenizer.sot_token_id, generator=generator)
+        with autocast(precision):
+            logits, targets = model.mlm_logits(masked, labels)
+        hits += int((logits.argmax(-1) == targets).sum())
+        total += targets.numel()
+    return hits / total
 
 
 def evaluate(model: ClipAlign, tokenizer: Callable, transform: Callable, evalset: EvalSet, **kwargs: Any) -> dict[str, Any]:

@@ -39,6 +39,7 @@ def test_retrieval_set_with_several_captions_per_image(nano, tmp_path):
     write_retrieval_set(tmp_path / "ret", samples)
     result = evaluate(*nano, load_eval_set(tmp_path / "ret"))
     assert result["n"] == 5 and result["n_texts"] == 10
+    assert 0.0 <= result["metrics"]["mlm_acc"] <= 1.0  # the model has an MLM head
     assert result["metrics"]["image_retrieval_recall@5"] == 1.0  # 5 images: all are in the top 5
 
 
@@ -100,3 +101,22 @@ def test_zero_shot_retrieval_known_answer_and_direction_names(tmp_path):
     # image's longer red caption; the blue image still ranks its own caption first.
     assert m["text_retrieval_recall@1"] == pytest.approx(2 / 3)
     assert m["text_retrieval_mean_rank"] == pytest.approx((2 + 1 + 1) / 3) and m["text_retrieval_median_rank"] == 1.0
+
+
+def test_heldout_mlm_accuracy_counts_every_masked_token(nano, monkeypatch):
+    from clipalign.evaluate import heldout_mlm_accuracy
+
+    model, tok, _ = nano
+    texts = ["a small red triangle at the top left", "a blue circle next to a yellow square"] * 300
+    seen = []
+
+    def oracle(masked, labels, shift):
+        targets = labels[labels != -100]
+        seen.append(targets.numel())
+        return F.one_hot((targets + shift) % model.vocab_size, model.vocab_size).float(), targets
+
+    monkeypatch.setattr(model, "mlm_logits", lambda m, l: oracle(m, l, 0))
+    assert heldout_mlm_accuracy(model, tok, texts, batch_size=256) == 1.0
+    assert len(seen) == 3 and sum(seen) >= len(texts)  # 3 batches, at least one mask per caption
+    monkeypatch.setattr(model, "mlm_logits", lambda m, l: oracle(m, l, 1))
+    assert heldout_mlm_accuracy(model, tok, texts) == 0.0
