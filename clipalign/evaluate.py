@@ -2,23 +2,34 @@
 classification of an ImageFolder tree or an (image, label) manifest.
 
 A ``wds/`` set's root holds ``test/nshards.txt`` and ``test/0.tar``…; ``dataset_type.txt`` says
-``retrieval`` (samples carry ``txt``, one caption per line) or ``classification`` (the
-default: samples carry ``cls``, with ``classnames.txt`` and
-``zeroshot_classification_templates.txt`` at the root, templates using ``{c}``).
+``retrieval`` (samples carry ``txt``, one caption per line), ``multilabel`` (samples carry
+``npy``, a multi-hot vector) or ``classification`` (the default: samples carry ``cls``);
+classification sets have ``classnames.txt`` and ``zeroshot_classification_templates.txt``
+at the root, templates using ``{c}``.
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from clipalign.classify import DEFAULT_TEMPLATES, class_embeddings
 from clipalign.data import SkipCounter
 from clipalign.embedding import decoded, image_features, iter_shard_samples, open_images, text_features
-from clipalign.metrics import confusion_matrix, macro_f1, mean_per_class_recall, retrieval_metrics, topk_accuracy
+from clipalign.linear_probe import linear_probe
 from clipalign.masking import mask_tokens
+from clipalign.metrics import (
+    average_precision,
+    confusion_matrix,
+    macro_f1,
+    mean_per_class_recall,
+    retrieval_metrics,
+    topk_accuracy,
+)
 from clipalign.model import ClipAlign
 from clipalign.precision import autocast
 from data_prep.labelled import open_labelled
@@ -65,7 +76,7 @@ def load_eval_set(root: str | Path, split: str = "test", templates: list[str] | 
     task = type_file.read_text().strip().lower() if type_file.is_file() else "classification"
     if task == "retrieval":
         return EvalSet(root, task, shards)
-    if task != "classification":
+    if task not in ("classification", "multilabel"):
         raise ValueError(f"{root}: dataset type {task!r} is not supported")
     for needed in ("classnames.txt", "zeroshot_classification_templates.txt"):
         if not (root / needed).is_file():
@@ -104,9 +115,11 @@ def zero_shot_classification(
     batch_size: int = 256,
     precision: str = "fp32",
     progress: Callable[..., Any] | None = None,
+    probe_train: EvalSet | None = None,
 ) -> dict[str, Any]:
     """acc@1, acc@5, mean per-class recall, macro F1 and the confusion matrix (rows: true
-    class), with each class's text embedding averaged over the templates as CLIP does."""
+    class), with each class's text embedding averaged over the templates as CLIP does; with
+    ``probe_train`` (the set's train split), a linear probe on the frozen image features too."""
     feats, labels, skipped = _embed_set(model, transform, evalset, lambda s: int(s["cls"]),
                                         batch_size=batch_size, precision=precision, progress=progress)
     classifier = class_embeddings(model, tokenizer, evalset.classnames, evalset.templates)
@@ -124,7 +137,26 @@ def zero_shot_classification(
             "chance_acc1": 1.0 / len(evalset.classnames), "metrics": metrics,
             "classnames": evalset.classnames,
             "confusion_matrix": confusion_matrix(preds, targets, len(evalset.classnames)).tolist(),
-            "skipped": skipped}
+            "skipped": skipped, **_probe(model, transform, probe_train, feats, targets, batch_size, precision)}
+
+
+def _probe(model: ClipAlign, transform: Callable, train: EvalSet | None, test_feats: torch.Tensor,
+           test_labels: torch.Tensor, batch_size: int, precision: str) -> dict[str, Any]:
+    if train is None:
+        return {}
+    feats, labels, skipped = _embed_set(model, transform, train, lambda s: int(s["cls"]),
+                                        batch_size=batch_size, precision=precision)
+    probe = linear_probe(feats, torch.tensor(labels), test_feats, test_labels, len(train.classnames))
+    return {"linear_probe": {**probe, "skipped": skipped}}
+
+
+def probe_train_split(evalset: EvalSet) -> EvalSet | None:
+    """The ``train`` split of a single-label ``wds/`` classification set, if it has one."""
+    if evalset.task != "classification" or evalset.items is not None:
+        return None
+    if not (evalset.root / "train" / "nshards.txt").is_file():
+        return None
+    return load_eval_set(evalset.root, split="train", templates=evalset.templates)
 
 
 def zero_shot_retrieval(
@@ -173,7 +205,31 @@ def heldout_mlm_accuracy(
     return hits / total
 
 
+def zero_shot_multilabel(
+    model: ClipAlign,
+    tokenizer: Callable,
+    transform: Callable,
+    evalset: EvalSet,
+    *,
+    batch_size: int = 256,
+    precision: str = "fp32",
+    progress: Callable[..., Any] | None = None,
+) -> dict[str, Any]:
+    """Mean average precision over classes, each image carrying a multi-hot ``npy`` label."""
+    feats, labels, skipped = _embed_set(model, transform, evalset, lambda s: np.load(io.BytesIO(s["npy"])),
+                                        batch_size=batch_size, precision=precision, progress=progress)
+    targets = torch.as_tensor(np.stack(labels))
+    if targets.ndim != 2 or targets.shape[1] != len(evalset.classnames):
+        raise ValueError(f"{evalset.root}: npy labels must be multi-hot vectors of {len(evalset.classnames)} classes")
+    scores = 100.0 * feats @ class_embeddings(model, tokenizer, evalset.classnames, evalset.templates)
+    ap = average_precision(scores, targets)
+    return {"task": "zeroshot_classification", "n": len(labels), "n_classes": len(evalset.classnames),
+            "metrics": {"mean_average_precision": ap.mean().item()},
+            "average_precision_per_class": dict(zip(evalset.classnames, ap.tolist())), "skipped": skipped}
+
+
 def evaluate(model: ClipAlign, tokenizer: Callable, transform: Callable, evalset: EvalSet, **kwargs: Any) -> dict[str, Any]:
     """Run the set's task."""
-    task = zero_shot_retrieval if evalset.task == "retrieval" else zero_shot_classification
+    task = {"retrieval": zero_shot_retrieval, "multilabel": zero_shot_multilabel}.get(
+        evalset.task, zero_shot_classification)
     return task(model, tokenizer, transform, evalset, **kwargs)

@@ -42,6 +42,26 @@ def macro_f1(preds: torch.Tensor, targets: torch.Tensor) -> float:
     return sum(scores) / len(scores)
 
 
+def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Average precision of each class of a multi-label task.
+
+    For class c, the mean over its positive samples of the precision at their rank when all
+    samples are sorted by score (ties in sort order); a class without positives scores 0.
+
+    Args:
+        scores: (N, C) class scores.
+        targets: (N, C) multi-hot ground truth.
+
+    Returns:
+        (C,) average precisions; their mean is CLIP_benchmark's ``mean_average_precision``.
+    """
+    order = scores.argsort(dim=0, descending=True, stable=True)
+    hits = targets.float().gather(0, order)  # (N, C): positives in rank order
+    ranks = torch.arange(1, scores.shape[0] + 1, dtype=torch.float32)[:, None]
+    precision = hits.cumsum(dim=0) / ranks
+    return (precision * hits).sum(dim=0) / hits.sum(dim=0).clamp(min=1)
+
+
 def retrieval_metrics(
     image_features: torch.Tensor,
     text_features: torch.Tensor,

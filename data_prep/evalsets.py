@@ -13,11 +13,13 @@ Retrieval root is the same without classnames/templates, ``dataset_type.txt`` ho
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 from pathlib import Path
 from typing import Iterable, Sequence, Union
 
+import numpy as np
 from PIL import Image
 
 from data_prep.images import IMAGE_FORMATS, encode_image
@@ -26,6 +28,7 @@ from data_prep.shards import ShardSink
 ImageLike = Union[Image.Image, bytes]
 
 CLASSIFICATION = "classification"
+MULTILABEL = "multilabel"
 RETRIEVAL = "retrieval"
 
 
@@ -67,18 +70,22 @@ def write_classification_set(
     split: str = "test",
     image_format: str = "png",
     shard_size: int = 10_000,
+    multilabel: bool = False,
 ) -> int:
     """Write a zero-shot classification set; return the number of samples.
 
     Args:
         root: The dataset root (created if missing).
-        samples: ``(image, class index)`` pairs; an image is a PIL image or bytes
-            already encoded as ``image_format``.
+        samples: ``(image, class index)`` pairs, or with ``multilabel`` ``(image, multi-hot
+            vector of len(classnames))``; an image is a PIL image or bytes already encoded
+            as ``image_format``.
         classnames: Class names, index ``i`` names label ``i``.
         templates: Prompt templates with ``{c}`` where the class name goes.
         split: Split folder name.
         image_format: ``png``, ``jpg`` or ``webp``.
         shard_size: Samples per tar at most.
+        multilabel: labels are multi-hot vectors, stored as ``npy`` (``dataset_type.txt``:
+            "multilabel"), as CLIP_benchmark writes multi-label sets.
     """
     _check_format(image_format)
     bad = [t for t in templates if "{c}" not in t]
@@ -90,13 +97,23 @@ def write_classification_set(
     root.mkdir(parents=True, exist_ok=True)
     _write_lines(root / "classnames.txt", classnames)
     _write_lines(root / "zeroshot_classification_templates.txt", templates)
-    _write_lines(root / "dataset_type.txt", [CLASSIFICATION])
+    _write_lines(root / "dataset_type.txt", [MULTILABEL if multilabel else CLASSIFICATION])
+
+    def label_entry(i: int, label: object) -> dict:
+        if multilabel:
+            vector = np.asarray(label)
+            if vector.shape != (len(classnames),):
+                raise ValueError(f"sample {i}: multi-hot label of shape {vector.shape}, expected ({len(classnames)},)")
+            buf = io.BytesIO()
+            np.save(buf, vector)
+            return {"npy": buf.getvalue()}
+        if not 0 <= int(label) < len(classnames):
+            raise ValueError(f"sample {i}: label {label} outside 0..{len(classnames) - 1}")
+        return {"cls": str(int(label))}
 
     def encoded() -> Iterable[dict]:
         for i, (image, label) in enumerate(samples):
-            if not 0 <= int(label) < len(classnames):
-                raise ValueError(f"sample {i}: label {label} outside 0..{len(classnames) - 1}")
-            yield {"__key__": f"s{i:07d}", image_format: _encoded(image, image_format), "cls": str(int(label))}
+            yield {"__key__": f"s{i:07d}", image_format: _encoded(image, image_format), **label_entry(i, label)}
 
     return _shards(root, split, encoded(), shard_size)
 

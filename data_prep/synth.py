@@ -291,8 +291,13 @@ def _train_item(index: int, seed: int, image_size: int) -> tuple[bytes, str]:
     return png_bytes(image), caption
 
 
-def _classification_item(index: int, seed: int, split: str, image_size: int) -> tuple[bytes, int]:
-    image, label, _ = classification_example(seed, split, index, image_size)
+# Index offset of a classification set's ``train`` split (for linear probes): its images come
+# from generator keys that no ``test`` index of any realistic size reaches.
+TRAIN_SPLIT_OFFSET = 1 << 30
+
+
+def _classification_item(index: int, seed: int, split: str, image_size: int, offset: int = 0) -> tuple[bytes, int]:
+    image, label, _ = classification_example(seed, split, offset + index, image_size)
     return png_bytes(image), label
 
 
@@ -387,14 +392,20 @@ def write_eval_sets(
     workers: int = 1,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, dict]:
-    """Write the held-out sets ``out_dir/<set>`` in CLIP_benchmark's ``wds/`` layout, ``n`` images each."""
+    """Write the held-out sets ``out_dir/<set>`` in CLIP_benchmark's ``wds/`` layout, ``n`` images each.
+
+    Classification sets also get a ``train`` split of ``n`` other images, for linear probes.
+    """
     out_dir = Path(out_dir)
     info: dict[str, dict] = {}
     for split in ("shape_seen", "shape_unseen", "color_seen", "color_unseen"):
         names, templates = (SHAPES, SHAPE_TEMPLATES) if split.startswith("shape") else (COLORS, COLOR_TEMPLATES)
-        fn = partial(_classification_item, seed=seed, split=split, image_size=image_size)
-        count = write_classification_set(out_dir / split, _ordered_map(fn, n, workers, progress), names, templates)
-        info[split] = {"path": f"eval/{split}", "type": "classification", "samples": count, "classes": len(names)}
+        for part, offset in (("test", 0), ("train", TRAIN_SPLIT_OFFSET)):
+            fn = partial(_classification_item, seed=seed, split=split, image_size=image_size, offset=offset)
+            count = write_classification_set(out_dir / split, _ordered_map(fn, n, workers, progress), names,
+                                             templates, split=part)
+        info[split] = {"path": f"eval/{split}", "type": "classification", "samples": count, "classes": len(names),
+                       "splits": ["test", "train"]}
     fn = partial(_retrieval_item, seed=seed, image_size=image_size)
     count = write_retrieval_set(out_dir / "retrieval", _ordered_map(fn, n, workers, progress))
     info["retrieval"] = {"path": "eval/retrieval", "type": "retrieval", "samples": count, "captions_per_image": 2}
@@ -415,7 +426,7 @@ def write_corpus(
     """Write ``train/``, ``eval/<set>/`` and ``synth.json`` under ``out_dir``; return synth.json's content.
 
     The files do not depend on ``workers``. ``progress`` gets ``1`` per generated
-    image (``n + 5 * n_eval`` in all).
+    image (``n + 9 * n_eval`` in all: five held-out sets, four of them with a train split).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -120,3 +120,17 @@ def test_heldout_mlm_accuracy_counts_every_masked_token(nano, monkeypatch):
     assert len(seen) == 3 and sum(seen) >= len(texts)  # 3 batches, at least one mask per caption
     monkeypatch.setattr(model, "mlm_logits", lambda m, l: oracle(m, l, 1))
     assert heldout_mlm_accuracy(model, tok, texts) == 0.0
+
+
+def test_multilabel_set_reports_mean_average_precision(tmp_path):
+    samples = [(_solid("red"), [1, 0, 0]), (_solid("green"), [0, 1, 1]), (_solid("blue"), [0, 0, 1])]
+    write_classification_set(tmp_path / "ml", samples, list(COLOURS), ["a {c} thing."], multilabel=True)
+    evalset = load_eval_set(tmp_path / "ml")
+    assert evalset.task == "multilabel"
+    result = evaluate(StubModel(), stub_tokenizer, TO_TENSOR, evalset)
+    ap = result["average_precision_per_class"]
+    assert ap["red"] == 1.0 and ap["green"] == 1.0
+    # "blue": the blue image ranks 1st; the green image (also blue-labelled) ties with the red
+    # one at score 0 and the stable sort keeps input order, so it ranks 3rd: (1/1 + 2/3) / 2.
+    assert ap["blue"] == pytest.approx((1 + 2 / 3) / 2)
+    assert result["metrics"]["mean_average_precision"] == pytest.approx(sum(ap.values()) / 3)

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from clipalign.metrics import (
+    average_precision,
     confusion_matrix,
     macro_f1,
     mean_per_class_recall,
@@ -70,3 +71,12 @@ def test_ranks_of_a_perfect_and_a_reversed_ranking():
     assert perfect["image_retrieval_mean_rank"] == perfect["text_retrieval_median_rank"] == 1.0
     worst = retrieval_metrics(img, -img + 1, torch.arange(3), (1,))  # each caption matches every other image
     assert worst["image_retrieval_mean_rank"] == 3.0 and worst["image_retrieval_recall@1"] == 0.0
+
+
+def test_average_precision_known_answers():
+    # class 0: positives ranked 1st and 3rd -> (1/1 + 2/3) / 2; class 1: no positives -> 0;
+    # class 2: the only positive ranked last of 3 -> 1/3.
+    scores = torch.tensor([[0.9, 0.1, 0.2], [0.5, 0.2, 0.3], [0.4, 0.3, 0.1]])
+    targets = torch.tensor([[1, 0, 0], [0, 0, 0], [1, 0, 1]])
+    ap = average_precision(scores, targets)
+    assert ap.tolist() == pytest.approx([(1 + 2 / 3) / 2, 0.0, 1 / 3])

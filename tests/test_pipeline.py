@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from PIL import Image
 
 from clipalign.cli import main
 
@@ -30,7 +31,7 @@ def test_prep_skipped_the_bad_rows_and_wrote_the_rest(job):
 def test_eval_reports_every_held_out_set(job, capsys):
     sets = sorted(str(p) for p in (job / "corpus" / "eval").iterdir())
     assert main(["eval", "--checkpoint", str(job / "run"), "--data", *sets, "--out", str(job / "eval.json"),
-                 "--no-progress"]) == 0
+                 "--linear-probe", "--plot", str(job / "plots"), "--no-progress"]) == 0
     table = capsys.readouterr().out
     report = json.loads((job / "eval.json").read_text())
     assert report["step"] == 6 and set(report["results"]) == {p.rsplit("/", 1)[1] for p in sets}
@@ -38,7 +39,13 @@ def test_eval_reports_every_held_out_set(job, capsys):
     assert shape["n"] == 24 and shape["n_classes"] == 6 and 0.0 <= shape["metrics"]["acc1"] <= 1.0
     assert shape["metrics"]["acc5"] >= shape["metrics"]["acc1"]
     assert "image_retrieval_recall@10" in report["results"]["retrieval"]["metrics"]
-    assert "shape_unseen" in table and "acc@1" in table
+    probe = shape["linear_probe"]
+    assert probe["n_train"] == 24 and 0.0 <= probe["metrics"]["acc1"] <= 1.0 and "linear_probe" not in report["results"]["retrieval"]
+    assert "shape_unseen" in table and "acc@1" in table and "linear probe" in table
+    with Image.open(shape["confusion_png"]) as png:  # a real picture, one per classification set
+        assert png.format == "PNG" and png.width > 200
+    assert sorted(p.name for p in (job / "plots").iterdir()) == sorted(
+        f"{n}_confusion.png" for n in ("color_seen", "color_unseen", "shape_seen", "shape_unseen"))
 
 
 def test_index_and_search_by_text_and_by_image(job, capsys):

@@ -181,3 +181,18 @@ def test_cli_rejects_bad_numbers(tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0
+
+
+def test_classification_sets_have_a_distinct_train_split_for_linear_probes(corpus):
+    root = corpus / "eval" / "shape_seen"
+    train = [root / "train" / f"{i}.tar" for i in range(int((root / "train" / "nshards.txt").read_text()))]
+    test = _tars(root)
+    import webdataset as wds
+
+    def images(tars):
+        return [next(v for k, v in s.items() if k.endswith("png")) for s in
+                wds.WebDataset([str(t) for t in tars], shardshuffle=False, nodesplitter=lambda s: s)]
+
+    train_images, test_images = images(train), images(test)
+    assert len(train_images) == len(test_images) == N_EVAL
+    assert not set(train_images) & set(test_images)

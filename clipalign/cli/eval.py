@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 from clipalign.atomic import write_json
 from clipalign.cli.common import CliError, existing_path, parser
@@ -22,6 +23,11 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--recall-k", type=int, nargs="+", default=[1, 5, 10], help="k values of retrieval recall@k")
+    p.add_argument("--linear-probe", action="store_true",
+                   help="also fit a logistic-regression probe on the frozen image features of each classification "
+                        "set's train/ split and report it on the test/ split")
+    p.add_argument("--plot", default=None, metavar="DIR",
+                   help="write each classification set's confusion matrix as DIR/<set>_confusion.png")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -33,10 +39,14 @@ def format_table(results: dict[str, dict]) -> str:
     width = max(map(len, results)) if results else 0
     for name, r in results.items():
         m = r["metrics"]
-        if r["task"] == "zeroshot_classification":
+        if "mean_average_precision" in m:
+            cells = f"mAP {m['mean_average_precision']:6.1%}  (multi-label, n={r['n']})"
+        elif r["task"] == "zeroshot_classification":
             acc5 = "   n/a" if math.isnan(m["acc5"]) else f"{m['acc5']:6.1%}"
             cells = f"acc@1 {m['acc1']:6.1%}  acc@5 {acc5}  mean/class {m['mean_per_class_recall']:6.1%}" \
                     f"  (chance {r['chance_acc1']:.1%}, n={r['n']})"
+            if "linear_probe" in r:
+                cells += f"  linear probe acc@1 {r['linear_probe']['metrics']['acc1']:6.1%}"
         else:
             ks = [int(k.rsplit("@", 1)[1]) for k in m if k.startswith("image_retrieval_recall@")]
             cells = "  ".join(
@@ -57,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from clipalign.checkpoint import load_model
-    from clipalign.evaluate import evaluate, load_eval_set
+    from clipalign.evaluate import evaluate, load_eval_set, probe_train_split
 
     templates = None
     if args.templates_file:
@@ -74,12 +84,22 @@ def main(argv: list[str] | None = None) -> int:
     for s in sets:
         progress = None if args.no_progress else (lambda **kw: tqdm(desc=s.name, leave=False, **kw))
         options = {"ks": tuple(args.recall_k)} if s.task == "retrieval" else {}
+        if args.linear_probe and (train := probe_train_split(s)) is not None:
+            options["probe_train"] = train
         try:
             results[s.name] = evaluate(model, tokenizer, transform, s, batch_size=args.batch_size,
                                        precision=args.precision, progress=progress, **options)
         except ValueError as err:
             raise CliError(str(err)) from None
-        results[s.name]["path"] = str(s.root)
+        # CLIP_benchmark's result-file keys beside ours
+        results[s.name].update(dataset=s.name, model=meta["model_name"], pretrained=meta["path"], path=str(s.root))
+    if args.plot:
+        from clipalign.plots import confusion_matrix_png
+
+        for name, r in results.items():
+            if "confusion_matrix" in r:
+                r["confusion_png"] = str(confusion_matrix_png(r["confusion_matrix"], r["classnames"],
+                                                              Path(args.plot) / f"{name}_confusion.png", title=name))
     report = {"checkpoint": meta["path"], "model": meta["model_name"], "step": meta.get("step"), "results": results}
     if args.out:
         write_json(args.out, report)

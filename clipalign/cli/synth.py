@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from data_prep.synth import write_corpus
 
     start = time.perf_counter()
-    with tqdm(total=args.n + 5 * args.n_eval, unit="img", desc="synth", file=sys.stderr, disable=None) as bar:
+    with tqdm(total=args.n + 9 * args.n_eval, unit="img", desc="synth", file=sys.stderr, disable=None) as bar:
         info = write_corpus(
             args.out, n=args.n, seed=args.seed, image_size=args.image_size, n_eval=args.n_eval,
             n_bad=args.n_bad, workers=args.workers, progress=bar.update,
