@@ -1,4 +1,3 @@
-import pytest
 import torch
 
 from clipalign.linear_probe import fit_logistic_regression, linear_probe

@@ -80,3 +80,26 @@ def test_average_precision_known_answers():
     targets = torch.tensor([[1, 0, 0], [0, 0, 0], [1, 0, 1]])
     ap = average_precision(scores, targets)
     assert ap.tolist() == pytest.approx([(1 + 2 / 3) / 2, 0.0, 1 / 3])
+
+
+def test_random_embeddings_score_at_chance():
+    g = torch.Generator().manual_seed(0)
+    n = 2000
+    img = F.normalize(torch.randn(n, 64, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(n, 64, generator=g), dim=-1)
+    m = retrieval_metrics(img, txt, torch.arange(n), (10, 100))
+    assert abs(m["image_retrieval_recall@100"] - 100 / n) < 0.02 and abs(m["text_retrieval_recall@10"] - 10 / n) < 0.01
+    assert abs(m["image_retrieval_mean_rank"] - (n + 1) / 2) < 0.05 * n  # uniform ranks
+    logits = torch.randn(n, 10, generator=g)
+    targets = torch.randint(0, 10, (n,), generator=g)
+    acc = topk_accuracy(logits, targets, (1, 5))
+    assert abs(acc[1] - 0.1) < 0.02 and abs(acc[5] - 0.5) < 0.04
+    assert abs(mean_per_class_recall(logits.argmax(1), targets) - 0.1) < 0.02
+
+
+def test_adversarial_classifier_scores_zero():
+    targets = torch.arange(6).repeat(5)
+    logits = -F.one_hot(targets, 6).float()  # the true class always scores lowest
+    acc = topk_accuracy(logits, targets, (1, 5))
+    assert acc == {1: 0.0, 5: 0.0}
+    assert mean_per_class_recall(logits.argmax(1), targets) == 0.0 and macro_f1(logits.argmax(1), targets) == 0.0
