@@ -11,10 +11,12 @@ from open_clip import SIMPLE_IMAGENET_TEMPLATES, build_zero_shot_classifier
 from clipalign.data import SkipCounter
 from clipalign.embedding import image_features, open_images
 from clipalign.model import ClipAlign
+from clipalign.precision import autocast
 from data_prep.manifest import IMAGE_EXTENSIONS
 
 Template = Union[str, Callable[[str], str]]
-DEFAULT_TEMPLATES: tuple[Template, ...] = tuple(SIMPLE_IMAGENET_TEMPLATES)  # CLIP's 7 "simple" prompts
+# CLIP's 7 "simple" ImageNet prompts, as ``{c}`` strings (the form of CLIP_benchmark's files).
+DEFAULT_TEMPLATES: tuple[str, ...] = tuple(t("{c}") for t in SIMPLE_IMAGENET_TEMPLATES)
 
 
 def as_template_fns(templates: Sequence[Template]) -> list[Callable[[str], str]]:
@@ -24,12 +26,24 @@ def as_template_fns(templates: Sequence[Template]) -> list[Callable[[str], str]]
 
 @torch.no_grad()
 def class_embeddings(
-    model: ClipAlign, tokenizer: Callable, classnames: Sequence[str], templates: Sequence[Template]
+    model: ClipAlign,
+    tokenizer: Callable,
+    classnames: Sequence[str],
+    templates: Sequence[Template],
+    *,
+    texts_per_batch: int = 512,
+    precision: str = "fp32",
 ) -> torch.Tensor:
-    """(D, C) classifier: per class, the normalised mean of its normalised template embeddings."""
-    classifier = build_zero_shot_classifier(
-        model, tokenizer, list(classnames), as_template_fns(templates), num_classes_per_batch=None
-    )
+    """(D, C) classifier: per class, the normalised mean of its normalised template embeddings.
+
+    Classes are encoded ``texts_per_batch // len(templates)`` at a time, so 1000 classes × 80
+    templates never form one giant batch.
+    """
+    with autocast(precision):
+        classifier = build_zero_shot_classifier(
+            model, tokenizer, list(classnames), as_template_fns(templates),
+            num_classes_per_batch=max(1, texts_per_batch // len(templates)),
+        )
     return classifier.float()
 
 

@@ -45,6 +45,7 @@ class EvalSet:
     classnames: list[str] | None = None
     templates: list[Any] | None = None
     items: list[tuple[Path, int]] | None = None  # (image path, class) when not read from shards
+    bad_rows: int = 0  # manifest rows without a usable image path or label
 
     @property
     def name(self) -> str:
@@ -55,16 +56,31 @@ def _lines(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
-def load_eval_set(root: str | Path, split: str = "test", templates: list[str] | None = None) -> EvalSet:
+def _classnames(path: Path) -> list[str]:
+    """Class names, one per line; line i names class i, so a blank line inside is an error."""
+    names = [line.strip() for line in path.read_text().rstrip("\n").splitlines()]
+    if "" in names:
+        raise ValueError(f"{path}: line {names.index('') + 1} is blank; every class index needs a name")
+    return names
+
+
+def load_eval_set(
+    root: str | Path,
+    split: str = "test",
+    templates: list[str] | None = None,
+    *,
+    image_col: str = "image",
+    label_col: str = "label",
+) -> EvalSet:
     """A ``wds/`` set, an ImageFolder tree (class = sub-folder) or a CSV/TSV/JSONL manifest of
     (``image``, ``label``). ``templates`` (``{c}`` = class) replace the set's own or, for sets
     without any, CLIP's simple prompts. Raises ``FileNotFoundError`` naming what is missing.
     """
     root = Path(root)
     if not (root / split / "nshards.txt").is_file() and (root.is_file() or _is_image_folder(root)):
-        labelled = open_labelled(root)
+        labelled = open_labelled(root, image_col=image_col, label_col=label_col)
         return EvalSet(root, "classification", [], labelled.classnames, templates or list(DEFAULT_TEMPLATES),
-                       items=labelled.items)
+                       items=labelled.items, bad_rows=len(labelled.bad_rows))
     nshards_file = root / split / "nshards.txt"
     if not nshards_file.is_file():
         raise FileNotFoundError(f"not a wds/ evaluation set (no {nshards_file})")
@@ -82,7 +98,7 @@ def load_eval_set(root: str | Path, split: str = "test", templates: list[str] | 
         if not (root / needed).is_file():
             raise FileNotFoundError(f"classification set without {root / needed}")
     return EvalSet(
-        root, task, shards, _lines(root / "classnames.txt"),
+        root, task, shards, _classnames(root / "classnames.txt"),
         templates or _lines(root / "zeroshot_classification_templates.txt"),
     )
 
@@ -101,6 +117,8 @@ def _embed_set(
     else:
         items = decoded(iter_shard_samples(evalset.shards, counter), counter, parse)
     feats, payloads = image_features(model, transform, items, **kwargs)
+    if evalset.bad_rows:
+        counter.counts["bad_row"] += evalset.bad_rows
     if not payloads:
         raise ValueError(f"{evalset.root}: no usable image (skipped: {dict(counter.counts)})")
     return feats, payloads, dict(counter.counts)
@@ -122,7 +140,7 @@ def zero_shot_classification(
     ``probe_train`` (the set's train split), a linear probe on the frozen image features too."""
     feats, labels, skipped = _embed_set(model, transform, evalset, lambda s: int(s["cls"]),
                                         batch_size=batch_size, precision=precision, progress=progress)
-    classifier = class_embeddings(model, tokenizer, evalset.classnames, evalset.templates)
+    classifier = class_embeddings(model, tokenizer, evalset.classnames, evalset.templates, precision=precision)
     logits = 100.0 * feats @ classifier  # (N, C)
     targets = torch.tensor(labels, dtype=torch.long)
     preds = logits.argmax(1)
@@ -147,7 +165,7 @@ def _probe(model: ClipAlign, transform: Callable, train: EvalSet | None, test_fe
     feats, labels, skipped = _embed_set(model, transform, train, lambda s: int(s["cls"]),
                                         batch_size=batch_size, precision=precision)
     probe = linear_probe(feats, torch.tensor(labels), test_feats, test_labels, len(train.classnames))
-    return {"linear_probe": {**probe, "skipped": skipped}}
+    return {"linear_probe": {**probe, "skipped": skipped}}  # CLIP_benchmark's lp_* keys: see cli/eval.py
 
 
 def probe_train_split(evalset: EvalSet) -> EvalSet | None:
@@ -221,7 +239,8 @@ def zero_shot_multilabel(
     targets = torch.as_tensor(np.stack(labels))
     if targets.ndim != 2 or targets.shape[1] != len(evalset.classnames):
         raise ValueError(f"{evalset.root}: npy labels must be multi-hot vectors of {len(evalset.classnames)} classes")
-    scores = 100.0 * feats @ class_embeddings(model, tokenizer, evalset.classnames, evalset.templates)
+    scores = 100.0 * feats @ class_embeddings(model, tokenizer, evalset.classnames, evalset.templates,
+                                              precision=precision)
     ap = average_precision(scores, targets)
     return {"task": "zeroshot_classification", "n": len(labels), "n_classes": len(evalset.classnames),
             "metrics": {"mean_average_precision": ap.mean().item()},

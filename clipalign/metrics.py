@@ -67,14 +67,14 @@ def retrieval_metrics(
     text_features: torch.Tensor,
     text_to_image: torch.Tensor,
     ks: tuple[int, ...] = (1, 5, 10),
-    block_size: int = 4096,
+    block_elements: int = 1 << 24,
 ) -> dict[str, float]:
     """Recall@k, mean and median rank, both ways; an image may own several captions.
 
     A query is a hit at k when any of its correct items is in its top k (CLIP_benchmark's
     definition); its rank is 1 + the number of items scored above its best correct item.
-    Similarities are computed ``block_size`` queries at a time, so memory stays
-    O(block_size × N) whatever the set's size.
+    Similarities are computed a block of queries at a time, about ``block_elements`` scores per
+    block (64 MB of float32 by default), so memory stays bounded whatever the set's size.
 
     Args:
         image_features: (N_img, D) normalised.
@@ -91,17 +91,10 @@ def retrieval_metrics(
         ("image_retrieval", text_features, image_features, text_to_image, image_ids),
         ("text_retrieval", image_features, text_features, image_ids, text_to_image),
     ):
+        block_size = max(1, block_elements // max(1, items.shape[0]))
         stats = _ranking(queries, items, query_group, item_group, ks, block_size)
         out.update({f"{prefix}_{name}": value for name, value in stats.items()})
     return out
-
-
-def retrieval_recall(
-    image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)
-) -> dict[str, float]:
-    """Only the ``recall@k`` entries of ``retrieval_metrics``."""
-    metrics = retrieval_metrics(image_features, text_features, text_to_image, ks)
-    return {k: v for k, v in metrics.items() if "recall@" in k}
 
 
 def _ranking(
@@ -124,7 +117,7 @@ def _ranking(
         top_positive = positive.gather(1, top)
         for k in ks:
             hits[k] += int(top_positive[:, :k].any(dim=1).sum())
-        best = scores.masked_fill(~positive, float("-inf")).max(dim=1).values
+        best = torch.where(positive, scores, float("-inf")).max(dim=1).values
         ranks.append((scores > best[:, None]).sum(dim=1) + 1)
     rank = torch.cat(ranks).double()
     stats = {f"recall@{k}": hits[k] / n_queries for k in ks}

@@ -16,19 +16,14 @@ from data_prep.images import UndecodableImage, process_image
 from data_prep.labelled import open_labelled
 from data_prep.manifest import open_records
 
-# CLIP's "simple" ImageNet prompts, as template strings.
-DEFAULT_TEMPLATES: tuple[str, ...] = (
-    "itap of a {c}.", "a bad photo of the {c}.", "a origami {c}.", "a photo of the large {c}.",
-    "a {c} in a video game.", "art of the {c}.", "a photo of the small {c}.",
-)
-
 
 def _encoded_images(items: Iterable[tuple[Path, object]], skipped: Counter, *, image_size: int, resize_mode: str,
-                    image_format: str) -> Iterator[tuple[bytes, object]]:
+                    image_format: str, quality: int) -> Iterator[tuple[bytes, object]]:
     for path, payload in items:
         try:
             data = Path(path).read_bytes()
-            yield process_image(data, size=image_size, resize_mode=resize_mode, fmt=image_format).data, payload
+            encoded = process_image(data, size=image_size, resize_mode=resize_mode, fmt=image_format, quality=quality)
+            yield encoded.data, payload
         except FileNotFoundError:
             skipped["missing_image"] += 1
         except (OSError, UndecodableImage):
@@ -38,20 +33,24 @@ def _encoded_images(items: Iterable[tuple[Path, object]], skipped: Counter, *, i
 def classification_set(
     source: str | os.PathLike,
     out: str | os.PathLike,
+    templates: Sequence[str],
     *,
     image_col: str = "image",
     label_col: str = "label",
-    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    split: str = "test",
     image_size: int = 224,
     resize_mode: str = "center_crop",
     image_format: str = "png",
+    quality: int = 95,
 ) -> dict:
-    """Write ``source`` (ImageFolder or label manifest) as a ``wds/`` classification set."""
+    """Write ``source`` (ImageFolder or label manifest) as the ``split`` of a ``wds/``
+    classification set with prompt ``templates`` (``{c}`` = class name)."""
     labelled = open_labelled(source, image_col=image_col, label_col=label_col)
     skipped: Counter = Counter({"bad_row": len(labelled.bad_rows)} if labelled.bad_rows else {})
     samples = _encoded_images(labelled.items, skipped, image_size=image_size, resize_mode=resize_mode,
-                              image_format=image_format)
-    written = write_classification_set(out, samples, labelled.classnames, templates, image_format=image_format)
+                              image_format=image_format, quality=quality)
+    written = write_classification_set(out, samples, labelled.classnames, templates, split=split,
+                                       image_format=image_format)
     return {"task": "classification", "written": written, "classes": len(labelled.classnames), "skipped": dict(skipped)}
 
 
@@ -61,11 +60,14 @@ def retrieval_set(
     *,
     image_col: str = "image",
     caption_col: str = "caption",
+    split: str = "test",
     image_size: int = 224,
     resize_mode: str = "center_crop",
     image_format: str = "png",
+    quality: int = 95,
 ) -> dict:
-    """Write an (image, caption) manifest as a ``wds/`` retrieval set, one sample per image."""
+    """Write an (image, caption) manifest as the ``split`` of a ``wds/`` retrieval set, one
+    sample per image."""
     captions: dict[Path, list[str]] = {}
     skipped: Counter = Counter()
     for record in open_records(source, image_col=image_col, caption_col=caption_col):
@@ -74,6 +76,6 @@ def retrieval_set(
             continue
         captions.setdefault(record.path, []).append(" ".join(record.caption.split()))
     samples = _encoded_images(captions.items(), skipped, image_size=image_size, resize_mode=resize_mode,
-                              image_format=image_format)
-    written = write_retrieval_set(out, samples, image_format=image_format)
+                              image_format=image_format, quality=quality)
+    written = write_retrieval_set(out, samples, split=split, image_format=image_format)
     return {"task": "retrieval", "written": written, "skipped": dict(skipped)}

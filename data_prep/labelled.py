@@ -40,7 +40,8 @@ def label_manifest(path: str | os.PathLike, *, image_col: str = "image", label_c
     """A CSV/TSV/JSONL manifest of (image, label); class names are the sorted distinct labels."""
     rows, bad = [], []
     for record in open_records(path, image_col=image_col, caption_col=label_col):
-        (rows if record.caption and not record.error else bad).append(record)
+        usable = record.caption and record.path is not None and not record.error
+        (rows if usable else bad).append(record)
     classnames = sorted({r.caption for r in rows})
     index = {name: i for i, name in enumerate(classnames)}
     return LabelledImages(classnames, [(r.path, index[r.caption]) for r in rows], bad)

@@ -15,7 +15,7 @@ def test_separable_classes_are_probed_perfectly():
     test_x, test_y = _blobs(20, 6, 16, 0.3, seed=1)
     result = linear_probe(train_x, train_y, test_x, test_y, n_classes=6)
     assert result["metrics"]["acc1"] == 1.0 and result["metrics"]["mean_per_class_recall"] == 1.0
-    assert result["l2"] in result["validation_acc1"] and result["n_train"] == 180
+    assert result["n_train"] == 180
 
 
 def test_random_labels_probe_near_chance():

@@ -8,9 +8,12 @@ from clipalign.metrics import (
     macro_f1,
     mean_per_class_recall,
     retrieval_metrics,
-    retrieval_recall,
     topk_accuracy,
 )
+
+
+def recalls(img, txt, owner, ks):
+    return {k: v for k, v in retrieval_metrics(img, txt, owner, ks).items() if "recall@" in k}
 
 
 def test_topk_accuracy_known_answers():
@@ -30,9 +33,9 @@ def test_retrieval_recall_perfect_and_reversed():
     img = torch.eye(4)
     txt = torch.eye(4).repeat_interleave(2, 0)  # two captions per image
     owner = torch.arange(4).repeat_interleave(2)
-    perfect = retrieval_recall(img, txt, owner, (1,))
+    perfect = recalls(img, txt, owner, (1,))
     assert perfect == {"image_retrieval_recall@1": 1.0, "text_retrieval_recall@1": 1.0}
-    wrong = retrieval_recall(img, txt, (owner + 1) % 4, (1, 4))
+    wrong = recalls(img, txt, (owner + 1) % 4, (1, 4))
     assert wrong["image_retrieval_recall@1"] == 0.0 and wrong["image_retrieval_recall@4"] == 1.0
 
 
@@ -41,7 +44,7 @@ def test_retrieval_recall_partial_hit_counts_any_correct_caption():
     # image 0's captions: one points at image 1 (wrong), one at image 0 (right)
     txt = F.normalize(torch.tensor([[0.1, 1.0], [1.0, 0.1], [0.0, 1.0]]), dim=-1)
     owner = torch.tensor([0, 0, 1])
-    r = retrieval_recall(img, txt, owner, (1,))
+    r = recalls(img, txt, owner, (1,))
     assert r["text_retrieval_recall@1"] == 1.0  # each image's best caption is one of its own
     assert abs(r["image_retrieval_recall@1"] - 2 / 3) < 1e-6  # the first caption retrieves image 1
 
@@ -59,8 +62,8 @@ def test_blocked_retrieval_equals_one_block():
     img = F.normalize(torch.randn(50, 8, generator=g), dim=-1)
     txt = F.normalize(torch.randn(120, 8, generator=g), dim=-1)
     owner = torch.randint(0, 50, (120,), generator=g)
-    one = retrieval_metrics(img, txt, owner, (1, 5, 10), block_size=10_000)
-    blocked = retrieval_metrics(img, txt, owner, (1, 5, 10), block_size=7)
+    one = retrieval_metrics(img, txt, owner, (1, 5, 10), block_elements=1 << 20)
+    blocked = retrieval_metrics(img, txt, owner, (1, 5, 10), block_elements=7 * 120)
     assert one == blocked
     assert one["image_retrieval_median_rank"] >= 1 and one["text_retrieval_mean_rank"] >= 1
 
@@ -103,3 +106,19 @@ def test_adversarial_classifier_scores_zero():
     acc = topk_accuracy(logits, targets, (1, 5))
     assert acc == {1: 0.0, 5: 0.0}
     assert mean_per_class_recall(logits.argmax(1), targets) == 0.0 and macro_f1(logits.argmax(1), targets) == 0.0
+
+
+def test_macro_f1_and_average_precision_match_sklearn():
+    from sklearn.metrics import average_precision_score, f1_score
+
+    g = torch.Generator().manual_seed(3)
+    targets, preds = torch.randint(0, 5, (300,), generator=g), torch.randint(0, 5, (300,), generator=g)
+    preds[:150] = targets[:150]
+    assert macro_f1(preds, targets) == pytest.approx(f1_score(targets, preds, average="macro"))
+    scores = torch.rand(300, 4, generator=g)
+    multi_hot = (torch.rand(300, 4, generator=g) < 0.3).int()
+    ours = average_precision(scores, multi_hot)
+    theirs = [average_precision_score(multi_hot[:, c], scores[:, c]) for c in range(4)]
+    assert ours.tolist() == pytest.approx(theirs, abs=1e-6)
+    perfect = average_precision(multi_hot.float(), multi_hot)
+    assert perfect.tolist() == pytest.approx([1.0] * 4)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from clipalign.cli.common import CliError, existing_path, parser
+from clipalign.cli.common import CliError, existing_path, parser, read_templates
 
 
 def build_parser():
@@ -38,9 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         _lines(args.classes_file, "classes file")
     if len(classnames) < 2:
         raise CliError("give at least two class names")
-    templates = _lines(args.templates_file, "templates file") if args.templates_file else None
-    if templates and any("{c}" not in t for t in templates):
-        raise CliError("every template needs {c} where the class name goes")
+    templates = read_templates(args.templates_file) if args.templates_file else None
     if args.top_k <= 0:
         raise CliError("--top-k must be positive")
     existing_path(args.checkpoint, "checkpoint")

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from clipalign.atomic import write_json
-from clipalign.cli.common import CliError, existing_path, parser
+from clipalign.cli.common import CliError, existing_path, parser, read_templates
 
 
 def build_parser():
@@ -23,6 +23,8 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--recall-k", type=int, nargs="+", default=[1, 5, 10], help="k values of retrieval recall@k")
+    p.add_argument("--image-col", default="image", help="image column of label manifests")
+    p.add_argument("--label-col", default="label", help="label column of label manifests")
     p.add_argument("--linear-probe", action="store_true",
                    help="also fit a logistic-regression probe on the frozen image features of each classification "
                         "set's train/ split and report it on the test/ split")
@@ -69,30 +71,31 @@ def main(argv: list[str] | None = None) -> int:
     from clipalign.checkpoint import load_model
     from clipalign.evaluate import evaluate, load_eval_set, probe_train_split
 
-    templates = None
-    if args.templates_file:
-        templates = [t.strip() for t in existing_path(args.templates_file, "templates file").read_text().splitlines()
-                     if t.strip()]
-        if not templates or any("{c}" not in t for t in templates):
-            raise CliError("every template needs {c} where the class name goes")
+    templates = read_templates(args.templates_file) if args.templates_file else None
     try:
-        sets = [load_eval_set(r, templates=templates) for r in roots]
+        sets = [load_eval_set(r, templates=templates, image_col=args.image_col, label_col=args.label_col) for r in roots]
         model, transform, tokenizer, meta = load_model(args.checkpoint)
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise CliError(str(err)) from None
     results = {}
-    for s in sets:
-        progress = None if args.no_progress else (lambda **kw: tqdm(desc=s.name, leave=False, **kw))
+    for name, s in zip(_unique_names(sets), sets):
+        progress = None if args.no_progress else (lambda **kw: tqdm(desc=name, leave=False, **kw))
         options = {"ks": tuple(args.recall_k)} if s.task == "retrieval" else {}
         if args.linear_probe and (train := probe_train_split(s)) is not None:
             options["probe_train"] = train
         try:
-            results[s.name] = evaluate(model, tokenizer, transform, s, batch_size=args.batch_size,
-                                       precision=args.precision, progress=progress, **options)
+            result = evaluate(model, tokenizer, transform, s, batch_size=args.batch_size,
+                              precision=args.precision, progress=progress, **options)
         except ValueError as err:
             raise CliError(str(err)) from None
-        # CLIP_benchmark's result-file keys beside ours
-        results[s.name].update(dataset=s.name, model=meta["model_name"], pretrained=meta["path"], path=str(s.root))
+        if "linear_probe" in result:  # CLIP_benchmark's linear-probe metric names
+            result["metrics"].update({f"lp_{k}": v for k, v in result["linear_probe"]["metrics"].items()})
+        dataset = f"wds/{s.name}" if s.items is None else s.name  # CLIP_benchmark's result-file keys
+        results[name] = {"dataset": dataset, "model": meta["model_name"], "pretrained": meta["path"],
+                         "language": "en", **result, "path": str(s.root)}
+    report = {"checkpoint": meta["path"], "model": meta["model_name"], "step": meta.get("step"), "results": results}
+    if args.out:
+        write_json(args.out, report)  # before any plot: a failed figure never costs the numbers
     if args.plot:
         from clipalign.plots import confusion_matrix_png
 
@@ -100,8 +103,13 @@ def main(argv: list[str] | None = None) -> int:
             if "confusion_matrix" in r:
                 r["confusion_png"] = str(confusion_matrix_png(r["confusion_matrix"], r["classnames"],
                                                               Path(args.plot) / f"{name}_confusion.png", title=name))
-    report = {"checkpoint": meta["path"], "model": meta["model_name"], "step": meta.get("step"), "results": results}
-    if args.out:
-        write_json(args.out, report)
+        if args.out:
+            write_json(args.out, report)
     print(json.dumps(report, indent=2) if args.json else format_table(results))
     return 0
+
+
+def _unique_names(sets: list) -> list[str]:
+    """Each set's folder name, prefixed by its parent's where two sets share one (a/val, b/val)."""
+    names = [s.name for s in sets]
+    return [f"{s.root.parent.name}/{s.name}" if names.count(s.name) > 1 else s.name for s in sets]

@@ -6,7 +6,7 @@ import re
 import sys
 from pathlib import Path
 
-from clipalign.cli.common import CliError, existing_path, parser
+from clipalign.cli.common import CliError, existing_path, parser, read_templates
 
 _OUTPUTS = ("stats.json", "sizes.json", "errors.jsonl")
 
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write an evaluation set in CLIP_benchmark's wds/ layout instead of training shards: "
                         "classification from an ImageFolder tree or an (image, label) manifest, retrieval from "
                         "an (image, caption) manifest (rows of one image give it several captions)")
+    p.add_argument("--split", default="test", help="split folder of --eval-set (test, or train for linear probes)")
     p.add_argument("--label-col", default="label", help="manifest column holding class labels (--eval-set classification)")
     p.add_argument("--templates-file", default=None,
                    help="prompt templates for --eval-set classification, one per line with {c} (default: CLIP's simple ones)")
@@ -39,21 +40,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _eval_set(args: argparse.Namespace, source: Path) -> int:
-    from data_prep.evalprep import DEFAULT_TEMPLATES, classification_set, retrieval_set
+    from data_prep.evalprep import classification_set, retrieval_set
     from data_prep.manifest import ManifestError
 
     out = Path(args.out)
-    if (out / "test" / "nshards.txt").exists() and not args.overwrite:
+    if (out / args.split / "nshards.txt").exists() and not args.overwrite:
         raise CliError(f"{out} already holds an evaluation set; pass --overwrite to replace it")
-    options = dict(image_size=args.image_size, resize_mode=args.resize_mode, image_format=args.format)
+    options = dict(split=args.split, image_size=args.image_size, resize_mode=args.resize_mode,
+                   image_format=args.format, quality=args.quality)
     try:
         if args.eval_set == "classification":
-            templates = DEFAULT_TEMPLATES
             if args.templates_file:
-                templates = [t.strip() for t in existing_path(args.templates_file, "templates file").read_text()
-                             .splitlines() if t.strip()]
-            stats = classification_set(source, out, image_col=args.image_col, label_col=args.label_col,
-                                       templates=templates, **options)
+                templates = read_templates(args.templates_file)
+            else:
+                from clipalign.classify import DEFAULT_TEMPLATES as templates
+            stats = classification_set(source, out, templates, image_col=args.image_col, label_col=args.label_col,
+                                       **options)
         else:
             stats = retrieval_set(source, out, image_col=args.image_col, caption_col=args.caption_col, **options)
     except (ManifestError, ValueError) as err:
