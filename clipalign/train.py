@@ -52,6 +52,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
+    max_nonfinite_steps: int = 10
     resume: bool = False
 
 
@@ -64,6 +65,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         exempt = p.ndim < 2 or "logit_scale" in name
         (no_decay if exempt else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss stayed NaN or infinite for ``max_nonfinite_steps`` steps in a row."""
 
 
 class ResumeMismatchError(ValueError):
@@ -133,6 +138,7 @@ class Trainer:
         self.step = 0
         self.skipped: dict[int, dict[str, int]] = {}
         self.nonfinite_steps = 0
+        self.nonfinite_in_a_row = 0
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -195,8 +201,16 @@ class Trainer:
 
         self.optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(total):
-            self.nonfinite_steps += 1  # skip the update rather than corrupt the weights
+            # Skip the update rather than corrupt the weights; give up when it keeps happening.
+            self.nonfinite_steps += 1
+            self.nonfinite_in_a_row += 1
+            if self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"the loss was not finite {self.nonfinite_in_a_row} steps in a row (step {self.step + 1}); "
+                    "lower --lr, check the data, or try --precision fp32"
+                )
         else:
+            self.nonfinite_in_a_row = 0
             total.backward()
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -7,7 +7,7 @@ from toydata import truncate_mid_member, write_toy_shards
 from clipalign import checkpoint as ckpt
 from clipalign.data import DataStreamError
 from clipalign.schedule import warmup_cosine
-from clipalign.train import ResumeMismatchError, RunLockedError, TrainConfig, Trainer, _lock_run, param_groups
+from clipalign.train import NonFiniteLossError, ResumeMismatchError, RunLockedError, TrainConfig, Trainer, _lock_run, param_groups
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +97,18 @@ def test_nonfinite_loss_skips_the_update(shards, tmp_path):
     trainer.train_step(images, texts)
     assert trainer.nonfinite_steps == 1 and trainer.step == 1
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    trainer.train_step(torch.randn(4, 3, 32, 32), texts)  # a good step resets the run of bad ones
+    assert trainer.nonfinite_in_a_row == 0 and trainer.nonfinite_steps == 1
+
+
+def test_nonfinite_losses_in_a_row_stop_the_run(shards, tmp_path):
+    trainer = Trainer(_cfg(shards, tmp_path, steps=10, max_nonfinite_steps=3))
+    images = torch.full((4, 3, 32, 32), float("nan"))
+    texts = trainer.tokenizer(["a red square"] * 4)
+    trainer.train_step(images, texts)
+    trainer.train_step(images, texts)
+    with pytest.raises(NonFiniteLossError, match="3 steps in a row"):
+        trainer.train_step(images, texts)
 
 
 def test_a_run_folder_takes_one_trainer_at_a_time(shards, tmp_path):

@@ -36,6 +36,8 @@ def build_parser():
     p.add_argument("--log-every", type=int, default=d.log_every, help="steps between metrics.jsonl lines")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="0 keeps all")
+    p.add_argument("--max-nonfinite-steps", type=int, default=d.max_nonfinite_steps,
+                   help="a non-finite loss skips the update; this many in a row stop the run")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -47,13 +49,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from clipalign.data import DataStreamError, resolve_shards
     from clipalign.factory import list_models
-    from clipalign.train import ResumeMismatchError, RunLockedError, TrainConfig, Trainer
+    from clipalign.train import NonFiniteLossError, ResumeMismatchError, RunLockedError, TrainConfig, Trainer
 
     if args.model not in list_models():
         raise CliError(f"unknown model {args.model!r}; known: {', '.join(list_models()[:8])}, ...")
     if not resolve_shards(args.data):
         raise CliError(f"no shards found at {args.data}")
-    for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
+    for name in ("steps", "batch_size", "log_every", "checkpoint_every", "max_nonfinite_steps"):
         if getattr(args, name) <= 0:
             raise CliError(f"--{name.replace('_', '-')} must be positive")
     options = {k: v for k, v in vars(args).items() if k != "no_progress"}
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         raise CliError(str(err)) from None
     try:
         summary = trainer.fit(progress=None if args.no_progress else tqdm)
-    except (FileNotFoundError, RunLockedError, ResumeMismatchError, DataStreamError) as err:
+    except (FileNotFoundError, RunLockedError, ResumeMismatchError, DataStreamError, NonFiniteLossError) as err:
         raise CliError(str(err)) from None
     final = summary["final"]
     print(
