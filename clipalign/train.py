@@ -34,6 +34,10 @@ class TrainConfig:
     out: str
     model: str = "ca-tiny"
     pretrained: str | None = None
+    lock_image: bool = False  # LiT: train the text tower against a frozen image tower
+    lock_text: bool = False
+    patch_dropout: float | None = None  # FLIP: drop this fraction of image patches while training
+    grad_checkpointing: bool = False
     steps: int = 1000
     batch_size: int = 128
     lr: float = 5e-4
@@ -126,8 +130,14 @@ class Trainer:
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.model, self.train_transform, _ = create_model_and_transforms(
-            cfg.model, mlm_head=cfg.mlm_weight > 0, pretrained=cfg.pretrained
+            cfg.model, mlm_head=cfg.mlm_weight > 0, pretrained=cfg.pretrained, force_patch_dropout=cfg.patch_dropout
         )
+        if cfg.lock_image:
+            self.model.clip.lock_image_tower()
+        if cfg.lock_text:
+            self.model.clip.lock_text_tower()
+        if cfg.grad_checkpointing:
+            self.model.clip.set_grad_checkpointing(True)
         self.tokenizer = get_tokenizer(cfg.model)
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps

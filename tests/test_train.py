@@ -145,3 +145,39 @@ def test_resume_refuses_a_structurally_different_model(shards, tmp_path):
     Trainer(_cfg(shards, tmp_path, steps=2)).fit()
     with pytest.raises(ResumeMismatchError, match="MLM head"):
         Trainer(_cfg(shards, tmp_path, steps=4, resume=True, mlm_weight=0.0)).fit()
+
+
+def _one_step(trainer, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(8, 3, 32, 32, generator=g)
+    texts = trainer.tokenizer([f"a {c} square" for c in ["red", "green", "blue", "yellow"] * 2])
+    return trainer.train_step(images, texts)
+
+
+@pytest.mark.parametrize("locked, free", [("lock_image", "text"), ("lock_text", "visual")])
+def test_a_locked_tower_does_not_move(shards, tmp_path, locked, free):
+    trainer = Trainer(_cfg(shards, tmp_path, steps=1, **{locked: True}))
+    before = {k: v.clone() for k, v in trainer.model.clip.state_dict().items()}
+    _one_step(trainer)
+    after = trainer.model.clip.state_dict()
+    frozen = "visual." if locked == "lock_image" else "token_embedding"
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(frozen))
+    moved = "visual." if free == "visual" else "transformer."
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(moved))
+
+
+def test_grad_checkpointing_gives_the_same_step(shards, tmp_path):
+    torch.manual_seed(0)
+    plain = Trainer(_cfg(shards, tmp_path / "a", steps=1))
+    torch.manual_seed(0)
+    checkpointed = Trainer(_cfg(shards, tmp_path / "b", steps=1, grad_checkpointing=True))
+    assert checkpointed.model.clip.transformer.grad_checkpointing
+    assert _one_step(plain)["loss"] == pytest.approx(_one_step(checkpointed)["loss"], rel=1e-6)
+    for (name, a), b in zip(plain.model.named_parameters(), checkpointed.model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_patch_dropout_reaches_the_vision_tower(shards, tmp_path):
+    trainer = Trainer(_cfg(shards, tmp_path, steps=1, patch_dropout=0.5))
+    assert trainer.model.clip.visual.patch_dropout.prob == 0.5
+    assert _one_step(trainer)["loss"] > 0

@@ -18,6 +18,11 @@ def build_parser():
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--model", default=d.model, help="model config name (see clipalign.list_models())")
     p.add_argument("--pretrained", default=None, help="local open_clip checkpoint to start from")
+    p.add_argument("--lock-image", action="store_true", help="freeze the image tower (LiT; use with --pretrained)")
+    p.add_argument("--lock-text", action="store_true", help="freeze the text tower")
+    p.add_argument("--patch-dropout", type=float, default=None,
+                   help="fraction of image patches dropped in training (FLIP; ViT towers)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
     p.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
@@ -55,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         raise CliError(f"unknown model {args.model!r}; known: {', '.join(list_models()[:8])}, ...")
     if not resolve_shards(args.data):
         raise CliError(f"no shards found at {args.data}")
+    if args.patch_dropout is not None and not 0 <= args.patch_dropout < 1:
+        raise CliError("--patch-dropout must be in [0, 1)")
     for name in ("steps", "batch_size", "log_every", "checkpoint_every", "max_nonfinite_steps"):
         if getattr(args, name) <= 0:
             raise CliError(f"--{name.replace('_', '-')} must be positive")
