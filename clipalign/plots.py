@@ -45,3 +45,36 @@ def confusion_matrix_png(matrix: Sequence[Sequence[int]], classnames: Sequence[s
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def training_curves_png(records: Sequence[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """Loss curves (every ``*_loss`` and the total), temperature, MLM accuracy and samples/s
+    against step, from ``metrics.jsonl`` records; panels without data are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    loss_keys = ["loss"] + sorted({k for r in records for k in r if k.endswith("_loss")})
+    panels = [("loss", loss_keys), ("temperature", ["temperature"]), ("MLM accuracy", ["mlm_acc"]),
+              ("samples/s", ["samples_per_s"])]
+    panels = [(name, [k for k in keys if any(k in r for r in records)]) for name, keys in panels]
+    panels = [(name, keys) for name, keys in panels if keys]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (name, keys) in zip(axes[0], panels):
+        for key in keys:
+            ax.plot(steps, [r.get(key, float("nan")) for r in records], label=key)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

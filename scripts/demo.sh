@@ -22,6 +22,8 @@ step "3/6 train: $MODEL, contrastive + masked-token loss, bf16, $STEPS steps"
 clipalign train --data "$OUT/shards" --out "$OUT/run" --model "$MODEL" --steps "$STEPS" \
     --batch-size 128 --lr 2e-3 --warmup 30 --checkpoint-every 100 --resume
 
+clipalign plot "$OUT/run"   # training curves -> $OUT/run/curves.png
+
 step "4/6 eval: zero-shot shape / colour (seen and unseen colour-shape pairs) and retrieval"
 clipalign eval --checkpoint "$OUT/run" --data "$OUT"/corpus/eval/* --out "$OUT/eval.json"
 

@@ -11,3 +11,21 @@ def test_small_matrix_is_labelled_and_large_one_keeps_a_bounded_size(tmp_path):
     with Image.open(small) as a, Image.open(large) as b:
         assert a.format == b.format == "PNG"
         assert b.width < 3000 and b.height < 3000  # not 0.55 inch per class
+
+
+def test_training_curves_from_a_run(tmp_path, capsys):
+    import json
+
+    from clipalign.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "loss": 4 / s, "contrastive_loss": 3 / s, "mlm_loss": 1 / s, "temperature": 0.07,
+             "mlm_acc": s / 10, "samples_per_s": 100.0} for s in range(1, 11)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["plot", str(run)]) == 0
+    with Image.open(run / "curves.png") as png:
+        assert png.format == "PNG" and png.width > png.height  # four panels side by side
+    (run / "metrics.jsonl").write_text("")
+    assert main(["plot", str(run)]) == 2
+    assert "empty" in capsys.readouterr().err

@@ -14,6 +14,7 @@ COMMANDS: dict[str, str] = {
     "synth": "generate the embedded synthetic corpus (training manifest + held-out eval sets)",
     "prep": "turn an image-caption manifest or folder into WebDataset shards",
     "train": "train a dual encoder with the contrastive + masked-token objective",
+    "plot": "draw a run's training curves as a PNG",
     "eval": "zero-shot classification and retrieval on CLIP_benchmark wds/ sets",
     "classify": "zero-shot classify your own images against class names you give",
     "export": "write a run's model as an open_clip checkpoint + model config",
