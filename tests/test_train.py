@@ -181,3 +181,14 @@ def test_patch_dropout_reaches_the_vision_tower(shards, tmp_path):
     trainer = Trainer(_cfg(shards, tmp_path, steps=1, patch_dropout=0.5))
     assert trainer.model.clip.visual.patch_dropout.prob == 0.5
     assert _one_step(trainer)["loss"] > 0
+
+
+def test_cli_rerun_of_a_finished_run_says_so(shards, tmp_path, capsys):
+    from clipalign.cli import main
+
+    argv = ["train", "--data", shards[0].rsplit("/", 1)[0], "--out", str(tmp_path / "run"), "--model", "ca-nano",
+            "--steps", "2", "--batch-size", "16", "--workers", "0", "--no-progress", "--precision", "fp32"]
+    assert main(argv) == 0
+    assert "trained 2 steps (2 this run)" in capsys.readouterr().err
+    assert main(argv + ["--resume"]) == 0
+    assert "already at step 2 of 2" in capsys.readouterr().err

@@ -76,12 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, RunLockedError, ResumeMismatchError, DataStreamError, NonFiniteLossError) as err:
         raise CliError(str(err)) from None
     final = summary["final"]
-    print(
-        f"trained {summary['steps']} steps ({summary['steps_this_run']} this run) in {summary['seconds']:.0f} s, "
-        f"{summary['samples_per_s']:.0f} samples/s; loss {final.get('loss', float('nan')):.3f}"
-        + (f", mlm acc {final['mlm_acc']:.2f}" if "mlm_acc" in final else ""),
-        file=sys.stderr,
-    )
+    if summary["steps_this_run"] == 0:
+        print(f"{args.out} is already at step {summary['steps']} of {args.steps}: nothing to train "
+              "(raise --steps to go further)", file=sys.stderr)
+    else:
+        print(
+            f"trained {summary['steps']} steps ({summary['steps_this_run']} this run) in {summary['seconds']:.0f} s, "
+            f"{summary['samples_per_s']:.0f} samples/s; loss {final['loss']:.3f}"
+            + (f", mlm acc {final['mlm_acc']:.2f}" if "mlm_acc" in final else ""),
+            file=sys.stderr,
+        )
     if summary["skipped"]:
         print(f"skipped samples: {json.dumps(summary['skipped'])}", file=sys.stderr)
     print(f"checkpoint: {summary['checkpoint']}", file=sys.stderr)
