@@ -70,7 +70,8 @@ def load_model(path: str | os.PathLike) -> tuple[ClipAlign, Callable, Callable, 
     state = load_checkpoint(path)
     name = state["model_name"]
     has_head = any(k.startswith("mlm_head.") for k in state["model"])
-    model, _, eval_tf = create_model_and_transforms(name, mlm_head=has_head)
+    has_bias = "clip.logit_bias" in state["model"]  # SigLIP-trained
+    model, _, eval_tf = create_model_and_transforms(name, mlm_head=has_head, init_logit_bias=0.0 if has_bias else None)
     model.load_state_dict(state["model"])
     model.eval()
     meta = {k: v for k, v in state.items() if k not in ("model", "optimizer", "scheduler", "rng")}

@@ -55,6 +55,8 @@ def export_open_clip(checkpoint: str | Path, out_dir: str | Path, name: str | No
     _check_name(name)
     config = get_model_config(meta["model_name"])
     state = {k: v.detach().clone() for k, v in model.clip.state_dict().items()}
+    if "logit_bias" in state:  # a SigLIP-trained model: open_clip builds the bias only when told to
+        config = {**config, "init_logit_bias": float(state["logit_bias"])}
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,27 @@ class ClipLoss(open_clip.loss.ClipLoss):
         return super().forward(image_features, text_features, logit_scale, output_dict=True)
 
 
+class SigLipLoss(open_clip.loss.SigLipLoss):
+    """Sigmoid loss (SigLIP): every image-text pair is an independent binary decision.
+
+    open_clip's implementation, returning a named loss. The model needs a learnable
+    ``logit_bias`` (``create_model(..., init_logit_bias=-10)``).
+
+    Shape:
+        image_features, text_features: (B, D), L2-normalised.
+        logit_scale: scalar (exponentiated); logit_bias: scalar.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        super().__init__(rank=rank, world_size=world_size)
+
+    def forward(
+        self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        return super().forward(image_features, text_features, logit_scale, logit_bias, output_dict=True)
+
+
 class MlmLoss(nn.Module):
     """Masked-token cross-entropy, scaled by ``weight``.
 

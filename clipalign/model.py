@@ -139,10 +139,13 @@ class ClipAlign(nn.Module):
 
         Returns:
             A dict with ``image_features`` (B, D) and ``text_features`` (B, D), both
-            L2-normalised, ``logit_scale`` (scalar, already exponentiated), and with masked
+            L2-normalised, ``logit_scale`` (scalar, already exponentiated), ``logit_bias`` for
+            models that have one (SigLIP), and with masked
             text ``mlm_logits`` (M, V) and ``mlm_targets`` (M,).
         """
         out: dict[str, torch.Tensor] = {"logit_scale": self.clip.logit_scale.exp()}
+        if getattr(self.clip, "logit_bias", None) is not None:
+            out["logit_bias"] = self.clip.logit_bias
         if image is not None:
             out["image_features"] = self.encode_image(image, normalize=True)
         if text is not None:

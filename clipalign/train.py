@@ -18,12 +18,13 @@ from torch import nn
 from clipalign import checkpoint as ckpt
 from clipalign.data import merge_skip_counts, resolve_shards, train_loader, train_pipeline
 from clipalign.factory import create_model_and_transforms, get_tokenizer
-from clipalign.loss import ClipLoss, MlmLoss, mlm_accuracy
+from clipalign.loss import ClipLoss, MlmLoss, SigLipLoss, mlm_accuracy
 from clipalign.masking import mask_tokens
 from clipalign.precision import attention_backend, autocast
 from clipalign.schedule import warmup_cosine_scheduler
 
-MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learned inverse temperature at 100
+MAX_LOGIT_SCALE = math.log(100)
+CONTRASTIVE_LOSSES = ("clip", "siglip")  # CLIP clamps the learned inverse temperature at 100
 
 
 @dataclass
@@ -38,6 +39,7 @@ class TrainConfig:
     lock_text: bool = False
     patch_dropout: float | None = None  # FLIP: drop this fraction of image patches while training
     grad_checkpointing: bool = False
+    loss: str = "clip"  # "clip" (softmax InfoNCE) or "siglip" (sigmoid)
     steps: int = 1000
     batch_size: int = 128
     lr: float = 5e-4
@@ -129,8 +131,13 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
+        if cfg.loss not in CONTRASTIVE_LOSSES:
+            raise ValueError(f"unknown loss {cfg.loss!r} (one of {', '.join(CONTRASTIVE_LOSSES)})")
+        siglip = cfg.loss == "siglip"
         self.model, self.train_transform, _ = create_model_and_transforms(
-            cfg.model, mlm_head=cfg.mlm_weight > 0, pretrained=cfg.pretrained, force_patch_dropout=cfg.patch_dropout
+            cfg.model, mlm_head=cfg.mlm_weight > 0, pretrained=cfg.pretrained, force_patch_dropout=cfg.patch_dropout,
+            # SigLIP's initialisation: temperature 1/10 and a bias of -10 (few positives per batch)
+            init_logit_scale=math.log(10) if siglip else None, init_logit_bias=-10.0 if siglip else None,
         )
         if cfg.lock_image:
             self.model.clip.lock_image_tower()
@@ -143,7 +150,7 @@ class Trainer:
             param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps
         )
         self.scheduler = warmup_cosine_scheduler(self.optimizer, cfg.warmup, cfg.steps)
-        self.clip_loss = ClipLoss()
+        self.clip_loss = SigLipLoss() if siglip else ClipLoss()
         self.mlm_loss = MlmLoss(cfg.mlm_weight) if cfg.mlm_weight > 0 else None
         self.step = 0
         self.skipped: dict[int, dict[str, int]] = {}
@@ -165,6 +172,8 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["model_name"] != self.cfg.model:
             raise ResumeMismatchError(f"the checkpoint is for model {state['model_name']!r}, not {self.cfg.model!r}")
+        if state.get("config", {}).get("loss", "clip") != self.cfg.loss:
+            raise ResumeMismatchError(f"the checkpoint was trained with --loss {state['config'].get('loss', 'clip')}")
         had_head = any(k.startswith("mlm_head.") for k in state["model"])
         if had_head != (self.model.mlm_head is not None):
             raise ResumeMismatchError(
@@ -204,7 +213,8 @@ class Trainer:
             )
         with autocast(cfg.precision):
             out = model(images, texts, masked, labels)
-            losses = self.clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
+            extra = (out["logit_bias"],) if self.cfg.loss == "siglip" else ()
+            losses = self.clip_loss(out["image_features"], out["text_features"], out["logit_scale"], *extra)
             if self.mlm_loss is not None:
                 losses.update(self.mlm_loss(out["mlm_logits"], out["mlm_targets"]))
         total = sum(v for k, v in losses.items() if k.endswith("_loss"))

@@ -117,3 +117,18 @@ def test_bad_input_is_a_one_line_error(case, run, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("clipalign export: error:")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_siglip_model_exports_with_its_logit_bias(tmp_path):
+    import open_clip
+
+    from clipalign.export import export_open_clip
+    from clipalign.factory import create_model
+
+    torch.manual_seed(0)
+    model = create_model("ca-nano", init_logit_bias=-7.5)
+    save_checkpoint(tmp_path / "run" / "m.pt", {"model_name": "ca-nano", "step": 0, "model": model.state_dict()})
+    info = export_open_clip(tmp_path / "run" / "m.pt", tmp_path / "out", name="nano-siglip")
+    open_clip.add_model_config(tmp_path / "out")
+    clip = open_clip.create_model("nano-siglip", pretrained=info["weights"])
+    assert clip.logit_bias.item() == -7.5

@@ -59,3 +59,22 @@ def test_mlm_loss_is_weighted_cross_entropy():
 def test_mlm_accuracy():
     logits = torch.eye(4)
     assert mlm_accuracy(logits, torch.tensor([0, 1, 2, 0])) == 0.75
+
+
+def reference_sigmoid_loss(img, txt, scale, bias):
+    """SigLIP's definition: -1/B sum_ij log sigmoid(z_ij (t x_i.y_j + b)), z_ij = 1 if i == j else -1."""
+    total = 0.0
+    n = img.shape[0]
+    for i in range(n):
+        for j in range(n):
+            z = 1.0 if i == j else -1.0
+            total += -math.log(1 / (1 + math.exp(-z * (scale * float(img[i] @ txt[j]) + bias))))
+    return total / n
+
+
+def test_sigmoid_loss_matches_plain_reference():
+    from clipalign.loss import SigLipLoss
+
+    img, txt = _features(b=6, d=8, seed=2)
+    got = SigLipLoss()(img, txt, torch.tensor(10.0), torch.tensor(-10.0))["contrastive_loss"].item()
+    assert abs(got - reference_sigmoid_loss(img, txt, 10.0, -10.0)) < 1e-4

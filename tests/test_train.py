@@ -192,3 +192,13 @@ def test_cli_rerun_of_a_finished_run_says_so(shards, tmp_path, capsys):
     assert "trained 2 steps (2 this run)" in capsys.readouterr().err
     assert main(argv + ["--resume"]) == 0
     assert "already at step 2 of 2" in capsys.readouterr().err
+
+
+def test_siglip_run_learns_and_its_checkpoint_loads(shards, tmp_path):
+    summary = Trainer(_cfg(shards, tmp_path, steps=30, loss="siglip", lr=2e-3)).fit()
+    rows = _metrics(tmp_path)
+    assert sum(r["contrastive_loss"] for r in rows[-5:]) < 0.8 * sum(r["contrastive_loss"] for r in rows[:5])
+    model, *_ = ckpt.load_model(tmp_path)
+    assert model.clip.logit_bias is not None and summary["steps"] == 30
+    with pytest.raises(ResumeMismatchError, match="--loss siglip"):
+        Trainer(_cfg(shards, tmp_path, steps=40, resume=True)).fit()

@@ -35,6 +35,8 @@ def build_parser():
                    help="'math' forces plain attention kernels (faster training on CPU); 'auto' lets torch pick")
     p.add_argument("--workers", type=int, default=d.workers, help="data loader processes")
     p.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer, help="sample shuffle buffer")
+    p.add_argument("--loss", choices=["clip", "siglip"], default=d.loss,
+                   help="contrastive objective: softmax InfoNCE (CLIP) or the sigmoid loss (SigLIP)")
     p.add_argument("--mlm-weight", type=float, default=d.mlm_weight, help="weight of the MLM loss (0: off)")
     p.add_argument("--mlm-rate", type=float, default=d.mlm_rate, help="fraction of caption tokens masked")
     p.add_argument("--seed", type=int, default=d.seed)
