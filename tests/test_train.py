@@ -202,3 +202,16 @@ def test_siglip_run_learns_and_its_checkpoint_loads(shards, tmp_path):
     assert model.clip.logit_bias is not None and summary["steps"] == 30
     with pytest.raises(ResumeMismatchError, match="--loss siglip"):
         Trainer(_cfg(shards, tmp_path, steps=40, resume=True)).fit()
+
+
+def test_pretrained_open_clip_weights_start_the_run(shards, tmp_path):
+    from clipalign.factory import create_model
+
+    torch.manual_seed(5)
+    source = create_model("ca-nano", mlm_head=False)
+    torch.save(source.clip.state_dict(), tmp_path / "open_clip_weights.pt")  # a plain open_clip state dict
+    trainer = Trainer(_cfg(shards, tmp_path / "run", steps=1, pretrained=str(tmp_path / "open_clip_weights.pt")))
+    loaded = trainer.model.clip.state_dict()
+    assert all(torch.equal(v, loaded[k]) for k, v in source.clip.state_dict().items())
+    with pytest.raises(FileNotFoundError, match="local file"):
+        Trainer(_cfg(shards, tmp_path / "run2", steps=1, pretrained="laion2b_s34b_b79k"))
