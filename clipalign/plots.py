@@ -8,6 +8,24 @@ from typing import Sequence
 MAX_LABELLED_CLASSES = 40
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    return path
+
+
 def confusion_matrix_png(matrix: Sequence[Sequence[int]], classnames: Sequence[str], path: str | os.PathLike,
                          title: str = "") -> Path:
     """A confusion matrix (rows: true class, columns: predicted), each row normalised to recall.
@@ -15,10 +33,7 @@ def confusion_matrix_png(matrix: Sequence[Sequence[int]], classnames: Sequence[s
     Up to ``MAX_LABELLED_CLASSES`` classes the cells carry counts and the axes class names;
     above it the figure keeps a fixed size and shows the matrix alone.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     import numpy as np
 
     counts = np.asarray(matrix, dtype=float)
@@ -39,21 +54,13 @@ def confusion_matrix_png(matrix: Sequence[Sequence[int]], classnames: Sequence[s
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def training_curves_png(records: Sequence[dict], path: str | os.PathLike, title: str = "") -> Path:
     """Loss curves (every ``*_loss`` and the total), temperature, MLM accuracy and samples/s
     against step, from ``metrics.jsonl`` records; panels without data are left out."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     steps = [r["step"] for r in records]
     loss_keys = ["loss"] + sorted({k for r in records for k in r if k.endswith("_loss")})
@@ -72,9 +79,4 @@ def training_curves_png(records: Sequence[dict], path: str | os.PathLike, title:
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
