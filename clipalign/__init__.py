@@ -18,6 +18,8 @@ _LAZY = {
     "ClipAlign": "clipalign.model",
     "ClipLoss": "clipalign.loss",
     "MlmLoss": "clipalign.loss",
+    "SigLipLoss": "clipalign.loss",
+    "load_model": "clipalign.checkpoint",
     "mask_tokens": "clipalign.masking",
 }
 
