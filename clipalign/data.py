@@ -133,7 +133,7 @@ class ProgressGuard:
         self.counter = counter
         self.max_barren_shards, self.max_skips = max_barren_shards, max_skips
         self.barren_shards = 0
-        self.skips_at_last_good = 0
+        self.skips_in_a_row = 0
 
     def _fail(self, what: str) -> None:
         raise DataStreamError(f"{what}; skipped so far: {dict(self.counter.counts)}")
@@ -153,13 +153,14 @@ class ProgressGuard:
     def skipped(self, exn: BaseException) -> bool:
         """The stream's exception handler: count, then give up after too many in a row."""
         self.counter(exn)
-        if sum(self.counter.counts.values()) - self.skips_at_last_good > self.max_skips:
+        self.skips_in_a_row += 1
+        if self.skips_in_a_row > self.max_skips:
             self._fail(f"{self.max_skips} samples in a row were unusable")
         return True
 
     def good(self, samples: Iterable) -> Iterator:
         for sample in samples:
-            self.skips_at_last_good = sum(self.counter.counts.values())
+            self.skips_in_a_row = 0
             yield sample
 
 
