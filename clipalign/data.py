@@ -13,8 +13,10 @@ import os
 import random
 import tarfile
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
@@ -50,10 +52,12 @@ class SkipCounter:
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
+        self.active = True  # off while a resumed stream replays what was counted before
 
     def __call__(self, exn: BaseException) -> bool:
         reason = skip_reason(exn)
-        self.counts[reason] += 1
+        if self.active:
+            self.counts[reason] += 1
         log.warning("skipped a sample (%s): %s", reason, exn)
         return True
 
@@ -99,21 +103,58 @@ def decode_caption(sample: dict) -> str:
     return caption
 
 
+def decode_tokens(sample: dict, context_length: int) -> torch.Tensor | None:
+    """Token ids stored by ``clipalign prep --tokenize`` (field ``tok.npy``), or ``None`` when
+    the sample has none or they were made for another context length."""
+    raw = sample.get("tok.npy")
+    if raw is None:
+        return None
+    ids = np.load(io.BytesIO(raw), allow_pickle=False)
+    if ids.ndim != 1 or ids.shape[0] != context_length:
+        return None
+    return torch.from_numpy(ids.astype(np.int64))
+
+
 class SampleDecoder:
-    """Raw tar sample → (image tensor, token ids); raises ``BadSample`` on bad input.
+    """Raw tar sample → ``{"image", "text"[, "views"]}``; raises ``BadSample`` on bad input.
+
+    Every random augmentation is drawn from a torch RNG seeded by the sample's place in the
+    stream (``sample["__seed__"]``), never from the process's own RNG, so a resumed run
+    that skips the samples already seen augments the rest exactly as before.
 
     Args:
         transform: PIL image → (3, H, W) tensor (open_clip's train or eval transform).
         tokenizer: open_clip tokenizer, ``list[str] → (1, L)``.
+        view_transform: if given, also make two augmented ``views`` (2, 3, H, W) of the image
+            for an image self-supervised objective.
+        masker: if given, ``(1, L) ids → (masked ids, labels)`` (``mask_tokens``): the sample
+            also gets ``masked_text`` and ``mlm_labels`` (L,) for the MLM objective.
     """
 
-    def __init__(self, transform: Callable, tokenizer: Callable):
+    def __init__(self, transform: Callable, tokenizer: Callable, view_transform: Callable | None = None,
+                 masker: Callable | None = None):
         self.transform = transform
         self.tokenizer = tokenizer
+        self.view_transform = view_transform
+        self.masker = masker
+        self.context_length = getattr(tokenizer, "context_length", 77)
 
-    def __call__(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        caption = decode_caption(sample)
-        return self.transform(decode_image(sample)), self.tokenizer([caption])[0]
+    def __call__(self, sample: dict) -> dict[str, torch.Tensor]:
+        tokens = decode_tokens(sample, self.context_length)
+        if tokens is None:
+            tokens = self.tokenizer([decode_caption(sample)])[0]
+        elif not sample.get("txt", b"").strip():
+            raise BadSample("empty_caption", sample.get("__key__", ""))
+        image = decode_image(sample)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample.get("__seed__", 0))
+            out = {"image": self.transform(image), "text": tokens, "__index__": sample.get("__index__", 0)}
+            if self.view_transform is not None:
+                out["views"] = torch.stack([self.view_transform(image), self.view_transform(image)])
+            if self.masker is not None:
+                masked, labels = self.masker(tokens[None])
+                out["masked_text"], out["mlm_labels"] = masked[0], labels[0]
+        return out
 
 
 class DataStreamError(RuntimeError):
@@ -164,11 +205,46 @@ class ProgressGuard:
             yield sample
 
 
-def _attach_skip_counts(batches: Iterator, counter: SkipCounter) -> Iterator:
-    worker = torch.utils.data.get_worker_info()
-    worker_id = worker.id if worker is not None else 0
-    for images, texts in batches:
-        yield images, texts, {"worker": worker_id, "skipped": dict(counter.counts)}
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where a training stream stands, so a resumed run continues it sample for sample.
+
+    The loader's workers are *roles*: role ``j`` of rank ``r`` reads its own seeded stream,
+    and batch ``t`` of the run comes from role ``t % workers``. ``consumed[j]`` counts the
+    raw samples role ``j`` had taken from its stream when its last used batch was made.
+
+    Attributes:
+        step: batches used so far.
+        consumed: role → raw samples consumed.
+    """
+
+    step: int = 0
+    consumed: dict[int, int] = field(default_factory=dict)
+
+    def advance(self, role: int, consumed: int) -> "StreamPosition":
+        return StreamPosition(self.step + 1, {**self.consumed, role: consumed})
+
+
+@dataclass(frozen=True)
+class _Role:
+    """The stream role of the current loader worker (evaluated inside the worker).
+
+    Physical worker ``i`` plays role ``(i + rotate) % workers``: after resuming at step ``s``
+    (``rotate = s % workers``) the loader's first batch comes from the role whose turn it is.
+    """
+
+    rotate: int
+    workers: int
+    seed: int
+    rank: int
+
+    def __call__(self) -> int:
+        worker = torch.utils.data.get_worker_info()
+        return ((worker.id if worker is not None else 0) + self.rotate) % max(1, self.workers)
+
+    def stream_seed(self) -> int:
+        """The seed of this role's whole stream: shard draws, shuffle and augmentations."""
+        return (self.seed * 1_000_003 + self.rank) * 1009 + self()
 
 
 def train_pipeline(
@@ -179,44 +255,85 @@ def train_pipeline(
     batch_size: int,
     seed: int = 0,
     shuffle_buffer: int = 2000,
+    workers: int = 1,
+    rank: int = 0,
+    position: StreamPosition | None = None,
+    view_transform: Callable | None = None,
+    masker: Callable | None = None,
 ) -> wds.DataPipeline:
-    """An endless stream of ``(images (B,3,H,W), texts (B,L), skip_info)`` batches.
+    """An endless, reproducible stream of ``(batch, info)`` pairs.
 
-    Shards are drawn at random with replacement (each worker its own seeded stream, as
-    open_clip's ``--dataset-resampled``), samples are mixed in a seeded shuffle buffer, and bad
-    samples are skipped and counted (``skip_info["skipped"]``: reason → count, cumulative
-    for the worker ``skip_info["worker"]``). A stream that yields no usable sample from
-    many shards in a row raises ``DataStreamError`` instead of waiting forever.
+    ``batch`` is ``{"image": (B, 3, H, W), "text": (B, L)}`` (plus ``"views"``: (B, 2, 3, H, W)
+    with ``view_transform``; ``"masked_text"``, ``"mlm_labels"``: (B, L) with ``masker``). ``info`` is ``{"role", "consumed", "skipped"}``: the stream role
+    that made the batch, how many raw samples that role has consumed, and its cumulative
+    skip counts by reason (bad samples are skipped and counted, never fatal).
+
+    Shards are drawn at random with replacement, each role its own seeded stream (as
+    open_clip's ``--dataset-resampled``), then mixed in a seeded shuffle buffer. The stream
+    depends only on (``seed``, ``rank``, role), so given the ``position`` of a checkpoint it
+    is replayed without decoding up to that point and continues exactly where it was. A
+    stream that yields no usable sample from many shards in a row raises
+    ``DataStreamError`` instead of waiting forever.
     """
+    position = position or StreamPosition()
+    role = _Role(rotate=position.step % max(1, workers), workers=workers, seed=seed, rank=rank)
     counter = SkipCounter()
     guard = ProgressGuard(counter, max_barren_shards=max(20, 2 * len(shards)), max_skips=max(1000, 2 * shuffle_buffer))
     return wds.DataPipeline(
-        wds.ResampledShards(shards, seed=seed, deterministic=True),
+        wds.ResampledShards(shards, seed=seed, deterministic=True, worker_seed=role.stream_seed),
         guard.shards,
         wds.tarfile_to_samples(handler=guard.skipped),
         guard.raw,
-        _seeded_shuffle(shuffle_buffer, seed),
-        wds.map(SampleDecoder(transform, tokenizer), handler=guard.skipped),
+        _seeded_shuffle(shuffle_buffer, role),
+        _numbered(role, position.consumed, counter),
+        wds.map(SampleDecoder(transform, tokenizer, view_transform, masker), handler=guard.skipped),
         guard.good,
-        wds.batched(batch_size, partial=False),
-        lambda batches: _attach_skip_counts(batches, counter),
+        _batched(batch_size, counter, role),
     )
 
 
-def _seeded_shuffle(bufsize: int, seed: int) -> Callable[[Iterable], Iterator]:
-    """webdataset's shuffle buffer with an RNG seeded from (seed, loader worker id), made
-    inside the worker, so every worker shuffles differently yet reproducibly."""
+def _numbered(role: _Role, consumed: dict[int, int], counter: SkipCounter) -> Callable[[Iterable], Iterator]:
+    """Number the raw samples of a role's stream; drop the ones used before a resume
+    (``consumed[role]``) without decoding them (and without counting again what the run
+    before already counted), and give each sample its augmentation seed."""
+
+    def stage(samples: Iterable[dict]) -> Iterator[dict]:
+        first, base = consumed.get(role(), 0), role.stream_seed()
+        counter.active = first == 0
+        for index, sample in enumerate(samples):
+            if index >= first:
+                counter.active = True
+                yield {**sample, "__index__": index, "__seed__": (base * 1_000_003 + index) % 2**63}
+
+    return stage
+
+
+def _batched(batch_size: int, counter: SkipCounter, role: _Role) -> Callable[[Iterable], Iterator]:
+    def stage(samples: Iterable[dict]) -> Iterator[tuple[dict, dict]]:
+        me, pending = role(), []
+        for sample in samples:
+            pending.append(sample)
+            if len(pending) == batch_size:
+                batch = {k: torch.stack([s[k] for s in pending]) for k in pending[0] if not k.startswith("__")}
+                info = {"role": me, "consumed": pending[-1]["__index__"] + 1, "skipped": dict(counter.counts)}
+                pending = []
+                yield batch, info
+
+    return stage
+
+
+def _seeded_shuffle(bufsize: int, role: _Role) -> Callable[[Iterable], Iterator]:
+    """webdataset's shuffle buffer with an RNG seeded by the role's stream seed."""
 
     def stage(samples: Iterable) -> Iterator:
-        worker = torch.utils.data.get_worker_info()
-        rng = random.Random(seed * 1009 + (worker.id if worker is not None else 0))
+        rng = random.Random(role.stream_seed())
         return wds.shuffle(bufsize, initial=min(bufsize, 500), rng=rng)(samples)
 
     return stage
 
 
 def train_loader(pipeline: wds.DataPipeline, workers: int) -> wds.WebLoader:
-    """A DataLoader over the pipeline's ready-made batches."""
+    """A DataLoader over the pipeline's ready-made batches (in role order, round robin)."""
     return wds.WebLoader(
         pipeline,
         batch_size=None,

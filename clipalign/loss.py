@@ -65,14 +65,81 @@ class MlmLoss(nn.Module):
     Shape:
         logits: (M, V), computed at the M masked positions only.
         targets: (M,) original token ids.
+        num_targets: divide the summed cross-entropy by this instead of M. A step that
+            splits its masked tokens over micro-batches or ranks passes the whole step's count
+            (times the world size, whose gradients are averaged), so the sum of its parts is
+            the plain mean over all of them.
     """
 
     def __init__(self, weight: float = 0.1):
         super().__init__()
         self.weight = weight
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"mlm_loss": self.weight * F.cross_entropy(logits.float(), targets)}
+    def forward(
+        self, logits: torch.Tensor, targets: torch.Tensor, num_targets: float | None = None
+    ) -> dict[str, torch.Tensor]:
+        if num_targets is None:
+            return {"mlm_loss": self.weight * F.cross_entropy(logits.float(), targets)}
+        summed = F.cross_entropy(logits.float(), targets, reduction="sum")
+        return {"mlm_loss": self.weight * summed / num_targets}
+
+
+class QueueClipLoss(nn.Module):
+    """Symmetric InfoNCE whose negatives are the batch plus a queue of past features (MoCo).
+
+    Image i is scored against every caption of the batch and every queued caption feature,
+    and caption i against every image of the batch and every queued image feature; the
+    positive is the pair's own online feature. With empty queues it is CLIP's loss. On
+    several ranks the batch part is gathered from all of them (gradients kept); the queues
+    are each rank's own.
+
+    Shape:
+        image_features, text_features: (B, D), L2-normalised.
+        logit_scale: scalar (exponentiated).
+        image_queue, text_queue: (Q, D) L2-normalised, no gradient (Q may be 0).
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        super().__init__()
+        self.rank, self.world_size = rank, world_size
+
+    def forward(
+        self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+        image_queue: torch.Tensor, text_queue: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        if self.world_size > 1:
+            image_features, text_features = open_clip.loss.gather_features(
+                image_features, text_features, gather_with_grad=True, rank=self.rank, world_size=self.world_size)
+        queue_dtype = image_features.dtype
+        i2t = logit_scale * image_features @ torch.cat([text_features, text_queue.to(queue_dtype)]).T
+        t2i = logit_scale * text_features @ torch.cat([image_features, image_queue.to(queue_dtype)]).T
+        labels = torch.arange(image_features.shape[0], device=image_features.device)
+        return {"contrastive_loss": (F.cross_entropy(i2t, labels) + F.cross_entropy(t2i, labels)) / 2}
+
+
+class SimClrLoss(nn.Module):
+    """NT-Xent (SimCLR): each view's positive is the other view of its image, its negatives
+    the 2B − 2 other views of the batch; the mean over all 2B views, scaled by ``weight``.
+
+    Args:
+        temperature: τ dividing the cosine similarities (SimCLR and SLIP use 0.1).
+        weight: multiplier in the total loss.
+
+    Shape:
+        z1, z2: (B, D) projections of the two views, L2-normalised.
+    """
+
+    def __init__(self, temperature: float = 0.1, weight: float = 1.0):
+        super().__init__()
+        self.temperature, self.weight = temperature, weight
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = torch.cat([z1, z2]).float()
+        n = z1.shape[0]
+        logits = (z @ z.T) / self.temperature
+        logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+        targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+        return {"image_ssl_loss": self.weight * F.cross_entropy(logits, targets)}
 
 
 def mlm_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:

@@ -37,7 +37,7 @@ def bench(model: str, batch_size: int, precision: str, attention: str, mlm_weigh
     with attention_backend(attention):
         for i in range(warmup + steps):
             start = time.perf_counter()
-            trainer.train_step(images, texts)
+            trainer.train_step({"image": images, "text": texts})
             if i >= warmup:
                 times.append(time.perf_counter() - start)
     step = statistics.median(times)

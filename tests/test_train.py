@@ -94,10 +94,10 @@ def test_nonfinite_loss_skips_the_update(shards, tmp_path):
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     images = torch.full((4, 3, 32, 32), float("nan"))
     texts = trainer.tokenizer(["a red square"] * 4)
-    trainer.train_step(images, texts)
+    trainer.train_step({"image": images, "text": texts})
     assert trainer.nonfinite_steps == 1 and trainer.step == 1
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
-    trainer.train_step(torch.randn(4, 3, 32, 32), texts)  # a good step resets the run of bad ones
+    trainer.train_step({"image": torch.randn(4, 3, 32, 32), "text": texts})  # a good step resets the run of bad ones
     assert trainer.nonfinite_in_a_row == 0 and trainer.nonfinite_steps == 1
 
 
@@ -105,10 +105,10 @@ def test_nonfinite_losses_in_a_row_stop_the_run(shards, tmp_path):
     trainer = Trainer(_cfg(shards, tmp_path, steps=10, max_nonfinite_steps=3))
     images = torch.full((4, 3, 32, 32), float("nan"))
     texts = trainer.tokenizer(["a red square"] * 4)
-    trainer.train_step(images, texts)
-    trainer.train_step(images, texts)
+    trainer.train_step({"image": images, "text": texts})
+    trainer.train_step({"image": images, "text": texts})
     with pytest.raises(NonFiniteLossError, match="3 steps in a row"):
-        trainer.train_step(images, texts)
+        trainer.train_step({"image": images, "text": texts})
 
 
 def test_a_run_folder_takes_one_trainer_at_a_time(shards, tmp_path):
@@ -151,7 +151,7 @@ def _one_step(trainer, seed=0):
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(8, 3, 32, 32, generator=g)
     texts = trainer.tokenizer([f"a {c} square" for c in ["red", "green", "blue", "yellow"] * 2])
-    return trainer.train_step(images, texts)
+    return trainer.train_step({"image": images, "text": texts})
 
 
 @pytest.mark.parametrize("locked, free", [("lock_image", "text"), ("lock_text", "visual")])
