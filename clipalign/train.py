@@ -302,11 +302,15 @@ class Trainer:
         with autocast(self.cfg.precision):
             return self.model(batch["image"], batch["text"])
 
-    def _contrastive(self, image: torch.Tensor, text: torch.Tensor, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _contrastive(self, image: torch.Tensor, text: torch.Tensor, out: dict[str, torch.Tensor],
+                     scale_grad: bool = True) -> dict[str, torch.Tensor]:
+        """The contrastive loss; ``scale_grad=False`` keeps the temperature (and bias) out of
+        the backward pass, for all micro-batches of an accumulated step but one."""
+        scale = out["logit_scale"] if scale_grad else out["logit_scale"].detach()
         if self.queues is not None:
-            return self.contrastive(image, text, out["logit_scale"], **self.queues.queued())
-        extra = (out["logit_bias"],) if self.cfg.loss == "siglip" else ()
-        return self.contrastive(image, text, out["logit_scale"], *extra)
+            return self.contrastive(image, text, scale, **self.queues.queued())
+        extra = ((out["logit_bias"] if scale_grad else out["logit_bias"].detach()),) if self.cfg.loss == "siglip" else ()
+        return self.contrastive(image, text, scale, *extra)
 
     def _mlm_rows(self, n: int) -> int:
         return max(1, math.ceil(self.cfg.mlm_fraction * n))
@@ -353,7 +357,8 @@ class Trainer:
                 if cached is not None:
                     image = torch.cat(cached[0][:j] + [image] + cached[0][j + 1:])
                     text = torch.cat(cached[1][:j] + [text] + cached[1][j + 1:])
-                losses = self._contrastive(image, text, out)
+                # every micro-batch's loss is the whole batch's: its temperature gradient counts once
+                losses = self._contrastive(image, text, out, scale_grad=j == 0)
                 if self.mlm_loss is not None:
                     rows = self._mlm_rows(len(mb["text"]))
                     logits, targets = model.mlm_logits(mb["masked_text"][:rows], mb["mlm_labels"][:rows])

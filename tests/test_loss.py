@@ -4,7 +4,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from clipalign.loss import ClipLoss, MlmLoss, mlm_accuracy
+from clipalign.loss import ClipLoss, MlmLoss, QueueClipLoss, SimClrLoss, mlm_accuracy
 
 
 def _features(b=8, d=16, seed=0):
@@ -78,3 +78,65 @@ def test_sigmoid_loss_matches_plain_reference():
     img, txt = _features(b=6, d=8, seed=2)
     got = SigLipLoss()(img, txt, torch.tensor(10.0), torch.tensor(-10.0))["contrastive_loss"].item()
     assert abs(got - reference_sigmoid_loss(img, txt, 10.0, -10.0)) < 1e-4
+
+
+def reference_queue_info_nce(img, txt, scale, img_queue, txt_queue):
+    """InfoNCE whose candidates are the batch plus the queue (MoCo), one row at a time."""
+    total, n = 0.0, img.shape[0]
+    texts, images = torch.cat([txt, txt_queue]), torch.cat([img, img_queue])
+    for i in range(n):
+        i2t = [scale * float(img[i] @ t) for t in texts]
+        t2i = [scale * float(txt[i] @ m) for m in images]
+        total += -i2t[i] + math.log(sum(math.exp(s) for s in i2t))
+        total += -t2i[i] + math.log(sum(math.exp(s) for s in t2i))
+    return total / (2 * n)
+
+
+def test_queue_info_nce_matches_plain_reference():
+    img, txt = _features(b=6)
+    q_img, q_txt = _features(b=10, seed=1)
+    scale = torch.tensor(12.0)
+    got = QueueClipLoss()(img, txt, scale, q_img, q_txt)["contrastive_loss"].item()
+    assert math.isclose(got, reference_queue_info_nce(img, txt, 12.0, q_img, q_txt), rel_tol=1e-5)
+
+
+def test_queue_info_nce_with_an_empty_queue_is_clip_loss():
+    img, txt = _features()
+    empty = torch.zeros(0, img.shape[1])
+    scale = torch.tensor(1 / 0.07)
+    got = QueueClipLoss()(img, txt, scale, empty, empty)["contrastive_loss"]
+    assert torch.allclose(got, ClipLoss()(img, txt, scale)["contrastive_loss"])
+
+
+def reference_nt_xent(z1, z2, tau):
+    """SimCLR's loss from the paper: l(i, j) = -log exp(s_ij/τ) / Σ_{k≠i} exp(s_ik/τ), mean over 2N views."""
+    z = torch.cat([z1, z2])
+    n2 = z.shape[0]
+    total = 0.0
+    for i in range(n2):
+        j = (i + n2 // 2) % n2
+        denom = sum(math.exp(float(z[i] @ z[k]) / tau) for k in range(n2) if k != i)
+        total += -float(z[i] @ z[j]) / tau + math.log(denom)
+    return total / n2
+
+
+def test_simclr_loss_matches_the_papers_definition():
+    z1, z2 = _features(b=5, d=8, seed=3)
+    got = SimClrLoss(temperature=0.1, weight=0.5)(z1, z2)["image_ssl_loss"].item()
+    assert math.isclose(got, 0.5 * reference_nt_xent(z1, z2, 0.1), rel_tol=1e-5)
+
+
+def test_simclr_loss_prefers_matching_views():
+    z1, _ = _features(b=8, d=16)
+    noise = F.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(5)), dim=-1)
+    close = SimClrLoss()(z1, F.normalize(z1 + 0.05 * noise, dim=-1))["image_ssl_loss"]
+    far = SimClrLoss()(z1, noise)["image_ssl_loss"]
+    assert close < far
+
+
+def test_mlm_loss_split_over_parts_with_a_shared_count_sums_to_the_mean():
+    g = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(10, 7, generator=g), torch.randint(0, 7, (10,), generator=g)
+    whole = MlmLoss(0.3)(logits, targets)["mlm_loss"]
+    parts = MlmLoss(0.3)(logits[:4], targets[:4], 10)["mlm_loss"] + MlmLoss(0.3)(logits[4:], targets[4:], 10)["mlm_loss"]
+    assert torch.allclose(whole, parts)

@@ -170,6 +170,8 @@ def _config(args: argparse.Namespace) -> "PrepConfig":
 def _summary(stats: dict) -> str:
     reasons = ", ".join(f"{k}: {v}" for k, v in stats["skipped_by_reason"].items())
     skipped = f"skipped {stats['skipped']}" + (f" ({reasons})" if reasons else "")
+    if stats.get("resumed_shards"):
+        skipped += f", kept {stats['resumed_shards']} complete shard(s) of an earlier run"
     return (f"prep: wrote {stats['written']} samples in {stats['shards']} shard(s) to {stats['output']}, "
             f"{skipped} [{stats['duration_s']:.1f} s, {stats['samples_per_s'] or 0:.0f} samples/s]")
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from clipalign.cli.common import CliError, parser
 
@@ -39,6 +40,22 @@ def build_parser():
                    help="contrastive objective: softmax InfoNCE (CLIP) or the sigmoid loss (SigLIP)")
     p.add_argument("--mlm-weight", type=float, default=d.mlm_weight, help="weight of the MLM loss (0: off)")
     p.add_argument("--mlm-rate", type=float, default=d.mlm_rate, help="fraction of caption tokens masked")
+    p.add_argument("--mlm-fraction", type=float, default=d.mlm_fraction,
+                   help="run the MLM pass on this fraction of each batch (cheaper steps)")
+    p.add_argument("--image-ssl", choices=["simclr"], default=None,
+                   help="add an image self-supervised objective: SimCLR on two augmented views (SLIP)")
+    p.add_argument("--image-ssl-weight", type=float, default=d.image_ssl_weight, help="weight of the image objective")
+    p.add_argument("--ssl-temperature", type=float, default=d.ssl_temperature, help="SimCLR temperature")
+    p.add_argument("--queue-size", type=int, default=d.queue_size,
+                   help="MoCo-style queue of this many past image/text features used as extra negatives (0: off)")
+    p.add_argument("--momentum", type=float, default=d.momentum,
+                   help="EMA momentum of the encoders that fill the queue (0: queue the step's own features)")
+    p.add_argument("--accum-steps", type=int, default=d.accum_steps,
+                   help="split each batch into this many micro-batches (less memory; negatives stay the whole batch)")
+    p.add_argument("--eval-sets", default="", help="comma-separated wds/ evaluation sets to score during training")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evaluations (0: none)")
+    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
+                   help="do not write TensorBoard logs (RUN/tensorboard)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--log-every", type=int, default=d.log_every, help="steps between metrics.jsonl lines")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
@@ -68,15 +85,22 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) <= 0:
             raise CliError(f"--{name.replace('_', '-')} must be positive")
     options = {k: v for k, v in vars(args).items() if k != "no_progress"}
+    options["eval_sets"] = tuple(s for s in args.eval_sets.split(",") if s)
+    for root in options["eval_sets"]:
+        if not (Path(root) / "test" / "nshards.txt").is_file():
+            raise CliError(f"--eval-sets: {root} is not a wds/ evaluation set (no test/nshards.txt)")
     cfg = TrainConfig(**options)
     try:
+        cfg.validate()
         trainer = Trainer(cfg)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:
         raise CliError(str(err)) from None
     try:
         summary = trainer.fit(progress=None if args.no_progress else tqdm)
     except (FileNotFoundError, RunLockedError, ResumeMismatchError, DataStreamError, NonFiniteLossError) as err:
         raise CliError(str(err)) from None
+    if not trainer.env.is_main:
+        return 0
     final = summary["final"]
     if summary["steps_this_run"] == 0:
         print(f"{args.out} is already at step {summary['steps']} of {args.steps}: nothing to train "

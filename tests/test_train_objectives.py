@@ -1,0 +1,177 @@
+"""The trainer's optional objectives and step mechanics: accumulation, MLM fraction, SimCLR,
+the MoCo queue, evaluation during training, TensorBoard and pre-tokenised captions."""
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from toydata import COLOURS, square_image, write_toy_shards
+
+from clipalign import checkpoint as ckpt
+from clipalign.data import SampleDecoder
+from clipalign.momentum import FeatureQueue, MomentumQueues
+from clipalign.train import TrainConfig, Trainer, split_batch
+from data_prep.evalsets import write_classification_set
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_toy_shards(tmp_path_factory.mktemp("shards"), n=128, per_shard=64)
+
+
+def _cfg(shards, out, **kw):
+    base = dict(data=shards[0].rsplit("/", 1)[0], out=str(out), model="ca-nano", batch_size=16, lr=2e-3,
+                warmup=2, workers=0, shuffle_buffer=32, log_every=1, checkpoint_every=100, precision="fp32",
+                tensorboard=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def _batch(trainer, n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    colours = list(COLOURS)
+    texts = trainer.tokenizer([f"a {colours[i % 4]} square" for i in range(n)])
+    masked, labels = trainer._masker(texts, generator=g)
+    return {"image": torch.randn(n, 3, 32, 32, generator=g), "text": texts, "masked_text": masked, "mlm_labels": labels}
+
+
+def _grads(trainer):
+    return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def test_split_batch_keeps_rows_in_order():
+    batch = {"a": torch.arange(8), "b": torch.arange(8) * 10}
+    parts = split_batch(batch, 4)
+    assert len(parts) == 4 and torch.equal(torch.cat([p["b"] for p in parts]), batch["b"])
+
+
+def test_accumulated_step_equals_one_pass_over_the_whole_batch(shards, tmp_path):
+    """Feature caching keeps every sample of the batch as a negative: the gradient is the same."""
+    results = []
+    for accum in (1, 4):
+        trainer = Trainer(_cfg(shards, tmp_path / f"a{accum}", accum_steps=accum, grad_clip=0.0, batch_size=8))
+        logs = trainer.train_step(_batch(trainer))
+        results.append((logs, _grads(trainer)))
+    (logs1, g1), (logs4, g4) = results
+    assert logs4["contrastive_loss"] == pytest.approx(logs1["contrastive_loss"], rel=1e-5)
+    assert logs4["mlm_loss"] == pytest.approx(logs1["mlm_loss"], rel=1e-5)
+    assert g1.keys() == g4.keys()
+    for name in g1:
+        assert torch.allclose(g1[name], g4[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_mlm_fraction_runs_the_mlm_pass_on_part_of_the_batch(shards, tmp_path, monkeypatch):
+    trainer = Trainer(_cfg(shards, tmp_path, mlm_fraction=0.25))
+    rows = []
+    original = trainer.model.mlm_logits
+    monkeypatch.setattr(trainer.model, "mlm_logits", lambda ids, labels: rows.append(len(ids)) or original(ids, labels))
+    logs = trainer.train_step(_batch(trainer, n=8))
+    assert rows == [2] and np.isfinite(logs["mlm_loss"])
+
+
+def test_feature_queue_is_a_ring_of_the_latest_features():
+    q = FeatureQueue(5, 2)
+    q.push(torch.tensor([[1.0, 0], [2, 0], [3, 0]]))
+    assert q.features()[:, 0].tolist() == [1, 2, 3]
+    q.push(torch.tensor([[4.0, 0], [5, 0], [6, 0], [7, 0]]))
+    assert sorted(q.features()[:, 0].tolist()) == [3, 4, 5, 6, 7] and int(q.ptr) == 2
+
+
+def test_momentum_update_is_an_exponential_moving_average(shards, tmp_path):
+    trainer = Trainer(_cfg(shards, tmp_path))
+    queues = MomentumQueues(trainer.model, size=8, dim=32, momentum=0.9)
+    ema_before = {n: p.clone() for n, p in queues.ema.named_parameters()}
+    with torch.no_grad():
+        for p in trainer.model.clip.parameters():
+            p.add_(1.0)
+    queues.update(trainer.model)
+    online = dict(trainer.model.clip.named_parameters())
+    for name, p in queues.ema.named_parameters():
+        assert torch.allclose(p, 0.9 * ema_before[name] + 0.1 * online[name]), name
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_queue_run_fills_the_queue_and_resumes_with_it(shards, tmp_path, momentum):
+    cfg = _cfg(shards, tmp_path, steps=3, queue_size=40, momentum=momentum, checkpoint_every=3)
+    trainer = Trainer(cfg)
+    trainer.fit()
+    assert int(trainer.queues.image_queue.filled) == 40 and int(trainer.queues.text_queue.ptr) == 48 % 40
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["contrastive_loss"]) for r in rows)
+    state = ckpt.load_checkpoint(tmp_path)
+    resumed = Trainer(_cfg(shards, tmp_path, steps=3, queue_size=40, momentum=momentum, resume=True))
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.queues.image_queue.buffer, trainer.queues.image_queue.buffer)
+
+
+def test_simclr_objective_trains_on_two_views(shards, tmp_path):
+    trainer = Trainer(_cfg(shards, tmp_path, steps=3, image_ssl="simclr", image_ssl_weight=0.5))
+    head_before = {k: v.clone() for k, v in trainer.ssl_head.state_dict().items()}
+    summary = trainer.fit()
+    assert np.isfinite(summary["final"]["image_ssl_loss"]) and summary["final"]["image_ssl_loss"] > 0
+    assert any(not torch.equal(head_before[k], v) for k, v in trainer.ssl_head.state_dict().items())
+    assert "ssl_head" in ckpt.load_checkpoint(tmp_path)
+
+
+def test_loader_makes_two_different_views_per_image(shards, tmp_path):
+    trainer = Trainer(_cfg(shards, tmp_path, image_ssl="simclr"))
+    pipeline = trainer._pipeline(shards)
+    batch, _ = next(iter(pipeline))
+    assert batch["views"].shape == (16, 2, 3, 32, 32)
+    assert not torch.equal(batch["views"][:, 0], batch["views"][:, 1])
+
+
+def test_evaluation_during_training_is_logged_and_sent_to_tensorboard(shards, tmp_path):
+    rng = np.random.default_rng(0)
+    colours = list(COLOURS)
+    evalset = tmp_path / "colours"
+    write_classification_set(evalset, [(square_image(colours[i % 4], rng), i % 4) for i in range(16)], colours,
+                             ["a {c} square"])
+    trainer = Trainer(_cfg(shards, tmp_path / "run", steps=4, eval_sets=(str(evalset),), eval_every=2,
+                           log_every=3, tensorboard=True))
+    trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [r["step"] for r in rows if "eval/colours/acc1" in r]
+    assert evaluated == [2, 4] and [r["step"] for r in rows] == [2, 3, 4]
+    assert 0.0 <= rows[-1]["eval/colours/acc1"] <= 1.0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert {"train/contrastive_loss", "eval/colours/acc1"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("eval/colours/acc1")] == [2, 4]
+
+
+def test_pretokenised_captions_are_used_as_stored(shards, tmp_path):
+    trainer = Trainer(_cfg(shards, tmp_path))
+    ids = trainer.tokenizer(["a blue square"])[0].numpy().astype(np.int32)
+    buf = io.BytesIO()
+    np.save(buf, ids)
+    img = io.BytesIO()
+    square_image("red", np.random.default_rng(0)).save(img, "PNG")
+    decoder = SampleDecoder(trainer.train_transform, lambda texts: pytest.fail("tokenised again"))
+    decoder.context_length = len(ids)
+    sample = {"__key__": "k", "png": img.getvalue(), "txt": b"a blue square", "tok.npy": buf.getvalue()}
+    assert torch.equal(decoder(sample)["text"], torch.from_numpy(ids.astype(np.int64)))
+    # stored ids of another context length are ignored, the caption is tokenised
+    short = io.BytesIO()
+    np.save(short, ids[:5])
+    decoder = SampleDecoder(trainer.train_transform, trainer.tokenizer)
+    out = decoder({**sample, "tok.npy": short.getvalue()})
+    assert out["text"].shape == (len(ids),)
+
+
+def test_bad_settings_are_refused(shards, tmp_path):
+    for bad in (dict(accum_steps=3), dict(mlm_fraction=0.0), dict(queue_size=8, loss="siglip"),
+                dict(image_ssl="mim"), dict(eval_every=5)):
+        with pytest.raises(ValueError):
+            _cfg(shards, tmp_path, **bad).validate()
+
+
+def test_wds_writer_is_untouched_by_pretokenising(tmp_path):
+    # tok.npy round-trips through a real shard as bytes (webdataset keeps unknown extensions raw)
+    with wds.TarWriter(str(tmp_path / "t.tar")) as sink:
+        sink.write({"__key__": "a", "tok.npy": b"\x93NUMPY", "txt": "x"})
+    sample = next(iter(wds.WebDataset(str(tmp_path / "t.tar"), shardshuffle=False)))
+    assert sample["tok.npy"] == b"\x93NUMPY"
