@@ -1,0 +1,33 @@
+"""One training step on a fixed global batch of 8, saved for comparison by tests/test_distributed.py.
+
+Run alone (one process, the whole batch) or under ``torchrun --nproc_per_node N`` (each rank
+takes its 8/N rows): ``python tests/helpers/dist_step.py OUT_FILE``.
+"""
+import sys
+
+import torch
+
+from clipalign.train import TrainConfig, Trainer
+
+GLOBAL_BATCH = 8
+
+
+def main(out_file: str) -> None:
+    cfg = TrainConfig(data="", out="", model="ca-nano", batch_size=GLOBAL_BATCH, precision="fp32", grad_clip=0.0,
+                      mlm_weight=0.5, tensorboard=False)
+    trainer = Trainer(cfg)
+    env = trainer.env
+    g = torch.Generator().manual_seed(1234)
+    texts = trainer.tokenizer([f"caption number {i} of a {'red' if i % 2 else 'blue'} shape" for i in range(GLOBAL_BATCH)])
+    masked, labels = trainer._masker(texts, generator=g)
+    batch = {"image": torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g), "text": texts,
+             "masked_text": masked, "mlm_labels": labels}
+    rows = slice(env.rank * GLOBAL_BATCH // env.world_size, (env.rank + 1) * GLOBAL_BATCH // env.world_size)
+    logs = trainer.train_step({k: v[rows] for k, v in batch.items()})
+    if env.is_main:
+        grads = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
+        torch.save({"world_size": env.world_size, "logs": logs, "grads": grads}, out_file)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
