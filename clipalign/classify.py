@@ -11,7 +11,7 @@ from open_clip import SIMPLE_IMAGENET_TEMPLATES, build_zero_shot_classifier
 from clipalign.data import SkipCounter
 from clipalign.embedding import image_features, open_images
 from clipalign.model import ClipAlign
-from clipalign.precision import autocast
+from clipalign.precision import autocast, model_device
 from data_prep.manifest import IMAGE_EXTENSIONS
 
 Template = Union[str, Callable[[str], str]]
@@ -39,12 +39,13 @@ def class_embeddings(
     Classes are encoded ``texts_per_batch // len(templates)`` at a time, so 1000 classes × 80
     templates never form one giant batch.
     """
-    with autocast(precision):
+    device = model_device(model)
+    with autocast(precision, device.type):
         classifier = build_zero_shot_classifier(
             model, tokenizer, list(classnames), as_template_fns(templates),
-            num_classes_per_batch=max(1, texts_per_batch // len(templates)),
+            num_classes_per_batch=max(1, texts_per_batch // len(templates)), device=device,
         )
-    return classifier.float()
+    return classifier.float().cpu()
 
 
 def expand_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from clipalign.data import BadSample, SkipCounter, decode_image
 from clipalign.model import ClipAlign
-from clipalign.precision import autocast
+from clipalign.precision import autocast, model_device
 
 
 def iter_shard_samples(shards: list[str], counter: SkipCounter) -> Iterator[dict[str, Any]]:
@@ -63,10 +63,12 @@ def image_features(
     feats, payloads, batch = [], [], []
     bar = progress(unit="img") if progress else None
 
+    device = model_device(model)
+
     def flush() -> None:
-        with autocast(precision):
-            f = model.encode_image(torch.stack(batch), normalize=True)
-        feats.append(f.float())
+        with autocast(precision, device.type):
+            f = model.encode_image(torch.stack(batch).to(device), normalize=True)
+        feats.append(f.float().cpu())
         if bar is not None:
             bar.update(len(batch))
         batch.clear()
@@ -96,8 +98,9 @@ def text_features(
     """Normalised features of ``texts``: (N, D) float32."""
     if not texts:
         raise ValueError("no texts to embed")
-    out = []
+    out, device = [], model_device(model)
     for start in range(0, len(texts), batch_size):
-        with autocast(precision):
-            out.append(model.encode_text(tokenizer(texts[start : start + batch_size]), normalize=True).float())
+        with autocast(precision, device.type):
+            ids = tokenizer(texts[start : start + batch_size]).to(device)
+            out.append(model.encode_text(ids, normalize=True).float().cpu())
     return torch.cat(out)

@@ -31,7 +31,7 @@ from clipalign.metrics import (
     topk_accuracy,
 )
 from clipalign.model import ClipAlign
-from clipalign.precision import autocast
+from clipalign.precision import autocast, model_device
 from data_prep.labelled import open_labelled
 
 
@@ -216,8 +216,9 @@ def heldout_mlm_accuracy(
         ids = tokenizer(texts[start : start + batch_size])
         masked, labels = mask_tokens(ids, mask_id=model.mask_id, eot_id=tokenizer.eot_token_id,
                                      random_high=tokenizer.sot_token_id, generator=generator)
-        with autocast(precision):
-            logits, targets = model.mlm_logits(masked, labels)
+        device = model_device(model)
+        with autocast(precision, device.type):
+            logits, targets = model.mlm_logits(masked.to(device), labels.to(device))
         hits += int((logits.argmax(-1) == targets).sum())
         total += targets.numel()
     return hits / total

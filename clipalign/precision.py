@@ -9,10 +9,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 PRECISIONS = ("fp32", "bf16")
 
 
-def autocast(precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on the CPU, or nothing for fp32."""
+def autocast(precision: str, device_type: str = "cpu") -> contextlib.AbstractContextManager:
+    """bf16 autocast on ``device_type`` ("cpu" or "cuda"), or nothing for fp32."""
     if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type, dtype=torch.bfloat16)
     if precision == "fp32":
         return contextlib.nullcontext()
     raise ValueError(f"unknown precision {precision!r} (fp32 or bf16)")
@@ -26,3 +26,8 @@ def attention_backend(kind: str) -> contextlib.AbstractContextManager:
     if kind == "auto":
         return contextlib.nullcontext()
     raise ValueError(f"unknown attention backend {kind!r} (math or auto)")
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of a model's parameters (inputs go there); the CPU for one without any."""
+    return next(model.parameters(), torch.empty(0)).device

@@ -299,7 +299,7 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------
     def _features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        with autocast(self.cfg.precision):
+        with autocast(self.cfg.precision, self.device.type):
             return self.model(batch["image"], batch["text"])
 
     def _contrastive(self, image: torch.Tensor, text: torch.Tensor, out: dict[str, torch.Tensor],
@@ -350,7 +350,7 @@ class Trainer:
         finite = True
         step_features = []
         for j, mb in enumerate(micro):
-            with autocast(cfg.precision):
+            with autocast(cfg.precision, self.device.type):
                 out = model(mb["image"], mb["text"])
                 image, text = out["image_features"], out["text_features"]
                 step_features.append((image.detach(), text.detach()))
@@ -437,7 +437,7 @@ class Trainer:
         if self.queues.ema is None:
             self.queues.push_features(torch.cat([f[0] for f in features]), torch.cat([f[1] for f in features]))
         else:
-            with autocast(self.cfg.precision):
+            with autocast(self.cfg.precision, self.device.type):
                 self.queues.push(batch["image"], batch["text"])
 
     # -- the loop ----------------------------------------------------------------------------
