@@ -24,6 +24,7 @@ VARIANTS: dict[str, list[str]] = {
     "+ mlm": [],
     "+ mlm + simclr": ["--image-ssl", "simclr", "--image-ssl-weight", "0.5"],
     "+ mlm + queue": ["--queue-size", "1024", "--momentum", "0.99"],
+    "contrastive + queue": ["--mlm-weight", "0", "--queue-size", "1024", "--momentum", "0.99"],
     "+ mlm + simclr + queue": ["--image-ssl", "simclr", "--image-ssl-weight", "0.5", "--queue-size", "1024",
                                "--momentum", "0.99"],
 }
@@ -44,8 +45,10 @@ def _run(name: str, seed: int, args: argparse.Namespace) -> dict:
                     "--out", str(run / "eval.json"), "--no-progress"], check=True, capture_output=True)
     results = json.loads((run / "eval.json").read_text())["results"]
     summary = json.loads((run / "summary.json").read_text())
-    return {"variant": name, "seed": seed, "samples_per_s": summary["samples_per_s"],
-            "metrics": {f"{s}/{m}": results[s]["metrics"][m] for s, m in COLUMNS if s in results}}
+    row = {"variant": name, "seed": seed, "samples_per_s": summary["samples_per_s"],
+           "metrics": {f"{s}/{m}": results[s]["metrics"][m] for s, m in COLUMNS if s in results}}
+    (run / "result.json").write_text(json.dumps(row) + "\n")  # kept even if a later run fails
+    return row
 
 
 def _table(rows: list[dict]) -> str:
