@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -15,11 +16,25 @@ RESIZE_MODES: tuple[str, ...] = ("center_crop", "keep_ratio", "border", "no")
 IMAGE_FORMATS: tuple[str, ...] = ("jpg", "webp", "png")
 WHITE = (255, 255, 255)
 
+# Skip reasons of ``RejectedImage``.
+IMAGE_TOO_LARGE = "image_too_large"
+IMAGE_TOO_SMALL = "image_too_small"
+BAD_ASPECT_RATIO = "bad_aspect_ratio"
+
 _PIL_FORMAT = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
 
 
 class UndecodableImage(ValueError):
     """The bytes could not be decoded as an image."""
+
+
+class RejectedImage(ValueError):
+    """The image decodes but a filter refuses it; ``reason`` is a stable skip reason."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -33,18 +48,36 @@ class EncodedImage:
     original_height: int
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode image bytes fully, applying the EXIF orientation.
+def decode_image(data: bytes, *, max_pixels: int | None = None, draft: tuple[int, int] | None = None) -> Image.Image:
+    """Decode image bytes fully (the first frame of animations), applying the EXIF orientation.
+
+    Args:
+        data: Encoded image bytes.
+        max_pixels: Refuse images with more pixels than this before decoding them
+            (a decompression-bomb guard); PIL's own limit applies too.
+        draft: For JPEGs, let the decoder scale down by 1/2, 1/4 or 1/8 while keeping at
+            least this ``(width, height)`` (in stored orientation), which is several times
+            faster than decoding at full size and resizing.
 
     Raises:
         UndecodableImage: if PIL cannot read the bytes (corrupt, truncated, not an image).
+        RejectedImage: ``image_too_large`` if the image has more than ``max_pixels`` pixels.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. DecompressionBombWarning, palette warnings
             img = Image.open(io.BytesIO(data))
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise RejectedImage(IMAGE_TOO_LARGE, f"{img.width}x{img.height} pixels > {max_pixels}")
+            if draft is not None and img.format == "JPEG":
+                img.draft(img.mode, draft)
             img.load()
-            return ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when there is nothing to turn
+            return img
+    except RejectedImage:
+        raise
+    except Image.DecompressionBombError as err:
+        raise RejectedImage(IMAGE_TOO_LARGE, str(err)) from err
     except Exception as err:  # PIL's decoders raise many types on bad input
         # Drop object reprs ("<_io.BytesIO object at 0x...>") so messages are reproducible.
         message = re.sub(r"\s*<[^<>]* at 0x[0-9a-f]+>", "", str(err))
@@ -95,16 +128,22 @@ def resize_image(
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
     w, h = img.size
-    side = min(w, h) if mode in ("center_crop", "keep_ratio") else max(w, h)
+    if mode == "center_crop":
+        # Resize only the centred square (PIL's ``box``): the same result as resize-then-crop
+        # without resampling pixels that the crop throws away.
+        side = min(w, h)
+        if (w, h) == (size, size):
+            return img
+        left, top = (w - side) / 2, (h - side) / 2
+        box = (left, top, left + side, top + side)
+        return img.resize((size, size), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
+    side = min(w, h) if mode == "keep_ratio" else max(w, h)
     scale = size / side
     new_w = size if side == w else max(1, round(w * scale))
     new_h = size if side == h else max(1, round(h * scale))
     if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), Image.Resampling.LANCZOS)
-    if mode == "center_crop":
-        left, top = (new_w - size) // 2, (new_h - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    elif mode == "border":
+        img = img.resize((new_w, new_h), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    if mode == "border":
         canvas = Image.new(img.mode, (size, size), background)
         canvas.paste(img, ((size - new_w) // 2, (size - new_h) // 2))
         img = canvas
@@ -123,6 +162,42 @@ def encode_image(img: Image.Image, fmt: str = "jpg", quality: int = 95) -> bytes
     return buf.getvalue()
 
 
+def _upright_header_size(data: bytes) -> tuple[tuple[int, int], tuple[int, int], bool] | None:
+    """``(stored size, upright size, is_jpeg)`` from the header alone; ``None`` if unreadable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            turned = img.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientations that swap the sides
+            return (w, h), ((h, w) if turned else (w, h)), img.format == "JPEG"
+    except Exception:
+        return None
+
+
+def _draft_size(stored: tuple[int, int], size: int, resize_mode: str) -> tuple[int, int] | None:
+    """The smallest decode size that still resizes exactly as a full decode would need."""
+    if resize_mode == "no":
+        return None
+    w, h = stored
+    side = max(w, h) if resize_mode == "border" else min(w, h)
+    if side <= size:
+        return None
+    return math.ceil(w * size / side), math.ceil(h * size / side)
+
+
+def check_size(width: int, height: int, min_size: int = 0, max_aspect_ratio: float | None = None) -> None:
+    """Apply the ``--min-image-size`` and ``--max-aspect-ratio`` filters.
+
+    Raises:
+        RejectedImage: ``image_too_small`` or ``bad_aspect_ratio``.
+    """
+    if min(width, height) < min_size:
+        raise RejectedImage(IMAGE_TOO_SMALL, f"{width}x{height} has a side < {min_size}")
+    if max_aspect_ratio is not None and max(width, height) > max_aspect_ratio * min(width, height):
+        raise RejectedImage(BAD_ASPECT_RATIO, f"{width}x{height} has an aspect ratio > {max_aspect_ratio}")
+
+
 def process_image(
     data: bytes,
     *,
@@ -130,13 +205,35 @@ def process_image(
     resize_mode: ResizeMode = "center_crop",
     fmt: str = "jpg",
     quality: int = 95,
+    background: tuple[int, int, int] = WHITE,
+    max_pixels: int | None = None,
+    min_size: int = 0,
+    max_aspect_ratio: float | None = None,
+    fast_decode: bool = True,
 ) -> EncodedImage:
-    """Decode -> RGB -> resize -> encode, keeping the original size.
+    """Decode -> filter -> RGB -> resize -> encode, keeping the original (upright) size.
+
+    Args:
+        data: Encoded image bytes.
+        size, resize_mode: See ``resize_image``.
+        fmt, quality: See ``encode_image``.
+        background: Colour that transparency and ``border`` padding become.
+        max_pixels: Decompression-bomb guard (see ``decode_image``).
+        min_size, max_aspect_ratio: Filters on the original size (see ``check_size``).
+        fast_decode: Decode large JPEGs at a reduced scale (see ``decode_image``).
 
     Raises:
         UndecodableImage: if ``data`` is not a readable image.
+        RejectedImage: if a filter refuses it.
     """
-    img = decode_image(data)
-    original_width, original_height = img.size
-    img = resize_image(to_rgb(img), size, resize_mode)
+    header = _upright_header_size(data) if fast_decode else None
+    draft = None
+    if header is not None:
+        check_size(*header[1], min_size, max_aspect_ratio)  # before paying for the decode
+        draft = _draft_size(header[0], size, resize_mode) if header[2] else None
+    img = decode_image(data, max_pixels=max_pixels, draft=draft)
+    # A draft decode is already scaled down: the original size is the header's.
+    original_width, original_height = header[1] if draft is not None and header else img.size
+    check_size(original_width, original_height, min_size, max_aspect_ratio)
+    img = resize_image(to_rgb(img, background), size, resize_mode, background)
     return EncodedImage(encode_image(img, fmt, quality), img.width, img.height, original_width, original_height)

@@ -2,22 +2,34 @@
 
 Every reader checks what it can up front (the file opens, the header has the columns)
 and raises ``ManifestError`` for that, then yields ``Record``s lazily, one row at a
-time. Problems in a single row never raise: they travel in ``Record.error`` so the
-caller can skip and count them.
+time, so memory stays flat however long the manifest is. Problems in a single row
+never raise: they travel in ``Record.error`` so the caller can skip and count them.
+
+Formats: ``.csv``, ``.tsv``, ``.jsonl`` (each optionally ``.gz``), ``.parquet``, a
+COCO captions ``.json`` (see ``data_prep.coco``) and a folder of images with
+same-stem ``.txt`` captions. The image column may hold a local path (relative to the
+manifest's folder), a ``file://`` URL or an ``http(s)://`` URL.
 """
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Any, Iterator, Sequence
+from urllib.parse import unquote, urlsplit
+from urllib.request import url2pathname
 
-MANIFEST_EXTENSIONS: dict[str, str] = {".csv": ",", ".tsv": "\t", ".jsonl": ""}
+MANIFEST_EXTENSIONS: dict[str, str] = {".csv": ",", ".tsv": "\t", ".jsonl": "", ".parquet": "", ".json": ""}
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 )
+PARQUET_BATCH_ROWS = 8192
+
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long captions must not abort the whole manifest
 
 
 class ManifestError(ValueError):
@@ -30,11 +42,14 @@ class Record:
 
     Attributes:
         index: 0-based position among the input's data rows (blank lines not counted).
-        source: The image path as written in the input.
-        path: ``source`` resolved against the manifest's folder (``None`` if no path).
+        source: The image path or URL as written in the input.
+        path: A local ``source`` resolved against the manifest's folder (``None`` for URLs or no path).
         caption: The caption with surrounding whitespace stripped (``None`` if absent).
         error: A short reason if the row itself is malformed (e.g. ``"bad_row"``).
         detail: Human-readable detail for ``error``.
+        url: The ``http(s)://`` URL to download, if ``source`` is one.
+        captions: Several captions of one image (COCO ``--caption-mode all``); ``caption`` is the first.
+        extra: Other columns of the row, carried into the sample's ``json``.
     """
 
     index: int
@@ -43,6 +58,9 @@ class Record:
     caption: str | None
     error: str | None = None
     detail: str | None = None
+    url: str | None = None
+    captions: tuple[str, ...] | None = None
+    extra: dict[str, Any] | None = None
 
     @property
     def key(self) -> str:
@@ -50,15 +68,48 @@ class Record:
         return f"{self.index:09d}"
 
 
-def _resolve(base: Path, source: str) -> Path | None:
-    if not source:
-        return None
-    p = Path(source)
-    return p if p.is_absolute() else base / p
+def make_record(
+    index: int, base: Path, source: str, caption: str | None, extra: dict[str, Any] | None = None
+) -> Record:
+    """A record for ``source``: an ``http(s)`` URL, a ``file://`` URL or a path relative to ``base``."""
+    scheme = source.split(":", 1)[0].lower() if "://" in source else ""
+    if scheme in ("http", "https"):
+        return Record(index, source, None, caption, url=source, extra=extra or None)
+    if scheme == "file":
+        parts = urlsplit(source)
+        path = Path(url2pathname(unquote(parts.path)))
+        return Record(index, source, path, caption, extra=extra or None)
+    if scheme:
+        return Record(index, source, None, caption, "bad_row", f"unsupported URL scheme {scheme!r}", extra=extra or None)
+    # One Path built from a joined string: pathlib parsing is most of a long manifest's read time.
+    path = Path(os.path.join(base, source)) if source else None
+    return Record(index, source, path, caption, extra=extra or None)
 
 
 def _strip(value: object) -> str | None:
     return None if value is None else str(value).strip()
+
+
+def _open_text(path: Path) -> IO[str]:
+    if path.suffix.lower() == ".gz":
+        return gzip.open(path, "rt", newline="", encoding="utf-8-sig")
+    return open(path, newline="", encoding="utf-8-sig")
+
+
+def _extra_names(columns: Sequence[str], used: Sequence[str], extra_cols: Sequence[str] | None, path: Path) -> list[str]:
+    """The carried columns: ``None`` means every other column."""
+    if extra_cols is None:
+        return [c for c in columns if c not in used]
+    missing = [c for c in extra_cols if c not in columns]
+    if missing:
+        raise ManifestError(f"{path} has no column(s) {', '.join(map(repr, missing))} (see --extra-cols)")
+    return list(extra_cols)
+
+
+def _check_columns(path: Path, columns: Sequence[str], image_col: str, caption_col: str, word: str = "column") -> None:
+    for col, flag in ((image_col, "--image-col"), (caption_col, "--caption-col")):
+        if col not in columns:
+            raise ManifestError(f"{path} has no {word} {col!r} ({word}s: {', '.join(columns)}; see {flag})")
 
 
 def read_delimited(
@@ -67,30 +118,32 @@ def read_delimited(
     image_col: str = "image",
     caption_col: str = "caption",
     delimiter: str = ",",
+    extra_cols: Sequence[str] | None = (),
 ) -> Iterator[Record]:
-    """Stream a CSV/TSV manifest with a header row.
+    """Stream a CSV/TSV manifest (optionally ``.gz``) with a header row.
 
     Raises:
-        ManifestError: if the header is missing or lacks ``image_col``/``caption_col``.
+        ManifestError: if the header is missing or lacks a named column.
     """
     path = Path(path)
-    f = open(path, newline="", encoding="utf-8-sig")
+    f = _open_text(path)
     try:
         reader = csv.reader(f, delimiter=delimiter)
         header = next(reader, None)
         if header is None:
             raise ManifestError(f"{path} is empty (no header row)")
         header = [h.strip() for h in header]
-        for col, flag in ((image_col, "--image-col"), (caption_col, "--caption-col")):
-            if col not in header:
-                raise ManifestError(f"{path} has no column {col!r} (columns: {', '.join(header)}; see {flag})")
+        _check_columns(path, header, image_col, caption_col)
+        extras = [(name, header.index(name)) for name in _extra_names(header, (image_col, caption_col), extra_cols, path)]
     except BaseException:
         f.close()
         raise
-    return _delimited_rows(f, reader, path.parent, header.index(image_col), header.index(caption_col))
+    return _delimited_rows(f, reader, path.parent, header.index(image_col), header.index(caption_col), extras)
 
 
-def _delimited_rows(f: IO[str], reader: Iterator[list[str]], base: Path, i_img: int, i_cap: int) -> Iterator[Record]:
+def _delimited_rows(
+    f: IO[str], reader: Iterator[list[str]], base: Path, i_img: int, i_cap: int, extras: list[tuple[str, int]]
+) -> Iterator[Record]:
     with f:
         index = 0
         for row in reader:
@@ -99,8 +152,8 @@ def _delimited_rows(f: IO[str], reader: Iterator[list[str]], base: Path, i_img: 
             if max(i_img, i_cap) >= len(row):
                 yield Record(index, "", None, None, "bad_row", f"row has {len(row)} fields")
             else:
-                source = row[i_img].strip()
-                yield Record(index, source, _resolve(base, source), _strip(row[i_cap]))
+                extra = {name: row[i] for name, i in extras if i < len(row)}
+                yield make_record(index, base, row[i_img].strip(), _strip(row[i_cap]), extra)
             index += 1
 
 
@@ -109,16 +162,18 @@ def read_jsonl(
     *,
     image_col: str = "image",
     caption_col: str = "caption",
+    extra_cols: Sequence[str] | None = (),
 ) -> Iterator[Record]:
-    """Stream a JSON-lines manifest (one object per line).
+    """Stream a JSON-lines manifest (one object per line, optionally ``.gz``).
 
     The first object must hold both keys; later malformed lines become ``bad_row`` records.
+    With ``extra_cols=None`` every other key of each object is carried.
 
     Raises:
         ManifestError: if the first object is not valid JSON or lacks a key.
     """
     path = Path(path)
-    f = open(path, encoding="utf-8-sig")
+    f = _open_text(path)
     try:
         first = next((line for line in f if line.strip()), None)
         if first is None:
@@ -129,16 +184,18 @@ def read_jsonl(
             raise ManifestError(f"{path}: first line is not JSON ({err})") from None
         if not isinstance(obj, dict):
             raise ManifestError(f"{path}: first line is not a JSON object")
-        for col, flag in ((image_col, "--image-col"), (caption_col, "--caption-col")):
-            if col not in obj:
-                raise ManifestError(f"{path} has no field {col!r} (fields: {', '.join(obj)}; see {flag})")
+        _check_columns(path, list(obj), image_col, caption_col, "field")
+        if extra_cols is not None:
+            _extra_names(list(obj), (image_col, caption_col), extra_cols, path)
     except BaseException:
         f.close()
         raise
-    return _jsonl_rows(f, first, path.parent, image_col, caption_col)
+    return _jsonl_rows(f, first, path.parent, image_col, caption_col, extra_cols)
 
 
-def _jsonl_rows(f: IO[str], first: str, base: Path, image_col: str, caption_col: str) -> Iterator[Record]:
+def _jsonl_rows(
+    f: IO[str], first: str, base: Path, image_col: str, caption_col: str, extra_cols: Sequence[str] | None
+) -> Iterator[Record]:
     def lines() -> Iterator[str]:
         yield first
         yield from f
@@ -156,8 +213,54 @@ def _jsonl_rows(f: IO[str], first: str, base: Path, image_col: str, caption_col:
                 if not isinstance(obj, dict) or image_col not in obj:
                     yield Record(index, "", None, None, "bad_row", f"no field {image_col!r}")
                 else:
-                    source = str(obj[image_col]).strip()
-                    yield Record(index, source, _resolve(base, source), _strip(obj.get(caption_col)))
+                    names = [k for k in obj if k not in (image_col, caption_col)] if extra_cols is None else extra_cols
+                    extra = {k: obj[k] for k in names if k in obj}
+                    yield make_record(index, base, str(obj[image_col]).strip(), _strip(obj.get(caption_col)), extra)
+            index += 1
+
+
+def read_parquet(
+    path: str | os.PathLike,
+    *,
+    image_col: str = "image",
+    caption_col: str = "caption",
+    extra_cols: Sequence[str] | None = (),
+) -> Iterator[Record]:
+    """Stream a Parquet manifest in record batches (only the needed columns are read).
+
+    Raises:
+        ManifestError: if the file is not Parquet or lacks a named column.
+    """
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ...
+        raise ManifestError(f"{path} is not a readable Parquet file ({err})") from None
+    columns = pf.schema_arrow.names
+    _check_columns(path, columns, image_col, caption_col)
+    extras = _extra_names(columns, (image_col, caption_col), extra_cols, path)
+    return _parquet_rows(pf, path.parent, image_col, caption_col, extras)
+
+
+def _json_safe(value: Any) -> Any:
+    if value is None or isinstance(value, (str, int, float, bool, list, dict)):
+        return value
+    return str(value)  # timestamps, decimals, bytes: keep a readable form in the sample's json
+
+
+def _parquet_rows(pf: Any, base: Path, image_col: str, caption_col: str, extras: list[str]) -> Iterator[Record]:
+    index = 0
+    for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[image_col, caption_col, *extras]):
+        data = batch.to_pydict()
+        for i in range(batch.num_rows):
+            source = data[image_col][i]
+            extra = {name: _json_safe(data[name][i]) for name in extras}
+            if source is None:
+                yield Record(index, "", None, None, "bad_row", f"no value in column {image_col!r}", extra=extra or None)
+            else:
+                yield make_record(index, base, str(source).strip(), _strip(data[caption_col][i]), extra)
             index += 1
 
 
@@ -181,13 +284,32 @@ def read_folder(root: str | os.PathLike) -> Iterator[Record]:
         yield Record(index, rel, path, caption)
 
 
+def manifest_extension(path: Path) -> str:
+    """The manifest type of ``path``: its suffix, looking through a trailing ``.gz``."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes[-1:] == [".gz"]:
+        return suffixes[-2] if len(suffixes) > 1 else ""
+    return suffixes[-1] if suffixes else ""
+
+
 def open_records(
     source: str | os.PathLike,
     *,
     image_col: str = "image",
     caption_col: str = "caption",
+    extra_cols: Sequence[str] | None = (),
+    caption_mode: str = "all",
+    image_root: str | os.PathLike | None = None,
 ) -> Iterator[Record]:
-    """Pick the reader by what ``source`` is: a folder, or a ``.csv``/``.tsv``/``.jsonl`` file.
+    """Pick the reader by what ``source`` is: a folder or a manifest file.
+
+    Args:
+        source: Folder, ``.csv``/``.tsv``/``.jsonl`` (optionally ``.gz``), ``.parquet`` or COCO ``.json``.
+        image_col: Column holding image paths or URLs.
+        caption_col: Column holding captions.
+        extra_cols: Other columns to carry into each sample's json; ``None`` carries them all.
+        caption_mode: COCO only: ``all``, ``first`` or ``each`` (see ``data_prep.coco``).
+        image_root: COCO only: the image folder (default: the json's folder).
 
     Raises:
         FileNotFoundError: if ``source`` does not exist.
@@ -198,11 +320,20 @@ def open_records(
         raise FileNotFoundError(f"input not found: {source}")
     if source.is_dir():
         return read_folder(source)
-    ext = source.suffix.lower()
-    if ext not in MANIFEST_EXTENSIONS:
+    ext = manifest_extension(source)
+    if ext not in MANIFEST_EXTENSIONS or (ext in (".parquet", ".json") and source.suffix.lower() == ".gz"):
         raise ManifestError(
-            f"unknown manifest type {ext or '(none)'!r} for {source}; expected .csv, .tsv, .jsonl or a folder"
+            f"unknown manifest type {ext or '(none)'!r} for {source}; expected .csv, .tsv, .jsonl (or .gz of those), "
+            ".parquet, a COCO captions .json or a folder"
         )
+    if ext == ".json":
+        from data_prep.coco import read_coco
+
+        return read_coco(source, image_root=image_root, caption_mode=caption_mode)
+    if ext == ".parquet":
+        return read_parquet(source, image_col=image_col, caption_col=caption_col, extra_cols=extra_cols)
     if ext == ".jsonl":
-        return read_jsonl(source, image_col=image_col, caption_col=caption_col)
-    return read_delimited(source, image_col=image_col, caption_col=caption_col, delimiter=MANIFEST_EXTENSIONS[ext])
+        return read_jsonl(source, image_col=image_col, caption_col=caption_col, extra_cols=extra_cols)
+    return read_delimited(
+        source, image_col=image_col, caption_col=caption_col, delimiter=MANIFEST_EXTENSIONS[ext], extra_cols=extra_cols
+    )

@@ -1,8 +1,16 @@
-"""Compose reader -> process -> writer: image-caption records into WebDataset shards.
+"""Compose reader -> shard jobs -> commit: image-caption records into WebDataset shards.
 
-``run_prep`` is the whole pipeline; ``process_record`` is the per-sample stage that
-worker processes run. Outputs in ``out_dir``: ``00000.tar, 00001.tar, ...``,
-``stats.json``, ``sizes.json`` and ``errors.jsonl`` (one line per skipped sample).
+``run_prep`` is the whole pipeline. Rows are cut into shards of ``shard_size``
+consecutive rows (shard ``i`` = rows ``[i * S, (i + 1) * S)``; skipped rows leave a
+shard with fewer samples), each built by a worker process (see ``data_prep.shard_job``)
+and committed in order, so the output is byte-identical for any number of workers.
+
+Outputs in ``out_dir``: per shard ``NNNNN.tar``, ``NNNNN.parquet`` (one row per input
+row, with its status) and ``NNNNN_stats.json``; for the run ``stats.json``,
+``sizes.json`` (shard -> samples), ``errors.jsonl`` (one line per skipped row) and
+``prep_config.json`` (the options, checked when a run resumes).
+
+Re-running into the same folder resumes: complete shards are kept, the rest redone.
 """
 from __future__ import annotations
 
@@ -12,25 +20,33 @@ import multiprocessing
 import os
 import time
 from collections import Counter, deque
-from dataclasses import asdict, dataclass
-from functools import partial
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from clipalign.atomic import write_json
-from data_prep.images import IMAGE_FORMATS, RESIZE_MODES, UndecodableImage, process_image
+from data_prep.captions import EMPTY_CAPTION, MISSING_CAPTION  # noqa: F401  (stable names, re-exported)
+from data_prep.fetch import MISSING_IMAGE, UNREADABLE_IMAGE  # noqa: F401
 from data_prep.manifest import Record
-from data_prep.shards import ShardSink
+from data_prep.sample import UNDECODABLE_IMAGE, SampleConfig  # noqa: F401
+from data_prep.shard_job import (
+    SUCCESS,
+    ShardResult,
+    build_shard,
+    commit_shard,
+    dedup_key,
+    read_shard_rows,
+    read_shard_stats,
+    shard_is_complete,
+)
 
-SHARD_PATTERN = "%05d.tar"
-
-# Stable skip reasons (they appear in stats.json and errors.jsonl).
-MISSING_IMAGE = "missing_image"
-UNREADABLE_IMAGE = "unreadable_image"
-UNDECODABLE_IMAGE = "undecodable_image"
-EMPTY_CAPTION = "empty_caption"
-MISSING_CAPTION = "missing_caption"
 BAD_ROW = "bad_row"
+CONFIG_FILE = "prep_config.json"
+RUN_FILES = ("stats.json", "sizes.json", "errors.jsonl", CONFIG_FILE)
+
+
+class ResumeMismatch(ValueError):
+    """``out_dir`` holds shards made with other options or from another input."""
 
 
 @dataclass(frozen=True)
@@ -38,122 +54,99 @@ class PrepConfig:
     """How samples are processed and sharded.
 
     Attributes:
-        image_size: Target side for resizing (see ``data_prep.images.resize_image``).
-        resize_mode: ``center_crop``, ``keep_ratio``, ``border`` or ``no``.
-        image_format: ``jpg``, ``webp`` or ``png``; also the image's extension in the shard.
-        quality: Encoder quality for jpg/webp.
-        shard_size: Samples per shard at most.
-        workers: Processes decoding images; output is identical for any value.
-        chunk_size: Records handed to a worker at a time.
+        sample: Per-sample options (image size, format, filters, downloads, tokenizer).
+        shard_size: Input rows per shard (a shard holds at most this many samples).
+        workers: Processes building shards; output is identical for any value.
+        threads: Threads per worker (downloads overlap; decoding releases the GIL).
+        dedup: Drop samples whose original image bytes equal an earlier sample's.
     """
 
-    image_size: int = 256
-    resize_mode: str = "center_crop"
-    image_format: str = "jpg"
-    quality: int = 95
+    sample: SampleConfig = field(default_factory=SampleConfig)
     shard_size: int = 10_000
     workers: int = 1
-    chunk_size: int = 64
+    threads: int = 4
+    dedup: bool = False
 
     def __post_init__(self) -> None:
-        if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
-        if self.image_format not in IMAGE_FORMATS:
-            raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
-        for name in ("image_size", "shard_size", "workers", "chunk_size"):
+        for name in ("shard_size", "workers", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
-
-@dataclass(frozen=True)
-class Outcome:
-    """What became of one record: a sample to write, or a reason it was skipped."""
-
-    record: Record
-    sample: dict[str, bytes | str] | None = None
-    reason: str | None = None
-    detail: str | None = None
+    def output_options(self) -> dict[str, Any]:
+        """The options that shape the output (not ``workers``/``threads``), JSON-ready."""
+        options = asdict(self)
+        del options["workers"], options["threads"]
+        return json.loads(json.dumps(options))
 
 
-def process_record(record: Record, config: PrepConfig) -> Outcome:
-    """Read, check and encode one record into a shard sample (never raises for bad data)."""
-    if record.error:
-        return Outcome(record, reason=record.error, detail=record.detail)
-    if record.caption is None:
-        return Outcome(record, reason=MISSING_CAPTION, detail="no caption")
-    if not record.caption:
-        return Outcome(record, reason=EMPTY_CAPTION, detail="caption is empty")
-    if record.path is None or not record.path.is_file():
-        return Outcome(record, reason=MISSING_IMAGE, detail=f"no such file: {record.path}")
-    try:
-        data = record.path.read_bytes()
-    except OSError as err:
-        return Outcome(record, reason=UNREADABLE_IMAGE, detail=f"{type(err).__name__}: {err}")
-    try:
-        img = process_image(
-            data,
-            size=config.image_size,
-            resize_mode=config.resize_mode,  # type: ignore[arg-type]
-            fmt=config.image_format,
-            quality=config.quality,
-        )
-    except UndecodableImage as err:
-        return Outcome(record, reason=UNDECODABLE_IMAGE, detail=str(err))
-    meta = {
-        "key": record.key,
-        "source": record.source,
-        "caption": record.caption,
-        "width": img.width,
-        "height": img.height,
-        "original_width": img.original_width,
-        "original_height": img.original_height,
-    }
-    sample: dict[str, bytes | str] = {
-        "__key__": record.key,
-        config.image_format: img.data,
-        "txt": record.caption,
-        "json": json.dumps(meta, ensure_ascii=False),
-    }
-    return Outcome(record, sample=sample)
-
-
-def _process_chunk(chunk: list[Record], config: PrepConfig) -> list[Outcome]:
-    return [process_record(r, config) for r in chunk]
-
-
-def _chunks(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
+def plan_shards(records: Iterable[Record], shard_size: int) -> Iterator[tuple[int, list[Record]]]:
+    """``(shard id, its rows)``: consecutive runs of ``shard_size`` records, streamed."""
     it = iter(records)
-    while chunk := list(itertools.islice(it, size)):
-        yield chunk
+    for shard_id in itertools.count():
+        rows = list(itertools.islice(it, shard_size))
+        if not rows:
+            return
+        yield shard_id, rows
 
 
-def process_records(records: Iterable[Record], config: PrepConfig) -> Iterator[Outcome]:
-    """Process records in input order, in ``config.workers`` processes.
+def _built_shards(
+    plan: Iterable[tuple[int, list[Record]]], out_dir: Path, config: PrepConfig
+) -> Iterator[tuple[int, ShardResult | None]]:
+    """``(shard id, result)`` in shard order; ``None`` for shards complete from an earlier run.
 
-    With several workers, chunks go to a process pool with a bounded number in
-    flight and come back in submission order, so memory stays flat on long inputs
-    and the output does not depend on the number of workers.
+    With several workers at most ``2 * workers`` shards are in flight, so memory stays
+    flat whatever the input's length.
     """
-    fn = partial(_process_chunk, config=config)
-    chunks = _chunks(records, config.chunk_size)
+    args = (str(out_dir), config.sample, config.threads)
     if config.workers == 1:
-        for chunk in chunks:
-            yield from fn(chunk)
+        for shard_id, rows in plan:
+            yield shard_id, None if shard_is_complete(out_dir, shard_id) else build_shard(shard_id, rows, *args)
         return
     with multiprocessing.Pool(config.workers) as pool:
         pending: deque = deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(fn, (chunk,)))
-            if len(pending) >= 2 * config.workers:
-                yield from pending.popleft().get()
+        for shard_id, rows in plan:
+            job = None if shard_is_complete(out_dir, shard_id) else pool.apply_async(build_shard, (shard_id, rows, *args))
+            pending.append((shard_id, job))
+            while len(pending) >= 2 * config.workers:
+                done_id, done = pending.popleft()
+                yield done_id, done.get() if done is not None else None
         while pending:
-            yield from pending.popleft().get()
+            done_id, done = pending.popleft()
+            yield done_id, done.get() if done is not None else None
 
 
-def _error_line(outcome: Outcome) -> str:
-    r = outcome.record
-    entry = {"index": r.index, "key": r.key, "source": r.source, "reason": outcome.reason, "detail": outcome.detail}
-    return json.dumps(entry, ensure_ascii=False) + "\n"
+def _check_resume(out_dir: Path, options: dict[str, Any]) -> None:
+    path = out_dir / CONFIG_FILE
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if old != options:
+            changed = sorted(k for k in set(old) | set(options) if old.get(k) != options.get(k))
+            raise ResumeMismatch(f"{out_dir} holds shards made with other options ({', '.join(changed)} differ)")
+    elif any(out_dir.glob("[0-9][0-9][0-9][0-9][0-9].tar")):
+        raise ResumeMismatch(f"{out_dir} holds shards from an unknown run")
+    write_json(path, options)
+
+
+def _remove_tmp_files(out_dir: Path) -> None:
+    """Leftovers of a killed run (all our temporary names end so)."""
+    for pattern in ("*.tmp", "*.tmp.dedup"):
+        for p in out_dir.glob(pattern):
+            p.unlink(missing_ok=True)
+
+
+def _write_errors(out_dir: Path, shards: list[tuple[int, dict[str, Any]]]) -> None:
+    columns = ("index", "key", "source", "status", "error_reason", "error_detail")
+    tmp = out_dir / "errors.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for shard_id, stats in shards:
+            if not stats["skipped"]:
+                continue
+            rows = read_shard_rows(out_dir, shard_id, columns)
+            for index, key, source, status, reason, detail in zip(*(rows[c] for c in columns)):
+                if status != SUCCESS:
+                    entry = {"index": index, "key": key, "source": source, "reason": reason, "detail": detail}
+                    f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    os.replace(tmp, out_dir / "errors.jsonl")
 
 
 def run_prep(
@@ -161,52 +154,68 @@ def run_prep(
     out_dir: str | os.PathLike,
     config: PrepConfig = PrepConfig(),
     *,
+    source: str | None = None,
     progress: Callable[[int], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Any]:
-    """Write ``records`` as WebDataset shards plus ``stats.json``, ``sizes.json``, ``errors.jsonl``.
+    """Write ``records`` as WebDataset shards plus per-shard and run-level metadata.
 
     Args:
         records: Input rows, e.g. from ``data_prep.manifest.open_records``.
-        out_dir: Output folder (created if missing).
+        out_dir: Output folder (created if missing). If it holds a run of the same
+            options and ``source``, that run is resumed.
         config: Processing and sharding options.
-        progress: Called with ``1`` after each record (e.g. ``tqdm.update``).
+        source: The input's name, recorded so a resume from another input is refused.
+        progress: Called with the number of rows after each shard (e.g. ``tqdm.update``).
         clock: Time source for ``duration_s``.
 
     Returns:
         The stats dict also saved as ``stats.json``.
+
+    Raises:
+        ResumeMismatch: if ``out_dir`` holds shards of other options or another input.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _check_resume(out_dir, {**config.output_options(), "source": source})
+    _remove_tmp_files(out_dir)
     start = clock()
-    seen = written = 0
-    reasons: Counter[str] = Counter()
-    with ShardSink(out_dir, pattern=SHARD_PATTERN, maxcount=config.shard_size) as sink, open(
-        out_dir / "errors.jsonl", "w", encoding="utf-8"
-    ) as errors:
-        for outcome in process_records(records, config):
-            seen += 1
-            if outcome.sample is not None:
-                sink.write(outcome.sample)
-                written += 1
-            else:
-                reasons[outcome.reason or "unknown"] += 1
-                errors.write(_error_line(outcome))
-            if progress is not None:
-                progress(1)
-    sizes = sink.close()
+    seen: set[bytes] | None = set() if config.dedup else None
+    shards: list[tuple[int, dict[str, Any]]] = []
+    resumed = new_samples = 0
+    for shard_id, result in _built_shards(plan_shards(records, config.shard_size), out_dir, config):
+        if result is None:
+            stats = read_shard_stats(out_dir, shard_id)
+            resumed += 1
+            if seen is not None:
+                rows = read_shard_rows(out_dir, shard_id, ("status", "sha256"))
+                seen.update(dedup_key(h) for s, h in zip(rows["status"], rows["sha256"]) if s == SUCCESS)
+        else:
+            stats = commit_shard(out_dir, result, seen)
+            new_samples += stats["written"]
+        shards.append((shard_id, stats))
+        if progress is not None:
+            progress(stats["rows"])
+    _write_errors(out_dir, shards)
     duration = clock() - start
+    reasons: Counter[str] = Counter()
+    for _, s in shards:
+        reasons.update(s["skipped_by_reason"])
+    seen_rows = sum(s["rows"] for _, s in shards)
+    written = sum(s["written"] for _, s in shards)
     stats = {
-        "seen": seen,
+        "seen": seen_rows,
         "written": written,
-        "skipped": seen - written,
+        "skipped": seen_rows - written,
+        "by_status": {"success": written, "failed": seen_rows - written},
         "skipped_by_reason": dict(sorted(reasons.items())),
-        "shards": len(sizes),
+        "shards": len(shards),
+        "resumed_shards": resumed,
         "duration_s": round(duration, 3),
-        "samples_per_s": round(written / duration, 1) if duration > 0 else None,
+        "samples_per_s": round(new_samples / duration, 1) if duration > 0 else None,
         "output": str(out_dir),
         "config": asdict(config),
     }
-    write_json(out_dir / "sizes.json", sizes)
+    write_json(out_dir / "sizes.json", {s["shard"]: s["written"] for _, s in shards})
     write_json(out_dir / "stats.json", stats)
     return stats

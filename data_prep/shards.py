@@ -1,7 +1,14 @@
-"""A writer stage: samples in, numbered tar shards out (via ``webdataset.ShardWriter``)."""
+"""Writer stages: samples in, tar shards out.
+
+``ShardSink`` rolls numbered shards with ``webdataset.ShardWriter``; ``TarShard`` writes
+one shard with the standard library (what ``prep``'s workers use); ``filter_tar`` drops
+samples from a written shard.
+"""
 from __future__ import annotations
 
+import io
 import os
+import tarfile
 from pathlib import Path
 from types import TracebackType
 from typing import Mapping
@@ -86,3 +93,58 @@ class ShardSink:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    # The same fixed metadata webdataset.TarWriter writes with mtime=0: reproducible bytes.
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o444
+    info.uname = info.gname = "bigdata"
+    return info
+
+
+class TarShard:
+    """Write one tar shard, sample by sample, without webdataset (no torch import in workers).
+
+    Members are ``<key>.<field>`` in sorted field order, like ``webdataset.TarWriter``.
+    Values are ``bytes`` or ``str`` (stored as UTF-8).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._tar = tarfile.open(self.path, "w")
+        self.count = 0
+
+    def write(self, sample: Sample) -> None:
+        """Append one sample (needs ``__key__``)."""
+        key = sample.get("__key__")
+        if not isinstance(key, str):
+            raise ValueError("sample has no __key__")
+        for field in sorted(k for k in sample if k != "__key__"):
+            value = sample[field]
+            data = value.encode("utf-8") if isinstance(value, str) else value
+            self._tar.addfile(_tarinfo(f"{key}.{field}", len(data)), io.BytesIO(data))
+        self.count += 1
+
+    def close(self) -> None:
+        self._tar.close()
+
+    def __enter__(self) -> TarShard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def filter_tar(src: str | os.PathLike, dst: str | os.PathLike, drop_keys: set[str]) -> int:
+    """Copy tar ``src`` to ``dst`` without the members of samples in ``drop_keys``; return members kept."""
+    kept = 0
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        for info in tin:
+            if info.name.split(".", 1)[0] in drop_keys:
+                continue
+            tout.addfile(info, tin.extractfile(info))
+            kept += 1
+    return kept

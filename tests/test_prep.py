@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 
@@ -14,6 +15,7 @@ from clipalign.cli.prep import main
 from data_prep.images import decode_image, process_image, resize_image, to_rgb
 from data_prep.manifest import ManifestError, open_records
 from data_prep.prep import PrepConfig, run_prep
+from data_prep.sample import SampleConfig
 from data_prep.shards import ShardSink
 
 # (image path, caption, what to put at the path)
@@ -75,16 +77,18 @@ def _shards(out):
 def test_round_trip(data, tmp_path, read_shards, capsys):
     out = tmp_path / "out"
     assert main([str(_manifest(data)), "--out", str(out), "--image-size", "32", "--shard-size", "3"]) == 0
-    assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": 3, "00001.tar": 1}
+    # shard i holds the good samples of rows [3i, 3i + 3)
+    assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": 2, "00001.tar": 1, "00002.tar": 1}
     samples = read_shards(_shards(out))
     assert [s["__key__"] for s in samples] == [f"{i:09d}" for i in GOOD]
     for s, i in zip(samples, GOOD):
         name, caption, (_, (w, h)) = ROWS[i]
         assert s["txt"] == caption.strip()
         assert s["jpg"].size == (32, 32) and s["jpg"].mode == "RGB"
+        digest = hashlib.sha256((data / name).read_bytes()).hexdigest()
         assert s["json"] == {"key": f"{i:09d}", "source": name, "caption": caption.strip(), "width": 32,
-                             "height": 32, "original_width": w, "original_height": h}
-    assert "wrote 4 samples in 2 shard(s)" in capsys.readouterr().out
+                             "height": 32, "original_width": w, "original_height": h, "sha256": digest, "id": str(i)}
+    assert "wrote 4 samples in 3 shard(s)" in capsys.readouterr().out
 
 
 def test_bad_samples_are_skipped_counted_and_listed(data, tmp_path, capsys):
@@ -92,6 +96,7 @@ def test_bad_samples_are_skipped_counted_and_listed(data, tmp_path, capsys):
     assert main([str(_manifest(data)), "--out", str(out), "--image-size", "16"]) == 0
     stats = json.loads((out / "stats.json").read_text())
     assert (stats["seen"], stats["written"], stats["skipped"], stats["shards"]) == (7, 4, 3, 1)
+    assert stats["by_status"] == {"success": 4, "failed": 3}
     assert stats["skipped_by_reason"] == {"empty_caption": 1, "missing_image": 1, "undecodable_image": 1}
     assert stats["duration_s"] >= 0 and stats["samples_per_s"] > 0
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
@@ -143,11 +148,11 @@ def test_workers_give_identical_shards(data, tmp_path):
     outs = []
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
-        config = PrepConfig(image_size=24, shard_size=2, workers=workers, chunk_size=2)
+        config = PrepConfig(SampleConfig(image_size=24), shard_size=2, workers=workers, threads=workers)
         stats = run_prep(open_records(_manifest(data)), out, config)
         assert stats["written"] == 4
         outs.append(out)
-    for name in ["00000.tar", "00001.tar", "sizes.json", "errors.jsonl"]:
+    for name in ["00000.tar", "00001.tar", "00003.tar", "00001.parquet", "00002_stats.json", "sizes.json", "errors.jsonl"]:
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
 
 
@@ -247,3 +252,33 @@ def test_existing_shards_need_overwrite(data, tmp_path):
     assert clipalign(["prep", manifest, "--out", out, "--image-size", "8"]) == 2
     assert clipalign(["prep", manifest, "--out", out, "--image-size", "8", "--overwrite"]) == 0
     assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ["00000.tar"]
+
+
+def test_cli_cleaning_options(data, tmp_path, read_shards, capsys):
+    (data / "dup.png").write_bytes((data / "a.png").read_bytes())
+    rows = [(name, cap) for name, cap, _ in ROWS] + [("dup.png", "a &amp; copy"), ("d.png", "tiny")]
+    _write_manifest(data / "more.csv", rows, "csv")
+    out = tmp_path / "out"
+    args = [str(data / "more.csv"), "--out", str(out), "--image-size", "8", "--extra-cols", "none", "--dedup",
+            "--min-image-size", "15", "--max-caption-length", "15", "--background", "#000000", "--tokenize", "ca-tiny",
+            "--threads", "1"]
+    assert main(args) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["skipped_by_reason"] == {"caption_too_long": 2, "duplicate": 1, "empty_caption": 1,
+                                          "image_too_small": 1, "missing_image": 1, "undecodable_image": 1}
+    samples = read_shards(_shards(out))
+    assert [s["txt"] for s in samples] == ["a red thing", "see-through"]
+    assert samples[1]["jpg"].getpixel((4, 4)) == (0, 0, 0)  # transparent onto the --background colour
+    assert "id" not in samples[0]["json"] and samples[0]["json"]["tokenizer"] == "ca-tiny"
+    assert samples[0]["tok.npy"].dtype == np.int32
+    capsys.readouterr()
+    assert main(args) == 0  # the same command again: everything is kept
+    assert "kept 1 complete shard(s)" in capsys.readouterr().out
+
+
+def test_cli_refuses_bad_options(data, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    for extra in (["--background", "red"], ["--max-aspect-ratio", "0.5"], ["--threads", "0"],
+                  ["--tokenize", "no-such-model"]):
+        assert clipalign(["prep", str(_manifest(data)), "--out", out, *extra]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -5,36 +5,76 @@ import argparse
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from clipalign.cli.common import CliError, existing_path, parser, read_templates
 
-_OUTPUTS = ("stats.json", "sizes.json", "errors.jsonl")
+if TYPE_CHECKING:
+    from data_prep.prep import PrepConfig
+
+
+_OUTPUTS = ("stats.json", "sizes.json", "errors.jsonl", "prep_config.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = parser("prep", "Read a .csv/.tsv/.jsonl manifest (image path + caption columns; relative paths are "
-               "relative to the manifest's folder) or a folder of images with same-stem .txt captions, and "
-               "write WebDataset shards DIR/00000.tar, ... plus stats.json, sizes.json and errors.jsonl. "
-               "Bad samples (missing/undecodable image, empty caption) are skipped and listed.")
-    p.add_argument("input", help="manifest file (.csv, .tsv, .jsonl) or folder of images + .txt captions")
+    from data_prep.fetch import DEFAULT_USER_AGENT
+    from data_prep.sample import DEFAULT_MAX_PIXELS
+
+    p = parser("prep", "Read a manifest (.csv/.tsv/.jsonl, optionally .gz, or .parquet; image column holding local "
+               "paths relative to the manifest's folder, file:// or http(s):// URLs), a COCO captions .json, or a "
+               "folder of images with same-stem .txt captions, and write WebDataset shards DIR/00000.tar, ... "
+               "(shard i = input rows [i*S, (i+1)*S)) with NNNNN.parquet and NNNNN_stats.json beside each, plus "
+               "stats.json, sizes.json and errors.jsonl. Bad samples are skipped and listed with their reason. "
+               "Re-running the same command resumes: complete shards are kept. See docs/prep.md.")
+    p.add_argument("input", help="manifest file, COCO captions .json, or folder of images + .txt captions")
     p.add_argument("--out", required=True, help="output folder for the shards")
-    p.add_argument("--image-col", default="image", help="manifest column holding image paths")
-    p.add_argument("--caption-col", default="caption", help="manifest column holding captions")
-    p.add_argument("--image-size", type=int, default=256, help="target image side in pixels")
-    p.add_argument("--resize-mode", default="center_crop", choices=["center_crop", "keep_ratio", "border", "no"],
+    g = p.add_argument_group("input")
+    g.add_argument("--image-col", default="image", help="manifest column holding image paths or URLs")
+    g.add_argument("--caption-col", default="caption", help="manifest column holding captions")
+    g.add_argument("--extra-cols", default="all",
+                   help="other manifest columns to carry into each sample's json: 'all', 'none' or a comma list")
+    g.add_argument("--caption-mode", default="all", choices=["all", "first", "each"],
+                   help="COCO: one sample per image with all captions (one per line in txt), with the first, "
+                        "or one sample per caption")
+    g.add_argument("--image-root", default=None, help="COCO: folder of the images (default: the json's folder)")
+    g = p.add_argument_group("images and captions")
+    g.add_argument("--image-size", type=int, default=256, help="target image side in pixels")
+    g.add_argument("--resize-mode", default="center_crop", choices=["center_crop", "keep_ratio", "border", "no"],
                    help="img2dataset semantics")
-    p.add_argument("--format", default="jpg", choices=["jpg", "webp", "png"], help="image encoding in the shards")
-    p.add_argument("--quality", type=int, default=95, help="jpg/webp quality")
-    p.add_argument("--shard-size", type=int, default=10_000, help="samples per shard")
-    p.add_argument("--workers", type=int, default=1, help="decoding processes (shards do not depend on it)")
-    p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
-    p.add_argument("--eval-set", choices=["classification", "retrieval"], default=None,
+    g.add_argument("--format", default="jpg", choices=["jpg", "webp", "png"], help="image encoding in the shards")
+    g.add_argument("--quality", type=int, default=95, help="jpg/webp quality")
+    g.add_argument("--background", default="255,255,255",
+                   help="R,G,B colour that transparency and border padding become")
+    g.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="skip images with more pixels than this, before decoding (decompression bombs)")
+    g.add_argument("--min-image-size", type=int, default=0, help="skip images whose smaller side is below this")
+    g.add_argument("--max-aspect-ratio", type=float, default=None, help="skip images whose long/short side ratio exceeds this")
+    g.add_argument("--max-caption-length", type=int, default=None, help="skip captions longer than this (characters)")
+    g.add_argument("--dedup", action="store_true", help="drop images whose bytes (SHA-256) equal an earlier sample's")
+    g.add_argument("--tokenize", default=None, metavar="MODEL",
+                   help="also store each caption's token ids (tok.npy) for this open_clip/clipalign model")
+    g = p.add_argument_group("downloads (http/https URLs)")
+    g.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
+    g.add_argument("--retries", type=int, default=2, help="retries after connection errors, HTTP 429 and 5xx")
+    g.add_argument("--max-download-mb", type=float, default=32.0, help="largest image accepted, in MiB")
+    g.add_argument("--user-agent", default=DEFAULT_USER_AGENT, help="User-Agent header")
+    g.add_argument("--ignore-robots", action="store_true",
+                   help="download even when X-Robots-Tag says noai/noimageai")
+    g.add_argument("--ignore-content-type", action="store_true", help="accept any Content-Type")
+    g = p.add_argument_group("sharding")
+    g.add_argument("--shard-size", type=int, default=10_000,
+                   help="input rows per shard (skipped rows leave a shard with fewer samples)")
+    g.add_argument("--workers", type=int, default=1, help="processes (shards do not depend on it)")
+    g.add_argument("--threads", type=int, default=4, help="threads per process (downloads, decoding)")
+    g.add_argument("--overwrite", action="store_true", help="delete what --out holds and start afresh")
+    g = p.add_argument_group("evaluation sets")
+    g.add_argument("--eval-set", choices=["classification", "retrieval"], default=None,
                    help="write an evaluation set in CLIP_benchmark's wds/ layout instead of training shards: "
                         "classification from an ImageFolder tree or an (image, label) manifest, retrieval from "
                         "an (image, caption) manifest (rows of one image give it several captions)")
-    p.add_argument("--split", default="test", help="split folder of --eval-set (test, or train for linear probes)")
-    p.add_argument("--label-col", default="label", help="manifest column holding class labels (--eval-set classification)")
-    p.add_argument("--templates-file", default=None,
+    g.add_argument("--split", default="test", help="split folder of --eval-set (test, or train for linear probes)")
+    g.add_argument("--label-col", default="label", help="manifest column holding class labels (--eval-set classification)")
+    g.add_argument("--templates-file", default=None,
                    help="prompt templates for --eval-set classification, one per line with {c} (default: CLIP's simple ones)")
     return p
 
@@ -68,27 +108,77 @@ def _eval_set(args: argparse.Namespace, source: Path) -> int:
 def _clear_outputs(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {out} exists and is not a folder")
-    old = [p for p in out.glob("*.tar") if re.fullmatch(r"\d{5}\.tar", p.name)] if out.is_dir() else []
-    if old and not overwrite:
-        raise CliError(f"{out} already holds {len(old)} shard(s); pass --overwrite to replace them")
-    for p in old + [out / name for name in _OUTPUTS]:
-        p.unlink(missing_ok=True)
+    if not overwrite or not out.is_dir():
+        return
+    for p in out.iterdir():
+        if re.fullmatch(r"\d{5}(\.tar|\.parquet|_stats\.json)|.*\.tmp(\.dedup)?", p.name) or p.name in _OUTPUTS:
+            p.unlink()
+
+
+def _background(text: str) -> tuple[int, int, int]:
+    parts = text.lstrip("#")
+    try:
+        rgb = tuple(int(parts[i : i + 2], 16) for i in (0, 2, 4)) if "," not in text and len(parts) == 6 \
+            else tuple(int(v) for v in text.split(","))
+    except ValueError:
+        rgb = ()
+    if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+        raise CliError(f"--background must be R,G,B (0..255) or #rrggbb, got {text!r}")
+    return rgb  # type: ignore[return-value]
+
+
+def _extra_cols(text: str) -> list[str] | None:
+    if text == "all":
+        return None
+    return [] if text == "none" else [c.strip() for c in text.split(",") if c.strip()]
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    for name in ("image_size", "shard_size", "workers", "threads", "max_pixels"):
+        if getattr(args, name) < 1:
+            raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 1 <= args.quality <= 100:
+        raise CliError(f"--quality must be in 1..100, got {args.quality}")
+    if args.max_aspect_ratio is not None and args.max_aspect_ratio < 1:
+        raise CliError(f"--max-aspect-ratio must be >= 1, got {args.max_aspect_ratio}")
+    if args.timeout <= 0 or args.retries < 0 or args.max_download_mb <= 0:
+        raise CliError("--timeout and --max-download-mb must be > 0 and --retries >= 0")
+    if args.tokenize and args.caption_mode == "all" and str(args.input).lower().endswith(".json"):
+        raise CliError("--tokenize stores one caption's tokens: use --caption-mode first or each with COCO")
+
+
+def _config(args: argparse.Namespace) -> "PrepConfig":
+    from data_prep.fetch import FetchConfig
+    from data_prep.prep import PrepConfig
+    from data_prep.sample import SampleConfig
+
+    fetch = FetchConfig(
+        timeout=args.timeout, retries=args.retries, max_bytes=int(args.max_download_mb * 2**20),
+        user_agent=args.user_agent, check_content_type=not args.ignore_content_type,
+        respect_robots=not args.ignore_robots,
+    )
+    sample = SampleConfig(
+        image_size=args.image_size, resize_mode=args.resize_mode, image_format=args.format, quality=args.quality,
+        background=_background(args.background), max_pixels=args.max_pixels, min_image_size=args.min_image_size,
+        max_aspect_ratio=args.max_aspect_ratio, max_caption_length=args.max_caption_length,
+        tokenize=args.tokenize, fetch=fetch,
+    )
+    return PrepConfig(sample=sample, shard_size=args.shard_size, workers=args.workers, threads=args.threads,
+                      dedup=args.dedup)
 
 
 def _summary(stats: dict) -> str:
     reasons = ", ".join(f"{k}: {v}" for k, v in stats["skipped_by_reason"].items())
     skipped = f"skipped {stats['skipped']}" + (f" ({reasons})" if reasons else "")
+    if stats.get("resumed_shards"):
+        skipped += f", kept {stats['resumed_shards']} complete shard(s) of an earlier run"
     return (f"prep: wrote {stats['written']} samples in {stats['shards']} shard(s) to {stats['output']}, "
             f"{skipped} [{stats['duration_s']:.1f} s, {stats['samples_per_s'] or 0:.0f} samples/s]")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("image_size", "shard_size", "workers"):
-        if getattr(args, name) < 1:
-            raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not 1 <= args.quality <= 100:
-        raise CliError(f"--quality must be in 1..100, got {args.quality}")
+    _check_numbers(args)
     source = existing_path(args.input, "input")
     if args.eval_set:
         return _eval_set(args, source)
@@ -96,21 +186,30 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from data_prep.manifest import ManifestError, open_records
-    from data_prep.prep import PrepConfig, run_prep
+    from data_prep.prep import ResumeMismatch, run_prep
 
+    if args.tokenize:
+        from data_prep.tokens import get_tokenizer
+
+        try:
+            get_tokenizer(args.tokenize)
+        except Exception as err:  # open_clip raises RuntimeError/ValueError/KeyError for unknown names
+            raise CliError(f"--tokenize: no tokenizer for model {args.tokenize!r} ({err})") from None
+    config = _config(args)
     try:
-        records = open_records(source, image_col=args.image_col, caption_col=args.caption_col)
+        records = open_records(source, image_col=args.image_col, caption_col=args.caption_col,
+                               extra_cols=_extra_cols(args.extra_cols), caption_mode=args.caption_mode,
+                               image_root=args.image_root)
     except ManifestError as err:
         raise CliError(str(err)) from None
     except OSError as err:
         raise CliError(f"cannot read {source}: {err}") from None
     out = Path(args.out)
     _clear_outputs(out, args.overwrite)
-    config = PrepConfig(
-        image_size=args.image_size, resize_mode=args.resize_mode, image_format=args.format,
-        quality=args.quality, shard_size=args.shard_size, workers=args.workers,
-    )
-    with tqdm(unit="sample", desc="prep", file=sys.stderr, disable=None) as bar:
-        stats = run_prep(records, out, config, progress=bar.update)
+    try:
+        with tqdm(unit="row", desc="prep", file=sys.stderr, disable=None) as bar:
+            stats = run_prep(records, out, config, source=str(source.resolve()), progress=bar.update)
+    except ResumeMismatch as err:
+        raise CliError(f"{err}; pass --overwrite to replace them") from None
     print(_summary(stats))
     return 0

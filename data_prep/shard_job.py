@@ -1,0 +1,160 @@
+"""One shard as one unit of work: build it in a worker, commit it in the main process.
+
+Shard ``i`` holds the samples of input rows ``[i * S, (i + 1) * S)``, so every shard can
+be built independently and the output never depends on the number of workers.
+
+* ``build_shard`` (worker): processes the rows with a few threads (downloads wait on
+  the network, decoding releases the GIL) and writes ``NNNNN.tar.<pid>.tmp`` in row order.
+* ``commit_shard`` (main process, in shard order): drops exact duplicates of earlier
+  images, then writes ``NNNNN.parquet``, renames the tar to ``NNNNN.tar`` and writes
+  ``NNNNN_stats.json`` last. A shard is complete when its tar and stats file exist.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from clipalign.atomic import replace_file, write_json
+from data_prep.manifest import Record
+from data_prep.sample import Outcome, SampleConfig, safe_process_record
+from data_prep.shards import TarShard, filter_tar
+
+DUPLICATE = "duplicate"
+SUCCESS = "success"
+FAILED = "failed"
+
+_PARQUET_COLUMNS = [
+    ("key", "string"), ("index", "int64"), ("source", "string"), ("caption", "string"), ("status", "string"),
+    ("error_reason", "string"), ("error_detail", "string"), ("width", "int32"), ("height", "int32"),
+    ("original_width", "int32"), ("original_height", "int32"), ("sha256", "string"), ("extra", "string"),
+]
+
+
+def shard_name(shard_id: int) -> str:
+    """``00042`` for shard 42 (the tar is ``00042.tar``)."""
+    return f"{shard_id:05d}"
+
+
+def shard_is_complete(out_dir: Path, shard_id: int) -> bool:
+    """A shard is done once its tar and its ``_stats.json`` (written last) both exist."""
+    name = shard_name(shard_id)
+    return (out_dir / f"{name}.tar").is_file() and (out_dir / f"{name}_stats.json").is_file()
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What a worker hands back for one shard: the tmp tar and one metadata row per input row."""
+
+    shard_id: int
+    tmp_tar: str
+    rows: list[dict[str, Any]]
+
+
+def _row(outcome: Outcome) -> dict[str, Any]:
+    r, meta = outcome.record, outcome.meta or {}
+    return {
+        "key": r.key, "index": r.index, "source": r.source, "caption": meta.get("caption", r.caption),
+        "status": SUCCESS if outcome.sample is not None else FAILED,
+        "error_reason": outcome.reason, "error_detail": outcome.detail,
+        "width": meta.get("width"), "height": meta.get("height"),
+        "original_width": meta.get("original_width"), "original_height": meta.get("original_height"),
+        "sha256": outcome.sha256,
+        "extra": json.dumps(r.extra, ensure_ascii=False, sort_keys=True, default=str) if r.extra else None,
+    }
+
+
+def _outcomes(records: list[Record], config: SampleConfig, threads: int) -> Iterator[Outcome]:
+    """Outcomes in record order, with at most ``2 * threads`` records in flight."""
+    if threads == 1:
+        for r in records:
+            yield safe_process_record(r, config)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        pending: deque[Future[Outcome]] = deque()
+        for r in records:
+            pending.append(pool.submit(safe_process_record, r, config))
+            if len(pending) >= 2 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def build_shard(shard_id: int, records: list[Record], out_dir: str, config: SampleConfig, threads: int) -> ShardResult:
+    """Process ``records`` and write their samples to a temporary tar (worker side)."""
+    tmp = Path(out_dir) / f"{shard_name(shard_id)}.tar.{os.getpid()}.tmp"
+    rows = []
+    with TarShard(tmp) as tar:
+        for outcome in _outcomes(records, config, threads):
+            if outcome.sample is not None:
+                tar.write(outcome.sample)
+            rows.append(_row(outcome))
+    return ShardResult(shard_id, str(tmp), rows)
+
+
+def dedup_key(sha256_hex: str) -> bytes:
+    """The first 128 bits of the digest: collisions stay negligible at ~80 bytes per image held."""
+    return bytes.fromhex(sha256_hex)[:16]
+
+
+def _write_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in _PARQUET_COLUMNS])
+    replace_file(path, lambda tmp: pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp))
+
+
+def commit_shard(out_dir: Path, result: ShardResult, seen: set[bytes] | None) -> dict[str, Any]:
+    """Finish a built shard: dedup against ``seen`` (updated; ``None`` = no dedup), write, rename.
+
+    Returns:
+        The shard's stats, as saved in ``NNNNN_stats.json``.
+    """
+    name = shard_name(result.shard_id)
+    rows = result.rows
+    tmp = Path(result.tmp_tar)
+    if seen is not None:
+        dropped = set()
+        for row in rows:
+            if row["status"] == SUCCESS:
+                digest = dedup_key(row["sha256"])
+                if digest in seen:
+                    row.update(status=FAILED, error_reason=DUPLICATE, error_detail="same image bytes as an earlier sample")
+                    dropped.add(row["key"])
+                else:
+                    seen.add(digest)
+        if dropped:
+            filtered = tmp.with_name(f"{tmp.name}.dedup")
+            filter_tar(tmp, filtered, dropped)
+            os.replace(filtered, tmp)
+    _write_parquet(out_dir / f"{name}.parquet", rows)
+    os.replace(tmp, out_dir / f"{name}.tar")
+    reasons = Counter(row["error_reason"] for row in rows if row["status"] != SUCCESS)
+    written = sum(row["status"] == SUCCESS for row in rows)
+    stats = {
+        "shard": f"{name}.tar",
+        "first_index": rows[0]["index"] if rows else None,
+        "rows": len(rows),
+        "written": written,
+        "skipped": len(rows) - written,
+        "skipped_by_reason": dict(sorted(reasons.items())),
+    }
+    write_json(out_dir / f"{name}_stats.json", stats)
+    return stats
+
+
+def read_shard_stats(out_dir: Path, shard_id: int) -> dict[str, Any]:
+    """The saved stats of a complete shard."""
+    return json.loads((out_dir / f"{shard_name(shard_id)}_stats.json").read_text(encoding="utf-8"))
+
+
+def read_shard_rows(out_dir: Path, shard_id: int, columns: Iterable[str]) -> dict[str, list[Any]]:
+    """Columns of a complete shard's parquet, as lists."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(out_dir / f"{shard_name(shard_id)}.parquet", columns=list(columns)).to_pydict()

@@ -1,0 +1,179 @@
+"""Downloads against a loopback HTTP server: each failure ends in its counted reason, nothing else is lost."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from data_prep import fetch
+from data_prep.fetch import FetchConfig, FetchError, fetch_url, robots_forbid
+from data_prep.manifest import open_records
+from data_prep.prep import PrepConfig, run_prep
+from data_prep.sample import SampleConfig
+from tests.prep_server import LoopbackServer, send, slow
+
+FAST = FetchConfig(timeout=0.5, retries=2, backoff=0.01, max_bytes=20_000)
+
+
+def _png(colour: tuple[int, int, int], size: int = 24) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+GOOD = _png((200, 10, 10))
+
+
+def _flaky(failures: list[int]):
+    """Answers with the status codes in ``failures`` first, then with the image."""
+    def route(h):
+        if failures:
+            send(h, b"busy", "text/plain", failures.pop(0))
+        else:
+            send(h, GOOD)
+    return route
+
+
+def _redirect(to: str):
+    def route(h):
+        h.send_response(302)
+        h.send_header("Location", to)
+        h.send_header("Content-Length", "0")
+        h.end_headers()
+    return route
+
+
+def _routes() -> dict:
+    return {
+        "/good.png": lambda h: send(h, GOOD),
+        "/good2.png": lambda h: send(h, _png((10, 200, 10))),
+        "/octet": lambda h: send(h, _png((10, 10, 200)), "application/octet-stream"),
+        "/redirect": _redirect("/good2.png"),
+        "/slow": slow(1.5, lambda h: send(h, GOOD)),
+        "/truncated": lambda h: send(h, GOOD[: len(GOOD) // 2], length=len(GOOD)),
+        "/page.html": lambda h: send(h, b"<html>hi</html>", "text/html"),
+        "/huge.png": lambda h: send(h, b"\0" * 50_000),
+        "/huge-chunked": lambda h: _chunked(h, 50_000),
+        "/noai": lambda h: send(h, GOOD, headers={"X-Robots-Tag": "noai"}),
+        "/noimageai": lambda h: send(h, GOOD, headers={"X-Robots-Tag": "googlebot: noindex, otherbot: noimageai"}),
+        "/busy-then-ok": _flaky([503, 429]),
+        "/always-500": lambda h: send(h, b"err", "text/plain", 500),
+        "/forbidden": lambda h: send(h, b"no", "text/plain", 403),
+        "/garbage.png": lambda h: send(h, b"not an image at all"),
+    }
+
+
+def _chunked(h, n: int) -> None:
+    # No Content-Length: the size limit must hold while reading.
+    h.send_response(200)
+    h.send_header("Content-Type", "image/png")
+    h.send_header("Connection", "close")
+    h.end_headers()
+    h.wfile.write(b"\0" * n)
+    h.close_connection = True
+
+
+@pytest.fixture(scope="module")
+def server():
+    with LoopbackServer(_routes()) as s:
+        yield s
+
+
+CASES = {
+    "/good.png": None,
+    "/octet": None,
+    "/redirect": None,
+    "/busy-then-ok": None,
+    "/missing.png": fetch.NOT_FOUND,
+    "/slow": fetch.TIMEOUT,
+    "/truncated": fetch.TRUNCATED,
+    "/page.html": fetch.NOT_AN_IMAGE,
+    "/huge.png": fetch.TOO_LARGE,
+    "/huge-chunked": fetch.TOO_LARGE,
+    "/noai": fetch.ROBOTS_NOAI,
+    "/noimageai": fetch.ROBOTS_NOAI,
+    "/always-500": fetch.HTTP_ERROR,
+    "/forbidden": fetch.HTTP_ERROR,
+}
+
+
+@pytest.mark.parametrize("path", [p for p in CASES if p != "/slow"])
+def test_fetch_url_outcomes(server, path):
+    expected = CASES[path]
+    if expected is None:
+        assert Image.open(io.BytesIO(fetch_url(server.base + path, FAST))).size == (24, 24)
+    else:
+        with pytest.raises(FetchError) as err:
+            fetch_url(server.base + path, FAST)
+        assert err.value.reason == expected
+
+
+def test_retries_transient_failures_with_backoff(server):
+    sleeps: list[float] = []
+    server.routes["/flaky"] = _flaky([500, 502, 429])
+    config = FetchConfig(retries=3, backoff=0.5)
+    assert fetch_url(server.base + "/flaky", config, sleep=sleeps.append) == GOOD
+    assert sleeps == [0.5, 1.0, 2.0] and server.hits["/flaky"] == 4
+    server.routes["/flaky2"] = _flaky([503, 503])
+    with pytest.raises(FetchError) as err:
+        fetch_url(server.base + "/flaky2", FetchConfig(retries=1, backoff=0), sleep=sleeps.append)
+    assert err.value.reason == fetch.HTTP_ERROR and server.hits["/flaky2"] == 2
+    before = server.hits.get("/forbidden", 0)
+    with pytest.raises(FetchError):
+        fetch_url(server.base + "/forbidden", FetchConfig(retries=3, backoff=0))
+    assert server.hits["/forbidden"] == before + 1  # a 403 is not retried
+
+
+def test_options_relax_the_checks(server):
+    relaxed = FetchConfig(timeout=0.5, respect_robots=False, check_content_type=False)
+    assert fetch_url(server.base + "/noai", relaxed) == GOOD
+    assert fetch_url(server.base + "/page.html", relaxed) == b"<html>hi</html>"
+
+
+def test_user_agent_is_sent(server):
+    agents = []
+
+    def route(h):
+        agents.append(h.headers["User-Agent"])
+        send(h, GOOD)
+    server.routes["/ua"] = route
+    fetch_url(server.base + "/ua", FetchConfig(user_agent="my-bot/2"))
+    assert agents == ["my-bot/2"]
+
+
+def test_robots_directives():
+    assert robots_forbid(["noai"]) == "noai"
+    assert robots_forbid(["noindex, NoImageAI"]) == "noimageai"
+    assert robots_forbid(["otherbot: noai"]) == "noai"
+    assert robots_forbid(["noindex", "nofollow"]) is None and robots_forbid([]) is None
+
+
+def test_connection_refused_is_a_connection_error():
+    with pytest.raises(FetchError) as err:
+        fetch_url("http://127.0.0.1:9/x.png", FetchConfig(retries=0))
+    assert err.value.reason == fetch.CONNECTION_ERROR
+
+
+def test_prep_from_urls_counts_every_reason(server, tmp_path, read_shards):
+    paths = list(CASES) + ["/garbage.png"]
+    manifest = tmp_path / "urls.csv"
+    with open(manifest, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["url", "text", "license"])
+        w.writerows([server.base + p, f"caption {i}", "cc-by"] for i, p in enumerate(paths))
+    config = PrepConfig(SampleConfig(image_size=16, fetch=FAST), shard_size=4, workers=1, threads=4)
+    stats = run_prep(open_records(manifest, image_col="url", caption_col="text", extra_cols=None), tmp_path / "out",
+                     config)
+    expected = {p: r for p, r in CASES.items()} | {"/garbage.png": "undecodable_image"}
+    good = [i for i, p in enumerate(paths) if expected[p] is None]
+    bad = {i: expected[p] for i, p in enumerate(paths) if expected[p] is not None}
+    assert stats["seen"] == len(paths) and stats["written"] == len(good)
+    errors = [json.loads(line) for line in (tmp_path / "out/errors.jsonl").read_text().splitlines()]
+    assert {e["index"]: e["reason"] for e in errors} == bad
+    sizes = json.loads((tmp_path / "out/sizes.json").read_text())
+    samples = read_shards([tmp_path / "out" / name for name in sizes])
+    assert [int(s["__key__"]) for s in samples] == good
+    assert all(s["json"]["license"] == "cc-by" and s["json"]["source"].startswith("http") for s in samples)
