@@ -96,7 +96,8 @@ class ClipAlign(nn.Module):
         x = emb(ids.masked_fill(is_mask, 0))
         if self.mlm_head is not None:
             x = torch.where(is_mask[..., None], self.mlm_head.mask_embedding.to(x.dtype), x)
-        x = x.to(cast_dtype) + tower.positional_embedding.to(cast_dtype)
+        # [:L]: towers that append a CLS token (CoCa) have one position more than the ids
+        x = x.to(cast_dtype) + tower.positional_embedding[: ids.shape[1]].to(cast_dtype)
         x = tower.transformer(x, attn_mask=self._padding_mask(ids, tower.transformer, x.dtype))
         return tower.ln_final(x)
 

@@ -1,10 +1,14 @@
 """Shared test helpers."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
 import pytest
+
+# Nothing may download at test time: a hub lookup fails at once instead of waiting on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _read_shards(paths: list[Path] | list[str], decode: bool = True) -> list[dict]:
