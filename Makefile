@@ -1,9 +1,11 @@
 # `make demo` and `make test` each set up .venv on first use, then run.
 VENV   ?= .venv
+# The browser test drives Debian's chromium (never a downloaded one: `playwright install` is not used).
+CHROMIUM ?= /usr/bin/chromium
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean chromium
 
 venv: $(STAMP)
 
@@ -16,8 +18,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+chromium: $(CHROMIUM)
+
+$(CHROMIUM):
+	$$( [ "$$(id -u)" -eq 0 ] || echo sudo ) sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium'
+
+test: $(STAMP) $(CHROMIUM)
+	CLIPALIGN_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q
 
 clean:
 	rm -rf demo_out .pytest_cache

@@ -27,8 +27,9 @@ clipalign plot "$OUT/run"   # training curves -> $OUT/run/curves.png
 step "4/6 eval: zero-shot shape / colour (seen and unseen colour-shape pairs) and retrieval"
 clipalign eval --checkpoint "$OUT/run" --data "$OUT"/corpus/eval/* --out "$OUT/eval.json"
 
-step "5/6 index: embed the training images and captions into FAISS"
-clipalign index --checkpoint "$OUT/run" --data "$OUT/shards" --out "$OUT/index"
+step "5/6 embed + index: image and caption embeddings (resumable), then a tuned FAISS index"
+clipalign embed --checkpoint "$OUT/run" --data "$OUT/shards" --out "$OUT/embeddings"
+clipalign index --embeddings "$OUT/embeddings" --out "$OUT/index" --max-memory 1G
 
 step "6/6 search"
 echo '$ clipalign search --text "a red circle" -k 5'
@@ -37,5 +38,7 @@ echo '$ clipalign search --text "a large green star at the bottom right" -k 5'
 clipalign search --index "$OUT/index" --text "a large green star at the bottom right" -k 5
 echo '$ clipalign search --image corpus/train/images/000000001.png -k 3   (image to image)'
 clipalign search --index "$OUT/index" --image "$OUT/corpus/train/images/000000001.png" -k 3
+clipalign search --index "$OUT/index" --text "a red circle" -k 12 --html "$OUT/search.html" --json > /dev/null
+echo "results page: $OUT/search.html   (browse instead: clipalign serve --index $OUT/index)"
 
-step "done: results in $OUT/ (eval.json, run/metrics.jsonl, index/)"
+step "done: results in $OUT/ (eval.json, run/metrics.jsonl, embeddings/, index/, search.html)"

@@ -18,8 +18,10 @@ COMMANDS: dict[str, str] = {
     "eval": "zero-shot classification and retrieval on CLIP_benchmark wds/ sets",
     "classify": "zero-shot classify your own images against class names you give",
     "export": "write a run's model as an open_clip checkpoint + model config",
-    "index": "embed images from shards into a FAISS index",
-    "search": "search an index by text or by image",
+    "embed": "embed images (and captions) of shards or an image folder into chunked .npy files",
+    "index": "build a tuned FAISS index from embeddings (or embed shards on the way)",
+    "search": "search an index by text, by image or by a file of queries",
+    "serve": "serve an index over HTTP: search API and web page",
 }
 
 

@@ -2,31 +2,58 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import sys
 
 from clipalign.cli.common import CliError, existing_path, parser
 
 
 def build_parser():
-    p = parser("search", "Search an index folder made by 'clipalign index'. Query by --text or by "
-               "--image; results are ranked by cosine similarity. By default images are searched; "
-               "--over captions searches the indexed captions instead (image-to-text with --image).")
+    p = parser("search", "Search an index folder made by 'clipalign index'. Query by --text, by --image, or "
+               "by a --queries file (one text query per line); results are ranked by cosine similarity. By "
+               "default images are searched; --over captions searches the indexed captions instead "
+               "(image-to-text with --image).")
     query = p.add_mutually_exclusive_group(required=True)
     query.add_argument("--text", help="text query, e.g. 'a red circle'")
     query.add_argument("--image", help="path of a query image")
+    query.add_argument("--queries", help="file of text queries, one a line")
     p.add_argument("--index", required=True, help="index folder")
     p.add_argument("-k", type=int, default=10, help="number of results")
     p.add_argument("--over", choices=["images", "captions"], default="images", help="what to search")
     p.add_argument("--checkpoint", default=None, help="model for the query (default: the one the index was built with)")
-    p.add_argument("--json", action="store_true", help="print results as JSON")
+    p.add_argument("--json", action="store_true", help="print results as JSON (one object a line with --queries)")
+    p.add_argument("--html", default=None, help="also write a self-contained results page with thumbnails here")
     return p
 
 
 def format_hits(hits: list[dict]) -> str:
-    lines = [f"{'rank':>4}  {'score':>6}  {'key':<12}  caption  [path]"]
+    lines = [f"{'rank':>4}  {'cosine':>6}  {'key':<12}  caption  [path]"]
     for h in hits:
         lines.append(f"{h['rank']:>4}  {h['score']:6.3f}  {h['key']:<12}  {h['caption']}  [{h['source']}]")
     return "\n".join(lines)
+
+
+def _queries(args) -> list[str]:
+    if args.queries is None:
+        return [args.text]
+    texts = [t.strip() for t in existing_path(args.queries, "queries file").read_text().splitlines() if t.strip()]
+    if not texts:
+        raise CliError(f"{args.queries} holds no queries")
+    return texts
+
+
+def _write_html(path: str, results: list[tuple[str, list[dict]]]) -> None:
+    from pathlib import Path
+
+    from retrieval.html import results_page
+    from retrieval.thumbs import thumbnail
+
+    def thumb(hit: dict) -> bytes | None:
+        try:
+            return thumbnail(hit)
+        except (OSError, ValueError, KeyError):
+            return None
+
+    Path(path).write_text(results_page(results, thumb))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,38 +63,32 @@ def main(argv: list[str] | None = None) -> int:
         existing_path(args.image, "query image")
     if args.k <= 0:
         raise CliError("-k must be positive")
-    from PIL import Image, UnidentifiedImageError
-
-    from clipalign.checkpoint import load_model
-    from clipalign.embedding import text_features
-    from retrieval.index import load_index
+    texts = None if args.image else _queries(args)
+    from retrieval.engine import open_engine
 
     try:
-        index = load_index(args.index)
-        model, transform, tokenizer, meta = load_model(args.checkpoint or Path(args.index) / index.info["checkpoint"])
-    except (FileNotFoundError, ValueError) as err:
+        engine = open_engine(args.index, args.checkpoint)
+    except (FileNotFoundError, KeyError, ValueError) as err:
         raise CliError(str(err)) from None
-    if meta["model_name"] != index.info["model"]:
-        raise CliError(f"the index was built with model {index.info['model']!r}, the query model is {meta['model_name']!r}")
-    if args.text is not None:
-        query = text_features(model, tokenizer, [args.text])
-    else:
-        try:
-            with Image.open(args.image) as img:
-                image = transform(img.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as err:
-            raise CliError(f"cannot read query image {args.image}: {err}") from None
-        import torch
-
-        with torch.no_grad():
-            query = model.encode_image(image[None], normalize=True)
-    target = "image" if args.over == "images" else "caption"
     try:
-        hits = index.search(query.numpy(), args.k, target=target)[0]
+        if texts is not None:
+            all_hits = engine.search_texts(texts, args.k, args.over)
+            labels = texts
+        else:
+            all_hits = engine.search_image_bytes(existing_path(args.image, "query image").read_bytes(), args.k, args.over)
+            labels = [args.image]
     except (KeyError, ValueError) as err:
         raise CliError(str(err)) from None
-    if args.json:
-        print(json.dumps({"query": {"text": args.text, "image": args.image, "over": args.over}, "results": hits}, indent=2))
-    else:
-        print(format_hits(hits))
+    for label, hits in zip(labels, all_hits):
+        query = {"text": label, "image": None} if texts is not None else {"text": None, "image": label}
+        if args.json:
+            print(json.dumps({"query": {**query, "over": args.over}, "results": hits},
+                             indent=None if args.queries else 2))
+        else:
+            if len(labels) > 1:
+                print(f"\n# {label}")
+            print(format_hits(hits))
+    if args.html:
+        _write_html(args.html, list(zip(labels, all_hits)))
+        print(f"wrote {args.html}", file=sys.stderr)
     return 0

@@ -1,0 +1,144 @@
+"""Where images come from: WebDataset shards (read with member offsets) or a plain image folder.
+
+Each source is cut into *units* (one shard, or one slice of a folder's files). A unit is the
+step of resumable embedding: it is embedded and written whole, or not at all.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from PIL import Image
+
+from clipalign.data import IMAGE_KEYS, BadSample, SkipCounter
+
+FOLDER_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One resumable piece of work: a shard path, or a slice of folder files."""
+
+    name: str  # stable id, e.g. "00003"
+    shard: str = ""  # shard path; "" for folder units
+    files: tuple[str, ...] = ()  # folder files, relative to ``root``
+    root: str = ""
+
+
+@dataclass
+class Item:
+    """A readable image and the metadata row that describes it."""
+
+    image: Image.Image
+    row: dict[str, Any]  # key, caption, source, shard, offset, size
+
+
+def folder_units(root: str | os.PathLike, per_unit: int = 10_000) -> list[Unit]:
+    """Units of at most ``per_unit`` images of ``root`` (recursive, sorted)."""
+    root = Path(root).resolve()
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix.lower() in FOLDER_EXTS and p.is_file())
+    return [Unit(f"{i // per_unit:05d}", files=tuple(files[i : i + per_unit]), root=str(root))
+            for i in range(0, len(files), per_unit)]
+
+
+def shard_units(shards: list[str]) -> list[Unit]:
+    return [Unit(f"{i:05d}", shard=str(Path(s).resolve())) for i, s in enumerate(shards)]
+
+
+def _key_ext(name: str) -> tuple[str, str]:
+    # WebDataset convention: the key is everything up to the first dot of the base name.
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def tar_samples(shard: str, counter: SkipCounter) -> Iterator[dict[str, Any]]:
+    """Samples of a tar shard as ``{"__key__", ext: bytes, "__where__": {ext: (offset, size)}}``.
+
+    A truncated or unreadable shard yields what precedes the damage and counts one skip.
+    """
+    current: dict[str, Any] = {}
+    try:
+        with tarfile.open(shard, "r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _key_ext(member.name)
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    raise tarfile.ReadError(f"{shard}: {member.name} is truncated")
+                if current and current["__key__"] != key:
+                    yield current
+                    current = {}
+                current.setdefault("__key__", key)
+                current.setdefault("__where__", {})[ext] = (member.offset_data, member.size)
+                current[ext] = data
+    except (tarfile.TarError, EOFError, OSError) as exn:
+        counter(exn)
+        return  # the partial last sample may be torn: drop it
+    if current:
+        yield current
+
+
+def _decode(data: bytes, what: str) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB")
+    except Exception as exn:  # PIL raises many types for bad bytes
+        raise BadSample("undecodable_image", f"{what}: {exn}") from exn
+
+
+def shard_items(unit: Unit, counter: SkipCounter) -> Iterator[Item]:
+    for sample in tar_samples(unit.shard, counter):
+        try:
+            ext = next((e for e in IMAGE_KEYS if e in sample), None)
+            if ext is None:
+                raise BadSample("missing_image", sample["__key__"])
+            image = _decode(sample[ext], sample["__key__"])
+            info = json.loads(sample["json"]) if "json" in sample else {}
+        except Exception as exn:
+            counter(exn)
+            continue
+        offset, size = sample["__where__"][ext]
+        yield Item(image, {"key": sample["__key__"], "caption": sample.get("txt", b"").decode("utf-8", "replace").strip(),
+                           "source": str(info.get("source", "")), "shard": unit.shard, "offset": offset, "size": size})
+
+
+def folder_items(unit: Unit, counter: SkipCounter) -> Iterator[Item]:
+    root = Path(unit.root)
+    for rel in unit.files:
+        path = root / rel
+        try:
+            image = _decode(path.read_bytes(), rel)
+        except FileNotFoundError:
+            counter(BadSample("missing_image", rel))
+            continue
+        except Exception as exn:
+            counter(exn)
+            continue
+        side = path.with_suffix(".txt")
+        caption = side.read_text(errors="replace").strip() if side.is_file() else ""
+        yield Item(image, {"key": str(Path(rel).with_suffix("")), "caption": caption, "source": str(path),
+                           "shard": "", "offset": -1, "size": path.stat().st_size})
+
+
+def unit_items(unit: Unit, counter: SkipCounter) -> Iterator[Item]:
+    """The readable images of a unit, in order; unreadable ones are counted in ``counter``."""
+    return shard_items(unit, counter) if unit.shard else folder_items(unit, counter)
+
+
+def read_image_bytes(row: dict[str, Any], max_bytes: int = 32 << 20) -> bytes:
+    """The stored bytes of an indexed image, found from its metadata row only."""
+    size = int(row["size"])
+    if size > max_bytes:
+        raise ValueError("image too large")
+    if row.get("shard"):
+        with open(row["shard"], "rb") as f:
+            f.seek(int(row["offset"]))
+            return f.read(size)
+    return Path(row["source"]).read_bytes()

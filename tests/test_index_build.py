@@ -1,0 +1,96 @@
+"""Building, tuning, saving, memory-mapping and extending indexes, on vectors whose answer is known."""
+import json
+
+import numpy as np
+import pytest
+
+from retrieval.identity import ModelMismatch
+from retrieval.index import add_to_index, load_index, save_index
+from retrieval.tune import exact_neighbours, measure
+from tests.retrieval_toy import clustered, unit
+
+N, DIM = 4000, 32
+
+
+@pytest.fixture(scope="module")
+def vectors():
+    return clustered(N, DIM, clusters=24, seed=0)
+
+
+def _meta(n, start=0):
+    return [{"key": f"{i:06d}", "caption": f"c{i}", "source": f"s/{i}"} for i in range(start, start + n)]
+
+
+@pytest.fixture(scope="module", params=["flat", "hnsw", "ivf", "ivfsq8", "ivfpq"])
+def built(request, tmp_path_factory, vectors):
+    folder = tmp_path_factory.mktemp(request.param) / "idx"
+    save_index(folder, {"image": vectors}, _meta(N), {"model": "toy"}, kind=request.param, target_recall=0.9)
+    return request.param, folder
+
+
+def test_info_records_the_choice_and_its_measurements(built):
+    kind, folder = built
+    stats = json.loads((folder / "info.json").read_text())["indexes"]["image"]
+    assert stats["index_type"] == kind
+    assert {"recall@10", "latency_ms", "memory_bytes", "search_param", "build_s"} <= stats.keys()
+    assert stats["memory_bytes"] == pytest.approx((folder / "image.faiss").stat().st_size, rel=0.01)
+    assert stats["target_reached"] == (stats["recall@10"] >= 0.9)
+    if kind in ("flat", "hnsw", "ivf", "ivfsq8"):  # uncompressed or 8-bit: the target is reachable
+        assert stats["target_reached"]
+    if kind == "flat":
+        assert stats["recall@10"] == 1.0
+
+
+def test_recorded_recall_matches_a_remeasurement(built, vectors):
+    _, folder = built
+    index = load_index(folder)
+    recorded = index.info["indexes"]["image"]["recall@10"]
+    rng = np.random.default_rng(123)  # fresh queries, not the tuning ones
+    ids = rng.choice(N, 300, replace=False)
+    truth = exact_neighbours(vectors, ids, 10)
+    again = measure(index.indexes["image"], vectors[ids], ids, truth, timing=False)["recall"]
+    assert again == pytest.approx(recorded, abs=0.05)
+
+
+def test_memory_mapped_load_gives_the_same_results(built, vectors):
+    _, folder = built
+    queries = vectors[:20]
+    plain = load_index(folder, mmap=False).search(queries, 5)
+    mapped = load_index(folder, mmap=True).search(queries, 5)
+    assert [[h["id"] for h in row] for row in plain] == [[h["id"] for h in row] for row in mapped]
+
+
+def test_every_index_finds_the_exact_nearest_neighbour_mostly(built, vectors):
+    _, folder = built
+    index = load_index(folder)
+    rng = np.random.default_rng(7)
+    queries = unit(vectors[rng.choice(N, 50)] + 0.05 * rng.normal(size=(50, DIM)))
+    best = np.argmax(queries @ vectors.T, axis=1)
+    found = [row[0]["id"] for row in index.search(queries, 1)]
+    assert np.mean(np.array(found) == best) >= 0.8
+
+
+def test_new_embeddings_are_added(tmp_path, vectors):
+    folder = tmp_path / "idx"
+    save_index(folder, {"image": vectors[:3000]}, _meta(3000), {"model": "toy"}, kind="ivf")
+    index = add_to_index(folder, {"image": vectors[3000:]}, _meta(1000, 3000))
+    assert index.info["count"] == N == index.indexes["image"].ntotal == index.table.num_rows
+    assert index.info["indexes"]["image"]["count_at_tuning"] == 3000
+    hit = load_index(folder).search(vectors[3500:3501], 1)[0][0]
+    assert hit["id"] == 3500 and hit["key"] == "003500" and hit["score"] == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ValueError, match="shape"):
+        add_to_index(folder, {"image": vectors[:2, :16]}, _meta(2))
+
+
+def test_model_identity_and_dimension_are_checked(tmp_path, vectors):
+    identity = {"name": "ca-nano", "weights_sha256": "aaaa"}
+    save_index(tmp_path / "idx", {"image": vectors[:100]}, _meta(100),
+               {"model": "ca-nano", "model_identity": identity}, kind="flat")
+    index = load_index(tmp_path / "idx")
+    index.check_model(identity, DIM)
+    with pytest.raises(ModelMismatch, match="dimensions"):
+        index.check_model(identity, 64)
+    with pytest.raises(ModelMismatch, match="built with model 'ca-nano'"):
+        index.check_model({"name": "ca-nano", "weights_sha256": "bbbb"}, DIM)
+    with pytest.raises(ModelMismatch):
+        index.check_model({"name": "ca-tiny", "weights_sha256": "aaaa"}, DIM)

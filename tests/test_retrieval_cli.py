@@ -1,0 +1,118 @@
+"""embed → index → search through the CLI: queries files, HTML pages, one-step indexing, model checks."""
+import json
+
+import pytest
+
+from clipalign.cli import main
+from retrieval.index import load_index
+from tests.retrieval_toy import make_checkpoint, make_index
+from tests.toydata import write_toy_shards
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory):
+    return make_index(tmp_path_factory.mktemp("cli"), n=48)
+
+
+def test_info_names_the_model_and_its_measurements(index):
+    info = json.loads((index / "info.json").read_text())
+    assert info["model"] == "ca-nano" and len(info["model_identity"]["weights_sha256"]) == 16
+    assert info["count"] == 48 and info["targets"] == ["image", "caption"] and info["index_type"] == "flat"
+    assert info["indexes"]["image"]["recall@10"] == 1.0 and (index / "model.pt").is_file()
+
+
+def test_text_search_json(index, capsys):
+    assert main(["search", "--index", str(index), "--text", "a red square", "-k", "3", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)["results"]
+    assert [h["rank"] for h in hits] == [1, 2, 3] and hits[0]["score"] >= hits[-1]["score"]
+    assert {"key", "caption", "source", "score", "id"} <= hits[0].keys()
+
+
+def test_queries_file_gives_one_json_line_per_query(index, tmp_path, capsys):
+    (tmp_path / "q.txt").write_text("a red square\n\na blue square\n")
+    assert main(["search", "--index", str(index), "--queries", str(tmp_path / "q.txt"), "-k", "2", "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [json.loads(x)["query"]["text"] for x in lines] == ["a red square", "a blue square"]
+
+
+def test_image_to_text_over_captions_and_an_html_page(index, tmp_path, capsys):
+    from retrieval.sources import read_image_bytes
+
+    row = load_index(index).rows([9])[0]
+    (tmp_path / "q.jpg").write_bytes(read_image_bytes(row))
+    page = tmp_path / "results.html"
+    assert main(["search", "--index", str(index), "--image", str(tmp_path / "q.jpg"), "--over", "captions",
+                 "-k", "4", "--html", str(page)]) == 0
+    out = capsys.readouterr().out
+    assert "cosine" in out and "square" in out
+    html = page.read_text()
+    assert html.count("data:image/jpeg;base64,") == 4 and "src=\"http" not in html  # self-contained
+
+
+def test_a_foreign_model_is_refused(index, tmp_path, capsys):
+    other = make_checkpoint(tmp_path / "other.pt", seed=1)
+    assert main(["search", "--index", str(index), "--text", "x", "--checkpoint", str(other)]) == 2
+    assert "built with model 'ca-nano'" in capsys.readouterr().err
+    tiny = make_checkpoint(tmp_path / "tiny.pt", name="ca-tiny")
+    assert main(["search", "--index", str(index), "--text", "x", "--checkpoint", str(tiny)]) == 2
+    assert "128 dimensions" in capsys.readouterr().err
+
+
+def test_one_step_index_and_adding_embeddings(tmp_path, capsys):
+    ckpt = make_checkpoint(tmp_path / "m.pt")
+    write_toy_shards(tmp_path / "a", n=20, per_shard=10, seed=0)
+    write_toy_shards(tmp_path / "b", n=12, per_shard=12, seed=1)
+    assert main(["index", "--checkpoint", str(ckpt), "--data", str(tmp_path / "a"), "--out", str(tmp_path / "idx"),
+                 "--no-progress"]) == 0
+    assert load_index(tmp_path / "idx").info["count"] == 20
+    assert main(["embed", "--checkpoint", str(ckpt), "--data", str(tmp_path / "b"), "--out", str(tmp_path / "emb"),
+                 "--no-progress"]) == 0
+    assert main(["index", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "idx"), "--add"]) == 0
+    index = load_index(tmp_path / "idx")
+    assert index.info["count"] == index.indexes["image"].ntotal == index.indexes["caption"].ntotal == 32
+    other = make_checkpoint(tmp_path / "o.pt", seed=3)
+    assert main(["embed", "--checkpoint", str(other), "--data", str(tmp_path / "b"), "--out", str(tmp_path / "emb2"),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["index", "--embeddings", str(tmp_path / "emb2"), "--out", str(tmp_path / "idx"), "--add"]) == 2
+    assert "built with model" in capsys.readouterr().err
+
+
+def test_an_index_over_budget_is_refused(tmp_path, index, capsys):
+    emb = index.parent / "emb"
+    assert main(["index", "--embeddings", str(emb), "--out", str(tmp_path / "x"), "--index", "flat",
+                 "--max-memory", "1K"]) == 2
+    assert "raise --max-memory" in capsys.readouterr().err
+
+
+def test_text_search_takes_the_fast_path_without_open_clip(index):
+    import subprocess
+    import sys
+
+    code = ("import sys; from clipalign.cli import main; "
+            f"assert main(['search', '--index', {str(index)!r}, '--text', 'a red square', '--json']) == 0; "
+            "print('open_clip' in sys.modules, 'torchvision' in sys.modules, file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stderr.strip().splitlines()[-1] == "False False"
+    fast = json.loads(done.stdout)["results"]
+    from retrieval.engine import open_engine
+
+    engine = open_engine(index)
+    model, _, tokenizer = engine.full_model()
+    import numpy as np
+
+    want = model.encode_text(tokenizer(["a red square", "x"]), normalize=True).detach().numpy()
+    assert np.abs(engine.embed_texts(["a red square", "x"]) - want).max() < 1e-5
+    assert [h["id"] for h in fast] == [h["id"] for h in engine.index.search(want[:1], 10)[0]]
+
+
+def test_without_the_fast_path_text_search_uses_the_full_model(index, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "idx"
+    shutil.copytree(index, copy)
+    (copy / "text_query.ts").unlink()
+    assert main(["search", "--index", str(index), "--text", "a red square", "--json"]) == 0
+    fast = json.loads(capsys.readouterr().out)["results"]
+    assert main(["search", "--index", str(copy), "--text", "a red square", "--json"]) == 0
+    assert [h["id"] for h in json.loads(capsys.readouterr().out)["results"]] == [h["id"] for h in fast]
