@@ -6,7 +6,7 @@ index size, p50/p99 single-query latency, batched latency per query, and recall@
 exact search on held-out queries (never in the index). Also ``clipalign search`` cold start.
 
 autofaiss runs in its own venv (its pins clash with ours; see docs/retrieval.md):
-    python3 -m venv .venv-bench-faiss && .venv-bench-faiss/bin/pip install autofaiss "pyarrow<17"
+    python3 -m venv .venv-bench-faiss && .venv-bench-faiss/bin/pip install autofaiss "pyarrow<17" "faiss-cpu==1.7.4"
 
     .venv/bin/python scripts/bench_index.py --quick            # 10k only
     .venv/bin/python scripts/bench_index.py --out bench_index.json
