@@ -65,8 +65,8 @@ def test_one_step_index_and_adding_embeddings(tmp_path, capsys):
     assert main(["index", "--checkpoint", str(ckpt), "--data", str(tmp_path / "a"), "--out", str(tmp_path / "idx"),
                  "--no-progress"]) == 0
     assert load_index(tmp_path / "idx").info["count"] == 20
-    assert main(["embed", "--checkpoint", str(ckpt), "--data", str(tmp_path / "b"), "--out", str(tmp_path / "emb"),
-                 "--no-progress"]) == 0
+    # with its progress bar, as users (and the demo) run it
+    assert main(["embed", "--checkpoint", str(ckpt), "--data", str(tmp_path / "b"), "--out", str(tmp_path / "emb")]) == 0
     assert main(["index", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "idx"), "--add"]) == 0
     index = load_index(tmp_path / "idx")
     assert index.info["count"] == index.indexes["image"].ntotal == index.indexes["caption"].ntotal == 32

@@ -60,7 +60,7 @@ def embed_to(args, out: str):
     try:
         summary = embed_collection(model, transform, tokenizer, units, out, identity=identity,
                                    captions=not args.no_captions, dtype=args.dtype, batch_size=args.batch_size,
-                                   precision=args.precision, on_batch=bar.update if bar else None)
+                                   precision=args.precision, on_batch=bar.update if bar is not None else None)
     except ValueError as err:
         raise CliError(str(err)) from None
     finally:
