@@ -39,11 +39,13 @@ def test_sigkill_then_resume_reproduces_every_step(tmp_path):
     subprocess.run(_command(data, tmp_path / "straight", steps), check=True, env=env, capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_command(data, killed, steps), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # its own process group: the kill takes the loader workers too, as killing a job does
+    proc = subprocess.Popen(_command(data, killed, steps), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     deadline = time.monotonic() + 300
     while _last_step(killed) < 7 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     interrupted_at = _last_step(killed)
     assert 7 <= interrupted_at < steps, "the run was not killed mid-way"
