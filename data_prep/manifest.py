@@ -5,7 +5,7 @@ and raises ``ManifestError`` for that, then yields ``Record``s lazily, one row a
 time, so memory stays flat however long the manifest is. Problems in a single row
 never raise: they travel in ``Record.error`` so the caller can skip and count them.
 
-Formats: ``.csv``, ``.tsv``, ``.jsonl`` (each optionally ``.gz``), ``.parquet``, a
+Formats: ``.csv``, ``.tsv``, ``.jsonl``, ``.parquet`` (each optionally ``.gz``), a
 COCO captions ``.json`` (see ``data_prep.coco``) and a folder of images with
 same-stem ``.txt`` captions. The image column may hold a local path (relative to the
 manifest's folder), a ``file://`` URL or an ``http(s)://`` URL.
@@ -16,7 +16,9 @@ import csv
 import gzip
 import json
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterator, Sequence
@@ -226,22 +228,42 @@ def read_parquet(
     caption_col: str = "caption",
     extra_cols: Sequence[str] | None = (),
 ) -> Iterator[Record]:
-    """Stream a Parquet manifest in record batches (only the needed columns are read).
+    """Stream a Parquet manifest (optionally ``.gz``) in record batches (only the needed columns are read).
 
     Raises:
-        ManifestError: if the file is not Parquet or lacks a named column.
+        ManifestError: if the file is not (gzipped) Parquet or lacks a named column.
+    """
+    path = Path(path)
+    tmp: IO[bytes] | None = tempfile.TemporaryFile() if path.suffix.lower() == ".gz" else None
+    try:
+        pf = _parquet_file(path, tmp)
+        columns = pf.schema_arrow.names
+        _check_columns(path, columns, image_col, caption_col)
+        extras = _extra_names(columns, (image_col, caption_col), extra_cols, path)
+    except BaseException:
+        if tmp is not None:
+            tmp.close()
+        raise
+    return _parquet_rows(pf, tmp, path.parent, image_col, caption_col, extras)
+
+
+def _parquet_file(path: Path, tmp: IO[bytes] | None) -> Any:
+    """``path`` as a ``pq.ParquetFile``; with ``tmp``, ``path`` is gzipped and is decompressed into ``tmp`` first.
+
+    Parquet needs random access (its index is at the end), which a gzip stream does not
+    give; the copy is streamed, so memory stays flat, and ``tmp`` is an anonymous file.
     """
     import pyarrow.parquet as pq
 
-    path = Path(path)
     try:
-        pf = pq.ParquetFile(path)
-    except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ...
+        if tmp is None:
+            return pq.ParquetFile(path)
+        with gzip.open(path, "rb") as f:
+            shutil.copyfileobj(f, tmp, 1 << 20)
+        tmp.seek(0)
+        return pq.ParquetFile(tmp)
+    except Exception as err:  # gzip raises BadGzipFile, EOFError; pyarrow ArrowInvalid, OSError, ...
         raise ManifestError(f"{path} is not a readable Parquet file ({err})") from None
-    columns = pf.schema_arrow.names
-    _check_columns(path, columns, image_col, caption_col)
-    extras = _extra_names(columns, (image_col, caption_col), extra_cols, path)
-    return _parquet_rows(pf, path.parent, image_col, caption_col, extras)
 
 
 def _json_safe(value: Any) -> Any:
@@ -250,18 +272,25 @@ def _json_safe(value: Any) -> Any:
     return str(value)  # timestamps, decimals, bytes: keep a readable form in the sample's json
 
 
-def _parquet_rows(pf: Any, base: Path, image_col: str, caption_col: str, extras: list[str]) -> Iterator[Record]:
-    index = 0
-    for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[image_col, caption_col, *extras]):
-        data = batch.to_pydict()
-        for i in range(batch.num_rows):
-            source = data[image_col][i]
-            extra = {name: _json_safe(data[name][i]) for name in extras}
-            if source is None:
-                yield Record(index, "", None, None, "bad_row", f"no value in column {image_col!r}", extra=extra or None)
-            else:
-                yield make_record(index, base, str(source).strip(), _strip(data[caption_col][i]), extra)
-            index += 1
+def _parquet_rows(
+    pf: Any, tmp: IO[bytes] | None, base: Path, image_col: str, caption_col: str, extras: list[str]
+) -> Iterator[Record]:
+    """The rows of ``pf``; ``tmp`` (the decompressed copy of a ``.gz`` input, if any) is closed at the end."""
+    try:
+        index = 0
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[image_col, caption_col, *extras]):
+            data = batch.to_pydict()
+            for i in range(batch.num_rows):
+                source = data[image_col][i]
+                extra = {name: _json_safe(data[name][i]) for name in extras}
+                if source is None:
+                    yield Record(index, "", None, None, "bad_row", f"no value in column {image_col!r}", extra=extra or None)
+                else:
+                    yield make_record(index, base, str(source).strip(), _strip(data[caption_col][i]), extra)
+                index += 1
+    finally:
+        if tmp is not None:
+            tmp.close()
 
 
 def read_folder(root: str | os.PathLike) -> Iterator[Record]:
@@ -304,7 +333,7 @@ def open_records(
     """Pick the reader by what ``source`` is: a folder or a manifest file.
 
     Args:
-        source: Folder, ``.csv``/``.tsv``/``.jsonl`` (optionally ``.gz``), ``.parquet`` or COCO ``.json``.
+        source: Folder, ``.csv``/``.tsv``/``.jsonl``/``.parquet`` (optionally ``.gz``) or COCO ``.json``.
         image_col: Column holding image paths or URLs.
         caption_col: Column holding captions.
         extra_cols: Other columns to carry into each sample's json; ``None`` carries them all.
@@ -321,10 +350,10 @@ def open_records(
     if source.is_dir():
         return read_folder(source)
     ext = manifest_extension(source)
-    if ext not in MANIFEST_EXTENSIONS or (ext in (".parquet", ".json") and source.suffix.lower() == ".gz"):
+    if ext not in MANIFEST_EXTENSIONS or (ext == ".json" and source.suffix.lower() == ".gz"):
         raise ManifestError(
-            f"unknown manifest type {ext or '(none)'!r} for {source}; expected .csv, .tsv, .jsonl (or .gz of those), "
-            ".parquet, a COCO captions .json or a folder"
+            f"unknown manifest type {ext or '(none)'!r} for {source}; expected .csv, .tsv, .jsonl, .parquet "
+            "(or .gz of those), a COCO captions .json or a folder"
         )
     if ext == ".json":
         from data_prep.coco import read_coco

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from data_prep.captions import normalize_caption
 from data_prep.images import RejectedImage, process_image
@@ -63,6 +63,34 @@ def test_exif_orientation_with_fast_and_full_decode(orientation, size):
     a = np.asarray(Image.open(io.BytesIO(fast.data)), np.float64)
     b = np.asarray(Image.open(io.BytesIO(full.data)), np.float64)
     assert np.abs(a - b).mean() < 8  # the reduced-scale decode looks the same
+
+
+def _photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Smooth colour fields, sharp-edged shapes and sensor-like noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width] / max(width, height)
+    fields = [np.sin(xx * rng.uniform(3, 12) + rng.uniform(0, 6)) * np.cos(yy * rng.uniform(3, 12)) for _ in range(3)]
+    img = Image.fromarray((np.stack(fields, -1) * 90 + 128 + rng.normal(0, 8, (height, width, 3))).clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(12):
+        x, y = np.sort(rng.uniform(0, width, 2)), np.sort(rng.uniform(0, height, 2))
+        draw.ellipse((x[0], y[0], x[1], y[1]), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    return img
+
+
+@pytest.mark.parametrize("size, fmt", [((640, 480), "JPEG"), ((480, 640), "JPEG"), ((2000, 1600), "JPEG"),
+                                       ((2000, 1600), "PNG")])
+def test_fast_resize_looks_like_a_plain_lanczos_resize(size, fmt):
+    # The fast path (bicubic, reduced-scale JPEG decode, PIL's reducing_gap) against a full
+    # decode and one Lanczos resize of the centred square.
+    data = _bytes(_photo_like(*size), fmt, quality=95)
+    w, h = size
+    side = min(w, h)
+    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    plain = Image.open(io.BytesIO(data)).convert("RGB").resize((256, 256), Image.Resampling.LANCZOS, box=box)
+    out = process_image(data, size=256, fmt="png")
+    diff = np.abs(np.asarray(Image.open(io.BytesIO(out.data)), np.float64) - np.asarray(plain, np.float64))
+    assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 8  # JPEG q95 alone changes ~2 on average
 
 
 def test_filters_and_bomb_guard():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,7 +25,10 @@ ROWS = [
 def _write(path, kind):
     opener = gzip.open if path.suffix == ".gz" else open
     if kind == "parquet":
-        pq.write_table(pa.Table.from_pylist(ROWS), path)
+        buf = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(ROWS), buf)
+        with opener(path, "wb") as f:
+            f.write(buf.getvalue().to_pybytes())
     elif kind == "jsonl":
         with opener(path, "wt", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in ROWS)
@@ -36,7 +40,9 @@ def _write(path, kind):
     return path
 
 
-@pytest.mark.parametrize("name", ["m.csv", "m.csv.gz", "m.tsv", "m.tsv.gz", "m.jsonl", "m.jsonl.gz", "m.parquet"])
+@pytest.mark.parametrize(
+    "name", ["m.csv", "m.csv.gz", "m.tsv", "m.tsv.gz", "m.jsonl", "m.jsonl.gz", "m.parquet", "m.parquet.gz"]
+)
 def test_formats_give_the_same_records(tmp_path, name):
     kind = name.split(".")[1]
     records = list(open_records(_write(tmp_path / name, kind), extra_cols=None))
@@ -124,12 +130,26 @@ def test_folder_is_recursive_and_sorted(tmp_path):
                                                          ("b/z.png", "b/z.png")]
 
 
+def test_gzipped_parquet_is_decompressed_to_a_file_closed_after_reading(tmp_path):
+    path = _write(tmp_path / "m.parquet.gz", "parquet")
+    list(open_records(path))  # pyarrow's own first-use files
+    fds = len(os.listdir("/proc/self/fd"))
+    records = open_records(path)
+    assert len(os.listdir("/proc/self/fd")) == fds + 1
+    assert len(list(records)) == len(ROWS)
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
 def test_unknown_types_are_refused(tmp_path):
-    (tmp_path / "m.parquet.gz").write_bytes(b"")
+    (tmp_path / "m.json.gz").write_bytes(b"")
     (tmp_path / "m.txt").write_text("x")
-    for name in ("m.parquet.gz", "m.txt"):
+    for name in ("m.json.gz", "m.txt"):
         with pytest.raises(ManifestError, match="unknown manifest type"):
             open_records(tmp_path / name)
     (tmp_path / "bad.parquet").write_text("not parquet")
-    with pytest.raises(ManifestError, match="Parquet"):
-        open_records(tmp_path / "bad.parquet")
+    (tmp_path / "bad.parquet.gz").write_text("not gzip")
+    with gzip.open(tmp_path / "bad2.parquet.gz", "wt") as f:
+        f.write("gzip, but not parquet")
+    for name in ("bad.parquet", "bad.parquet.gz", "bad2.parquet.gz"):
+        with pytest.raises(ManifestError, match="Parquet"):
+            open_records(tmp_path / name)

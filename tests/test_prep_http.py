@@ -27,11 +27,12 @@ def _png(colour: tuple[int, int, int], size: int = 24) -> bytes:
 GOOD = _png((200, 10, 10))
 
 
-def _flaky(failures: list[int]):
-    """Answers with the status codes in ``failures`` first, then with the image."""
+def _flaky(failures: list[int | tuple[int, dict[str, str]]]):
+    """Answers with the status codes (and headers) in ``failures`` first, then with the image."""
     def route(h):
         if failures:
-            send(h, b"busy", "text/plain", failures.pop(0))
+            status, headers = failures.pop(0) if isinstance(failures[0], tuple) else (failures.pop(0), {})
+            send(h, b"busy", "text/plain", status, headers)
         else:
             send(h, GOOD)
     return route
@@ -52,6 +53,7 @@ def _routes() -> dict:
         "/good2.png": lambda h: send(h, _png((10, 200, 10))),
         "/octet": lambda h: send(h, _png((10, 10, 200)), "application/octet-stream"),
         "/redirect": _redirect("/good2.png"),
+        "/loop": _redirect("/loop"),
         "/slow": slow(1.5, lambda h: send(h, GOOD)),
         "/truncated": lambda h: send(h, GOOD[: len(GOOD) // 2], length=len(GOOD)),
         "/page.html": lambda h: send(h, b"<html>hi</html>", "text/html"),
@@ -88,6 +90,7 @@ CASES = {
     "/redirect": None,
     "/busy-then-ok": None,
     "/missing.png": fetch.NOT_FOUND,
+    "/loop": fetch.HTTP_ERROR,
     "/slow": fetch.TIMEOUT,
     "/truncated": fetch.TRUNCATED,
     "/page.html": fetch.NOT_AN_IMAGE,
@@ -127,6 +130,35 @@ def test_retries_transient_failures_with_backoff(server):
     assert server.hits["/forbidden"] == before + 1  # a 403 is not retried
 
 
+def test_retry_after_is_honoured_up_to_a_cap(server):
+    sleeps: list[float] = []
+    server.routes["/rate-limited"] = _flaky([
+        (429, {"Retry-After": "3"}),  # longer than the backoff (0.5 s): wait 3 s
+        (503, {"Retry-After": "3600"}),  # capped
+        (503, {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}),  # a date in the past: the backoff (2 s)
+        (500, {"Retry-After": "5"}),  # only 429 and 503 carry it: the backoff (4 s)
+        (429, {"Retry-After": "soon"}),  # invalid: the backoff (8 s)
+    ])
+    config = FetchConfig(retries=5, backoff=0.5)
+    assert fetch_url(server.base + "/rate-limited", config, sleep=sleeps.append) == GOOD
+    assert sleeps == [3.0, fetch.MAX_WAIT, 2.0, 4.0, 8.0]
+
+
+def test_connections_are_kept_alive(server):
+    before = len(server.peers)
+    for path in ("/good.png", "/missing.png", "/redirect", "/page.html", "/good.png"):
+        try:
+            fetch_url(server.base + path, FAST)
+        except FetchError:
+            pass  # a refused answer's short body is read, so its connection serves the next request
+    assert len(server.peers) == before + 6 and len(set(server.peers[before:])) == 1  # the redirect is 2 requests
+    server.routes["/larger-than-a-chunk.png"] = lambda h: send(h, b"\0" * (1 << 17))
+    with pytest.raises(FetchError):
+        fetch_url(server.base + "/larger-than-a-chunk.png", FAST)  # a long body is not read: the connection is closed
+    assert fetch_url(server.base + "/good.png", FAST) == GOOD
+    assert server.peers[-1] != server.peers[-2]
+
+
 def test_options_relax_the_checks(server):
     relaxed = FetchConfig(timeout=0.5, respect_robots=False, check_content_type=False)
     assert fetch_url(server.base + "/noai", relaxed) == GOOD
@@ -154,17 +186,18 @@ def test_robots_directives():
 def test_connection_refused_is_a_connection_error():
     with pytest.raises(FetchError) as err:
         fetch_url("http://127.0.0.1:9/x.png", FetchConfig(retries=0))
-    assert err.value.reason == fetch.CONNECTION_ERROR
+    assert err.value.reason == fetch.CONNECTION_ERROR and " at 0x" not in err.value.detail  # details are reproducible
 
 
-def test_prep_from_urls_counts_every_reason(server, tmp_path, read_shards):
+@pytest.mark.parametrize("workers", [1, 2])  # 2: forked workers open their own connections
+def test_prep_from_urls_counts_every_reason(server, tmp_path, read_shards, workers):
     paths = list(CASES) + ["/garbage.png"]
     manifest = tmp_path / "urls.csv"
     with open(manifest, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["url", "text", "license"])
         w.writerows([server.base + p, f"caption {i}", "cc-by"] for i, p in enumerate(paths))
-    config = PrepConfig(SampleConfig(image_size=16, fetch=FAST), shard_size=4, workers=1, threads=4)
+    config = PrepConfig(SampleConfig(image_size=16, fetch=FAST), shard_size=4, workers=workers, threads=4)
     stats = run_prep(open_records(manifest, image_col="url", caption_col="text", extra_cols=None), tmp_path / "out",
                      config)
     expected = {p: r for p, r in CASES.items()} | {"/garbage.png": "undecodable_image"}

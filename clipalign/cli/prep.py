@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     from data_prep.fetch import DEFAULT_USER_AGENT
     from data_prep.sample import DEFAULT_MAX_PIXELS
 
-    p = parser("prep", "Read a manifest (.csv/.tsv/.jsonl, optionally .gz, or .parquet; image column holding local "
+    p = parser("prep", "Read a manifest (.csv/.tsv/.jsonl/.parquet, each optionally .gz; image column holding local "
                "paths relative to the manifest's folder, file:// or http(s):// URLs), a COCO captions .json, or a "
                "folder of images with same-stem .txt captions, and write WebDataset shards DIR/00000.tar, ... "
                "(shard i = input rows [i*S, (i+1)*S)) with NNNNN.parquet and NNNNN_stats.json beside each, plus "
