@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import text_global_pool
 from torch import nn
 
 from clipalign.masking import IGNORE_INDEX
@@ -31,13 +32,65 @@ class MlmHead(nn.Module):
         return F.linear(h, token_embedding.to(h.dtype), self.bias.to(h.dtype))
 
 
+_TOWER_PARTS = ("token_embedding", "positional_embedding", "transformer", "ln_final")
+
+
 def _text_tower(clip: nn.Module) -> nn.Module:
     """The module that holds open_clip's text transformer pieces (CLIP or CustomTextCLIP)."""
     tower = getattr(clip, "text", clip)
-    needed = ("token_embedding", "positional_embedding", "transformer", "ln_final")
-    if not all(hasattr(tower, name) for name in needed):
+    if not all(hasattr(tower, name) for name in _TOWER_PARTS):
         raise ValueError(f"the MLM head needs an open_clip transformer text tower; {type(tower).__name__} is not one")
     return tower
+
+
+def text_length(ids: torch.Tensor, eot_id: int) -> int:
+    """Columns of (B, L) ids that hold a real token in some row: up to the batch's last end-of-text.
+
+    The columns after it are padding in every row. ``L`` when a row has no end-of-text (a
+    caption cut at the context length).
+    """
+    is_eot = ids == eot_id
+    if not bool(is_eot.any(1).all()):
+        return ids.shape[1]
+    return int(is_eot.int().argmax(1).max()) + 1
+
+
+def _pool_type(tower: nn.Module) -> str | None:
+    return getattr(tower, "text_pool_type", getattr(tower, "pool_type", None))
+
+
+def trims_text(clip: nn.Module) -> bool:
+    """Whether ``encode_text`` gives the same features when the ids lose their trailing padding.
+
+    True for causal transformer towers pooled at end-of-text or at the first token (CLIP's
+    own): no position before end-of-text attends to the padding after it. Not for towers that
+    attend both ways, append a class token (CoCa) or pool the last position (SigLIP).
+    """
+    tower = getattr(clip, "text", clip)
+    return (all(hasattr(tower, name) for name in _TOWER_PARTS) and getattr(tower, "attn_mask", None) is not None
+            and getattr(tower, "cls_emb", None) is None and not getattr(tower, "use_pad_mask", False)
+            and _pool_type(tower) in ("argmax", "eos", "first"))
+
+
+def encode_text(clip: nn.Module, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """open_clip's ``clip.encode_text`` that also takes ids shorter than the context.
+
+    (B, L) ids, L ≤ context length → (B, D). Shorter ids are what ``text_length`` keeps of a
+    batch; only towers for which ``trims_text`` holds accept them (the others get the ids
+    unchanged to open_clip, which needs the full padded context).
+    """
+    tower = getattr(clip, "text", clip)
+    length = text.shape[1]
+    if not trims_text(clip) or length == tower.positional_embedding.shape[0]:
+        return clip.encode_text(text, normalize=normalize)
+    cast_dtype = tower.transformer.get_cast_dtype()
+    x = tower.token_embedding(text).to(cast_dtype) + tower.positional_embedding[:length].to(cast_dtype)
+    x = tower.ln_final(tower.transformer(x, attn_mask=tower.attn_mask[:length, :length]))
+    x = text_global_pool(x, text, _pool_type(tower), eos_token_id=getattr(tower, "text_eos_id", getattr(tower, "eos_id", None)))
+    proj = tower.text_projection
+    if proj is not None:
+        x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+    return F.normalize(x, dim=-1) if normalize else x
 
 
 class ClipAlign(nn.Module):
@@ -80,8 +133,14 @@ class ClipAlign(nn.Module):
         return self.clip.encode_image(image, normalize=normalize)
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """(B, L) token ids (no mask ids) → (B, D), with open_clip's causal text tower."""
-        return self.clip.encode_text(text, normalize=normalize)
+        """(B, L) token ids (no mask ids) → (B, D), with open_clip's causal text tower; L may
+        be shorter than the context where ``trims_text`` allows (see ``text_length``)."""
+        return encode_text(self.clip, text, normalize=normalize)
+
+    @property
+    def trims_text(self) -> bool:
+        """Whether ``encode_text`` takes ids with the batch's common padding dropped."""
+        return trims_text(self.clip)
 
     def encode_text_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """Bidirectional pass over (possibly masked) ids: (B, L) → (B, L, W) token states.

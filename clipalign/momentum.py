@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from clipalign.model import encode_text
+
 
 class FeatureQueue(nn.Module):
     """A ring buffer of the last ``size`` (D,) features; ``features()`` is the filled part.
@@ -80,7 +82,7 @@ class MomentumQueues(nn.Module):
     def push(self, images: torch.Tensor, texts: torch.Tensor) -> None:
         """Encode (B, 3, H, W) images and (B, L) texts with the averaged encoders and queue them."""
         assert self.ema is not None, "momentum 0 queues the step's own features (push_features)"
-        self.push_features(self.ema.encode_image(images, normalize=True), self.ema.encode_text(texts, normalize=True))
+        self.push_features(self.ema.encode_image(images, normalize=True), encode_text(self.ema, texts, normalize=True))
 
     def push_features(self, image_features: torch.Tensor, text_features: torch.Tensor) -> None:
         self.image_queue.push(image_features.float())

@@ -25,6 +25,7 @@ from clipalign.factory import create_model_and_transforms, get_tokenizer
 from clipalign.image_ssl import IMAGE_SSL, ProjectionHead, simclr_view_transform
 from clipalign.loss import ClipLoss, MlmLoss, QueueClipLoss, SigLipLoss, SimClrLoss
 from clipalign.masking import IGNORE_INDEX, mask_tokens
+from clipalign.model import text_length
 from clipalign.momentum import MomentumQueues
 from clipalign.precision import attention_backend, autocast
 from clipalign.schedule import warmup_cosine_scheduler
@@ -332,6 +333,7 @@ class Trainer:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         if self.mlm_loss is not None and "masked_text" not in batch:
             batch["masked_text"], batch["mlm_labels"] = self.mask(batch["text"])
+        batch = self.drop_padding(batch)
         micro = split_batch(batch, cfg.accum_steps)
         mlm_count = None
         if self.mlm_loss is not None:
@@ -394,6 +396,18 @@ class Trainer:
         if finite:
             logs["loss"] = sum(v for k, v in logs.items() if k.endswith("_loss"))
         return logs
+
+    def drop_padding(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Cut the token columns that are padding in every caption of the batch.
+
+        Exact: the MLM pass never attends to padding, and the contrastive text features of a
+        tower for which ``ClipAlign.trims_text`` holds do not depend on it (other towers keep
+        their full ``text``). Captions are short (~10 tokens of a 32 or 77 context), so this
+        saves most of the text towers' work.
+        """
+        length = text_length(batch["text"], self.tokenizer.eot_token_id)
+        keys = {"masked_text", "mlm_labels"} | ({"text"} if self.model.trims_text else set())
+        return {k: v[:, :length] if k in keys else v for k, v in batch.items()}
 
     def mask(self, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """MLM inputs for (B, L) ids when the loader has not made them (seeded by step)."""

@@ -1,72 +1,212 @@
-"""Benchmark the bare training step (model + losses + AdamW, no data loader).
+"""Training speed: ``clipalign train`` against ``open_clip_train`` on the same shards, side by side.
 
-Measures samples/s of ``Trainer.train_step`` on random inputs for each setting, side by side
-in one process, so that the trainer's defaults rest on numbers taken on the same machine.
+    python scripts/bench_train.py --model ca-small --batch-size 128 --json docs/bench/train.json
 
-    python scripts/bench_train.py --model ca-tiny --batch-size 128
+Writes ``--shards`` synthetic 64 px JPEG shards (captions pre-tokenised as ``clipalign prep
+--tokenize`` stores them; open_clip_train reads the same ``jpg``/``txt``), then runs, one after
+the other, each trainer as a fresh process for ``--steps`` steps and reports the median
+samples/s of the steps after ``--warmup`` (each step timed from the end of the previous one,
+so data-loader waits count; both trainers log every step). Rows:
 
-Each setting runs ``--warmup`` untimed steps, then ``--steps`` timed ones; the median step time
-is reported. Run nothing else on the machine meanwhile: two compute-heavy processes on 2 cores
-slow each other by far more than 2x.
+- open_clip_train (installed open_clip_torch, through ``scripts/run_open_clip_train.py``) in
+  fp32 and ``amp_bf16``, and ``amp_bf16`` with the math attention kernels;
+- clipalign in fp32 and bf16 with MLM off (the like-for-like rows), then the cost of each
+  objective: MLM on, MLM on a fraction of the batch, SimCLR, the MoCo queue.
+
+Model FLOPs utilisation: FLOPs of one training step counted by
+``torch.utils.flop_counter.FlopCounterMode`` on a batch of these shards (open_clip's row:
+the full padded context, as it runs it; clipalign's: what it runs), times samples/s, over
+the matmul ceiling measured in the same run. Run nothing else on the machine meanwhile: two
+compute-heavy processes on 2 cores slow each other by far more than 2x.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
+import io
 import json
+import os
+import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+import webdataset as wds
 
-from clipalign.precision import attention_backend
-from clipalign.train import TrainConfig, Trainer
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "clipalign" / "model_configs"
+REFERENCE_BF16_CEILING = 950e9  # ../shared/MEASURED.md, bf16 matmul on a quiet day
 
 
-def bench(model: str, batch_size: int, precision: str, attention: str, mlm_weight: float,
-          warmup: int, steps: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(data="", out=tmp, model=model, batch_size=batch_size, precision=precision,
-                          attention=attention, mlm_weight=mlm_weight)
-        trainer = Trainer(cfg)
-    size = trainer.model.image_size
-    images = torch.randn(batch_size, 3, size, size)
-    texts = trainer.tokenizer(["a small red triangle at the top left of the picture"] * batch_size)
+@dataclass
+class Row:
+    name: str
+    trainer: str  # "clipalign" or "open_clip_train"
+    precision: str  # "fp32" or "bf16"
+    args: list[str] = field(default_factory=list)
+    math_attention: bool = False  # open_clip_train only
+
+
+ROWS = [
+    Row("open_clip_train fp32", "open_clip_train", "fp32"),
+    Row("open_clip_train amp_bf16", "open_clip_train", "bf16"),
+    Row("open_clip_train amp_bf16 + math attention", "open_clip_train", "bf16", math_attention=True),
+    Row("clipalign fp32, MLM off", "clipalign", "fp32", ["--mlm-weight", "0"]),
+    Row("clipalign bf16, MLM off", "clipalign", "bf16", ["--mlm-weight", "0"]),
+    Row("clipalign bf16, MLM on (default)", "clipalign", "bf16", []),
+    Row("clipalign bf16, MLM on half the batch", "clipalign", "bf16", ["--mlm-fraction", "0.5"]),
+    Row("clipalign bf16, MLM off, SimCLR", "clipalign", "bf16", ["--mlm-weight", "0", "--image-ssl", "simclr"]),
+    Row("clipalign bf16, MLM off, MoCo queue 4096", "clipalign", "bf16", ["--mlm-weight", "0", "--queue-size", "4096"]),
+]
+
+
+def write_shards(folder: Path, model: str, shards: int, per_shard: int, image_size: int) -> str:
+    """Synthetic captioned JPEGs with pre-tokenised captions; returns a brace pattern of the shards."""
+    from data_prep.synth import train_example
+    from data_prep.tokens import npy_bytes, token_ids
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in range(shards):
+        with wds.TarWriter(str(folder / f"{s:05d}.tar")) as sink:
+            for i in range(s * per_shard, (s + 1) * per_shard):
+                image, caption, _ = train_example(0, i, image_size)
+                buf = io.BytesIO()
+                image.convert("RGB").save(buf, format="JPEG", quality=90)
+                sink.write({"__key__": f"{i:08d}", "jpg": buf.getvalue(), "txt": caption,
+                            "tok.npy": npy_bytes(token_ids(caption, model))})
+    return str(folder / f"{{00000..{shards - 1:05d}}}.tar")
+
+
+def matmul_ceiling(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of an n×n×n matmul in ``dtype``: the median of ``repeats``."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
     times = []
-    with attention_backend(attention):
-        for i in range(warmup + steps):
-            start = time.perf_counter()
-            trainer.train_step({"image": images, "text": texts})
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    step = statistics.median(times)
-    return {"model": model, "batch_size": batch_size, "precision": precision, "attention": attention,
-            "mlm_weight": mlm_weight, "step_ms": 1000 * step, "samples_per_s": batch_size / step}
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times)
+
+
+def step_flops(model: str, pattern: str, batch_size: int, extra: list[str], full_context: bool) -> float:
+    """FLOPs of one training step (forward + backward) per sample, on a batch of the shards."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from clipalign.cli.train import build_config
+    from clipalign.data import resolve_shards, train_loader
+    from clipalign.train import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _, cfg = build_config(["--data", pattern, "--out", tmp, "--model", model, "--batch-size", str(batch_size),
+                            "--precision", "fp32", "--workers", "0", *extra])
+        trainer = Trainer(cfg)
+        batch, _ = next(iter(train_loader(trainer._pipeline(resolve_shards(pattern)), 0)))
+    if full_context:
+        trainer.drop_padding = lambda b: b
+    with FlopCounterMode(display=False) as counter:
+        trainer.train_step(batch)
+    return counter.get_total_flops() / batch_size
+
+
+def _clipalign_cmd(row: Row, pattern: str, out: Path, a: argparse.Namespace) -> list[str]:
+    return [sys.executable, "-m", "clipalign", "train", "--data", pattern, "--out", str(out), "--model", a.model,
+            "--batch-size", str(a.batch_size), "--steps", str(a.steps), "--warmup", "10", "--precision", row.precision,
+            "--workers", str(a.workers), "--log-every", "1", "--checkpoint-every", str(10**9), "--no-tensorboard",
+            "--no-progress", *row.args]
+
+
+def _open_clip_cmd(row: Row, pattern: str, out: Path, a: argparse.Namespace) -> list[str]:
+    return [sys.executable, str(ROOT / "scripts" / "run_open_clip_train.py"), "--model-config-dir", str(CONFIGS),
+            *(["--math-attention"] if row.math_attention else []), "--",
+            "--train-data", pattern, "--dataset-type", "webdataset", "--train-num-samples", str(a.steps * a.batch_size),
+            "--model", a.model, "--batch-size", str(a.batch_size), "--epochs", "1", "--warmup", "10", "--lr", "5e-4",
+            "--wd", "0.1", "--grad-clip-norm", "1.0", "--precision", "amp_bf16" if row.precision == "bf16" else "fp32",
+            "--workers", str(a.workers), "--log-every-n-steps", "1", "--save-frequency", "0", "--zeroshot-frequency", "0",
+            "--val-frequency", "0", "--report-to", "", "--logs", str(out), "--name", "run"]
+
+
+def step_rates(row: Row, output: str, out: Path) -> list[float]:
+    """Samples/s of every logged step, in order."""
+    if row.trainer == "clipalign":
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["samples_per_s"] for line in lines]
+    return [float(m) for m in re.findall(r"Batch \(t\): [0-9.]+, ([0-9.]+)/s,", output)]
+
+
+def run_row(row: Row, pattern: str, a: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        cmd = (_clipalign_cmd if row.trainer == "clipalign" else _open_clip_cmd)(row, pattern, out, a)
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise RuntimeError(f"{row.name} failed:\n{proc.stderr[-3000:]}")
+        rates = step_rates(row, proc.stdout + proc.stderr, out)
+    if len(rates) <= a.warmup:
+        raise RuntimeError(f"{row.name}: only {len(rates)} steps logged")
+    return {"name": row.name, "trainer": row.trainer, "precision": row.precision, "args": row.args,
+            "math_attention": row.math_attention, "samples_per_s": statistics.median(rates[a.warmup:]),
+            "steps": len(rates), "wall_s": wall, "command": " ".join(cmd)}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="ca-tiny")
+    p.add_argument("--model", default="ca-small", help="model config (clipalign's model_configs or open_clip's)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
-    p.add_argument("--attention", nargs="+", default=["auto", "math"])
-    p.add_argument("--mlm-weight", nargs="+", type=float, default=[0.0, 0.1])
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--json", default=None, help="also write the rows here")
-    args = p.parse_args(argv)
-    rows = []
-    print(f"{'precision':>9} {'attention':>9} {'mlm':>5} {'ms/step':>8} {'samples/s':>9}")
-    for precision, attention, mlm in itertools.product(args.precision, args.attention, args.mlm_weight):
-        row = bench(args.model, args.batch_size, precision, attention, mlm, args.warmup, args.steps)
-        rows.append(row)
-        print(f"{precision:>9} {attention:>9} {mlm:>5} {row['step_ms']:8.0f} {row['samples_per_s']:9.1f}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    p.add_argument("--steps", type=int, default=40, help="steps per run")
+    p.add_argument("--warmup", type=int, default=8, help="first steps left out of the median")
+    p.add_argument("--workers", type=int, default=1, help="data loader processes, both trainers")
+    p.add_argument("--shards", type=int, default=16)
+    p.add_argument("--per-shard", type=int, default=512)
+    p.add_argument("--only", nargs="*", default=None, help="run only rows whose name contains one of these")
+    p.add_argument("--json", default=None, help="also write the results here")
+    a = p.parse_args(argv)
+    rows = [r for r in ROWS if a.only is None or any(s in r.name for s in a.only)]
+    ceilings = {"fp32": matmul_ceiling(torch.float32), "bf16": matmul_ceiling(torch.bfloat16)}
+    print(f"matmul ceiling this run: fp32 {ceilings['fp32'] / 1e9:.0f} GFLOP/s, bf16 {ceilings['bf16'] / 1e9:.0f} GFLOP/s")
+    with tempfile.TemporaryDirectory() as tmp:
+        from clipalign.factory import create_model
+
+        pattern = write_shards(Path(tmp) / "shards", a.model, a.shards, a.per_shard, create_model(a.model).image_size)
+        results = []
+        print(f"{'run':<46} {'samples/s':>9} {'GFLOP/sample':>12} {'MFU':>6}")
+        for row in rows:
+            theirs = row.trainer == "open_clip_train"  # the same model and loss, over the full padded context
+            flops = step_flops(a.model, pattern, a.batch_size, ["--mlm-weight", "0"] if theirs else row.args, full_context=theirs)
+            res = run_row(row, pattern, a)
+            res["gflop_per_sample"] = flops / 1e9
+            res["mfu"] = flops * res["samples_per_s"] / ceilings[row.precision]
+            results.append(res)
+            print(f"{row.name:<46} {res['samples_per_s']:9.1f} {flops / 1e9:12.2f} {100 * res['mfu']:5.1f}%", flush=True)
+    by_name = {r["name"]: r for r in results}
+    ratios = {}
+    for ours, theirs in [("clipalign bf16, MLM off", "open_clip_train amp_bf16"),
+                         ("clipalign fp32, MLM off", "open_clip_train fp32"),
+                         ("clipalign bf16, MLM off", "open_clip_train fp32"),
+                         ("clipalign bf16, MLM on (default)", "clipalign bf16, MLM off"),
+                         ("clipalign bf16, MLM on half the batch", "clipalign bf16, MLM off"),
+                         ("clipalign bf16, MLM off, SimCLR", "clipalign bf16, MLM off"),
+                         ("clipalign bf16, MLM off, MoCo queue 4096", "clipalign bf16, MLM off")]:
+        if ours in by_name and theirs in by_name:
+            ratio = by_name[ours]["samples_per_s"] / by_name[theirs]["samples_per_s"]
+            ratios[f"{ours} / {theirs}"] = ratio
+            print(f"{ratio:5.2f}x  {ours} / {theirs}")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        summary = {"model": a.model, "batch_size": a.batch_size, "steps": a.steps, "warmup": a.warmup,
+                   "workers": a.workers, "ceilings_flop_s": ceilings, "reference_bf16_ceiling": REFERENCE_BF16_CEILING,
+                   "torch": torch.__version__, "rows": results, "ratios": ratios}
+        Path(a.json).write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

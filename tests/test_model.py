@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from clipalign.factory import create_model, get_tokenizer, list_models
 from clipalign.masking import IGNORE_INDEX, mask_tokens
+from clipalign.model import text_length, trims_text
 
 PROJECT_MODELS = ["ca-nano", "ca-tiny", "ca-small"]
 
@@ -109,3 +110,35 @@ def test_mlm_decoder_is_tied_to_the_token_embedding(nano):
     names = [n for n, _ in model.named_parameters()]
     assert not any(n.startswith("mlm_head") and "weight" in n and "dense" not in n and "norm" not in n for n in names)
     assert sum(p.numel() for p in model.mlm_head.parameters()) < model.clip.token_embedding.weight.numel()
+
+
+CAPTIONS = ["a red circle", "a small blue square at the top left of the picture", "a green triangle"]
+
+
+@pytest.mark.parametrize("custom_text", [False, True])  # CLIP, and CustomTextCLIP's TextTransformer
+def test_text_without_common_padding_gives_the_same_features(custom_text):
+    torch.manual_seed(0)
+    model = create_model("ca-nano", mlm_head=False, force_custom_text=custom_text).eval()
+    tok = get_tokenizer("ca-nano")
+    ids = tok(CAPTIONS)
+    length = text_length(ids, tok.eot_token_id)
+    assert length == int((ids == tok.eot_token_id).int().argmax(1).max()) + 1 < ids.shape[1]
+    assert model.trims_text
+    with torch.no_grad():
+        full = model.clip.encode_text(ids, normalize=True)  # open_clip's own, on the padded ids
+        short = model.encode_text(ids[:, :length], normalize=True)
+    torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-6)
+
+
+def test_text_length_keeps_everything_when_a_caption_fills_the_context():
+    tok = get_tokenizer("ca-nano")
+    ids = tok(["word " * 100, "a red circle"])  # the first is cut at the context: no end-of-text
+    assert text_length(ids, tok.eot_token_id) == ids.shape[1]
+
+
+def test_towers_that_see_padding_are_not_trimmed():
+    coca_like = create_model("ca-nano", mlm_head=False, force_custom_text=True).clip.text
+    coca_like.pool_type = "last"  # SigLIP's pooling: the last position, padding included
+    assert not trims_text(coca_like)
+    coca_like.pool_type, coca_like.attn_mask = "argmax", None  # bidirectional attention
+    assert not trims_text(coca_like)

@@ -1,11 +1,16 @@
 """clipalign train: contrastive + masked-token training on WebDataset shards."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from clipalign.cli.common import CliError, parser
+
+if TYPE_CHECKING:
+    from clipalign.train import TrainConfig
 
 
 def build_parser():
@@ -67,13 +72,12 @@ def build_parser():
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_config(argv: list[str] | None = None) -> tuple[argparse.Namespace, TrainConfig]:
+    """The parsed arguments and the run's checked ``TrainConfig``; ``CliError`` on bad input."""
     args = build_parser().parse_args(argv)
-    from tqdm import tqdm
-
-    from clipalign.data import DataStreamError, resolve_shards
+    from clipalign.data import resolve_shards
     from clipalign.factory import list_models
-    from clipalign.train import NonFiniteLossError, ResumeMismatchError, RunLockedError, TrainConfig, Trainer
+    from clipalign.train import TrainConfig
 
     if args.model not in list_models():
         raise CliError(f"unknown model {args.model!r}; known: {', '.join(list_models()[:8])}, ...")
@@ -92,6 +96,19 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(**options)
     try:
         cfg.validate()
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    return args, cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, cfg = build_config(argv)
+    from tqdm import tqdm
+
+    from clipalign.data import DataStreamError
+    from clipalign.train import NonFiniteLossError, ResumeMismatchError, RunLockedError, Trainer
+
+    try:
         trainer = Trainer(cfg)
     except (FileNotFoundError, ValueError) as err:
         raise CliError(str(err)) from None
