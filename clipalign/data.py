@@ -93,26 +93,28 @@ def decode_image(sample: dict) -> Image.Image:
         raise BadSample("undecodable_image", f"{sample.get('__key__', '')}: {exn}") from exn
 
 
-def decode_caption(sample: dict) -> str:
-    """The sample's caption, stripped; raises ``BadSample`` if it is missing or empty."""
+def decode_captions(sample: dict) -> list[str]:
+    """The sample's captions: the non-empty lines of ``txt`` (one, or several as ``clipalign
+    prep --caption-mode all`` writes them); raises ``BadSample`` if there is none."""
     if "txt" not in sample:
         raise BadSample("missing_caption", sample.get("__key__", ""))
-    caption = sample["txt"].decode("utf-8", errors="replace").strip()
-    if not caption:
+    lines = sample["txt"].decode("utf-8", errors="replace").splitlines()
+    captions = [c for c in (line.strip() for line in lines) if c]
+    if not captions:
         raise BadSample("empty_caption", sample.get("__key__", ""))
-    return caption
+    return captions
 
 
 def decode_tokens(sample: dict, context_length: int) -> torch.Tensor | None:
-    """Token ids stored by ``clipalign prep --tokenize`` (field ``tok.npy``), or ``None`` when
-    the sample has none or they were made for another context length."""
+    """Token ids stored by ``clipalign prep --tokenize`` (field ``tok.npy``) as (K, L), one row
+    per caption; ``None`` when the sample has none or they were made for another context length."""
     raw = sample.get("tok.npy")
     if raw is None:
         return None
     ids = np.load(io.BytesIO(raw), allow_pickle=False)
-    if ids.ndim != 1 or ids.shape[0] != context_length:
+    if ids.ndim not in (1, 2) or ids.shape[-1] != context_length:
         return None
-    return torch.from_numpy(ids.astype(np.int64))
+    return torch.from_numpy(ids.astype(np.int64)).reshape(-1, context_length)
 
 
 class SampleDecoder:
@@ -142,12 +144,14 @@ class SampleDecoder:
     def __call__(self, sample: dict) -> dict[str, torch.Tensor]:
         tokens = decode_tokens(sample, self.context_length)
         if tokens is None:
-            tokens = self.tokenizer([decode_caption(sample)])[0]
+            tokens = self.tokenizer(decode_captions(sample))
         elif not sample.get("txt", b"").strip():
             raise BadSample("empty_caption", sample.get("__key__", ""))
         image = decode_image(sample)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample.get("__seed__", 0))
+            # several captions of one image: each pass over it trains on one drawn at random
+            tokens = tokens[int(torch.randint(len(tokens), ()))] if len(tokens) > 1 else tokens[0]
             out = {"image": self.transform(image), "text": tokens, "__index__": sample.get("__index__", 0)}
             if self.view_transform is not None:
                 out["views"] = torch.stack([self.view_transform(image), self.view_transform(image)])

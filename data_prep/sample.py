@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from data_prep.captions import CAPTION_TOO_LONG, EMPTY_CAPTION, caption_problem, normalize_caption
 from data_prep.fetch import FetchConfig, FetchError, fetch_url, read_local
 from data_prep.images import IMAGE_FORMATS, RESIZE_MODES, WHITE, RejectedImage, UndecodableImage, process_image
@@ -144,9 +146,11 @@ def process_record(record: Record, config: SampleConfig) -> Outcome:
     if config.tokenize:
         from data_prep.tokens import npy_bytes, token_ids
 
-        ids = token_ids(captions[0], config.tokenize)
+        # (L,) for one caption, (K, L) for K captions (--caption-mode all): the trainer draws one
+        ids = np.stack([token_ids(c, config.tokenize) for c in captions]) if len(captions) > 1 else \
+            token_ids(captions[0], config.tokenize)
         sample["tok.npy"] = npy_bytes(ids)
-        meta.update(tokenizer=config.tokenize, context_length=int(ids.shape[0]))
+        meta.update(tokenizer=config.tokenize, context_length=int(ids.shape[-1]))
     for name, value in (record.extra or {}).items():
         meta.setdefault(name, value)  # our own fields win over a same-named column
     sample["json"] = json.dumps(meta, ensure_ascii=False, default=str)

@@ -118,6 +118,12 @@ def test_coco_through_the_cli(tmp_path, read_shards):
     assert main([str(path), "--out", str(out2), "--image-root", str(tmp_path / "imgs"), "--image-size", "8",
                  "--caption-mode", "each"]) == 0
     assert [s["txt"] for s in read_shards([out2 / "00000.tar"])] == ["red & bright", "A red square.", "blue"]
+    out3 = tmp_path / "out3"  # tokenised: one row of ids per caption, for the trainer to draw from
+    assert main([str(path), "--out", str(out3), "--image-root", str(tmp_path / "imgs"), "--image-size", "8",
+                 "--tokenize", "ca-nano"]) == 0
+    tokens = [s["tok.npy"] for s in read_shards([out3 / "00000.tar"])]
+    assert tokens[0].shape == (2, 32) and tokens[1].shape == (32,)
+    assert (tokens[0][0] != tokens[0][1]).any()
 
 
 def test_folder_is_recursive_and_sorted(tmp_path):

@@ -166,3 +166,24 @@ def test_bad_settings_are_refused(shards, tmp_path):
                 dict(image_ssl="mim"), dict(eval_every=5)):
         with pytest.raises(ValueError):
             _cfg(shards, tmp_path, **bad).validate()
+
+
+def test_an_image_with_several_captions_trains_on_each_in_turn(shards, tmp_path):
+    """``prep --caption-mode all`` writes one caption per line of ``txt`` (and, tokenised, one
+    row per caption in ``tok.npy``): each pass over the sample draws one, reproducibly."""
+    trainer = Trainer(_cfg(shards, tmp_path))
+    captions = ["a red square", "a small red square at the top", "a square, red"]
+    ids = trainer.tokenizer(captions).numpy().astype(np.int32)
+    img = io.BytesIO()
+    square_image("red", np.random.default_rng(0)).save(img, "PNG")
+    base = {"__key__": "k", "png": img.getvalue(), "txt": "\n".join(captions).encode() + b"\n\n"}
+    stored = io.BytesIO()
+    np.save(stored, ids)
+    for sample, tokenizer in ((base, trainer.tokenizer),
+                              ({**base, "tok.npy": stored.getvalue()}, lambda t: pytest.fail("tokenised again"))):
+        decoder = SampleDecoder(trainer.train_transform, tokenizer)
+        decoder.context_length = ids.shape[1]
+        drawn = [decoder({**sample, "__seed__": seed})["text"] for seed in range(30)]
+        rows = {int(np.flatnonzero((ids == d.numpy()).all(1))[0]) for d in drawn}
+        assert rows == {0, 1, 2}  # every caption gets its turn, and nothing else is drawn
+        assert torch.equal(decoder({**sample, "__seed__": 7})["text"], drawn[7])  # the same seed, the same caption

@@ -143,8 +143,6 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise CliError(f"--max-aspect-ratio must be >= 1, got {args.max_aspect_ratio}")
     if args.timeout <= 0 or args.retries < 0 or args.max_download_mb <= 0:
         raise CliError("--timeout and --max-download-mb must be > 0 and --retries >= 0")
-    if args.tokenize and args.caption_mode == "all" and str(args.input).lower().endswith(".json"):
-        raise CliError("--tokenize stores one caption's tokens: use --caption-mode first or each with COCO")
 
 
 def _config(args: argparse.Namespace) -> "PrepConfig":
