@@ -22,10 +22,10 @@ import numpy as np
 from clipalign.atomic import replace_file, write_json
 from retrieval.choose import IndexSpec, choose_index
 from retrieval.identity import check_model
-from retrieval.tune import exact_neighbours, measure, set_param, tune
+from retrieval.tune import exact_neighbours, measure, set_params, tune, tune_refine
 
-MMAP_ABOVE = 256 << 20
-OPQ_ROUNDS = 8  # index files larger than this are memory-mapped on load
+MMAP_ABOVE = 256 << 20  # index files larger than this are memory-mapped on load
+OPQ_ROUNDS = 8
 
 
 def build_faiss(vectors: np.ndarray, spec: IndexSpec, train_ids: np.ndarray) -> faiss.Index:
@@ -69,12 +69,15 @@ def build_target(vectors: np.ndarray, budget: int, *, kind: str = "auto", target
     k_eff = max(1, min(k, n - 1))
     truth = exact_neighbours(vectors, query_ids, k_eff)
     queries = np.ascontiguousarray(vectors[query_ids])
-    value = None
-    if spec.param:
+    params: dict[str, int] = {}
+    if spec.refine:
+        params, result = tune_refine(index, spec.nlist, queries, query_ids, truth, target_recall)
+    elif spec.param:
         value, result = tune(index, spec.param, spec.nlist, queries, query_ids, truth, target_recall)
+        params = {spec.param: value}
     else:
         result = measure(index, queries, query_ids, truth) | {"reached": True}
-    stats = {"index_type": spec.kind, "factory": spec.factory, "search_param": {spec.param: value} if spec.param else {},
+    stats = {"index_type": spec.kind, "factory": spec.factory, "search_param": params,
              f"recall@{k_eff}": result["recall"], "k": k_eff, "target_recall": target_recall,
              "target_reached": result["reached"], "latency_ms": result["latency_ms"],
              "memory_bytes": len(faiss.serialize_index(index)), "memory_budget": budget,
@@ -201,10 +204,7 @@ def load_index(folder: str | os.PathLike, mmap: bool | None = None) -> SearchInd
     indexes = {}
     for t in info["targets"]:
         indexes[t] = _read_faiss(folder / f"{t}.faiss", mmap)
-        stats = info.get("indexes", {}).get(t, {})
-        if stats.get("search_param"):
-            (param, value), = stats["search_param"].items()
-            set_param(indexes[t], param, value)
+        set_params(indexes[t], info.get("indexes", {}).get(t, {}).get("search_param", {}))
     table = _read_metadata(folder)
     for name, index in indexes.items():
         if index.ntotal != table.num_rows or index.d != info["dim"]:

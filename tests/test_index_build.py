@@ -1,6 +1,7 @@
 """Building, tuning, saving, memory-mapping and extending indexes, on vectors whose answer is known."""
 import json
 
+import faiss
 import numpy as np
 import pytest
 
@@ -21,11 +22,17 @@ def _meta(n, start=0):
     return [{"key": f"{i:06d}", "caption": f"c{i}", "source": f"s/{i}"} for i in range(start, start + n)]
 
 
-@pytest.fixture(scope="module", params=["flat", "hnsw", "ivf", "ivfsq8", "ivfpq"])
+SQ8_BUDGET = 300 << 10  # fits the fast-scan index re-ranked with 8-bit codes, not with the raw vectors
+KINDS = {"flat": 4 << 30, "hnsw": 4 << 30, "ivf": 4 << 30, "ivfpqfs": 4 << 30, "ivfpqfs-sq8": SQ8_BUDGET,
+         "ivfsq8": 4 << 30, "ivfpq": 4 << 30}  # name → memory budget
+
+
+@pytest.fixture(scope="module", params=list(KINDS))
 def built(request, tmp_path_factory, vectors):
     folder = tmp_path_factory.mktemp(request.param) / "idx"
-    save_index(folder, {"image": vectors}, _meta(N), {"model": "toy"}, kind=request.param, target_recall=0.9)
-    return request.param, folder
+    save_index(folder, {"image": vectors}, _meta(N), {"model": "toy"}, kind=request.param.removesuffix("-sq8"),
+               max_memory=KINDS[request.param], target_recall=0.9)
+    return request.param.removesuffix("-sq8"), folder
 
 
 def test_info_records_the_choice_and_its_measurements(built):
@@ -35,10 +42,47 @@ def test_info_records_the_choice_and_its_measurements(built):
     assert {"recall@10", "latency_ms", "memory_bytes", "search_param", "build_s"} <= stats.keys()
     assert stats["memory_bytes"] == pytest.approx((folder / "image.faiss").stat().st_size, rel=0.01)
     assert stats["target_reached"] == (stats["recall@10"] >= 0.9)
-    if kind in ("flat", "hnsw", "ivf", "ivfsq8"):  # uncompressed or 8-bit: the target is reachable
+    if kind != "ivfpq":  # uncompressed or 8-bit (alone or re-ranking): the target is reachable
         assert stats["target_reached"]
     if kind == "flat":
         assert stats["recall@10"] == 1.0
+
+
+def test_memory_estimate_covers_the_index(built):
+    _, folder = built
+    stats = json.loads((folder / "info.json").read_text())["indexes"]["image"]
+    assert stats["memory_bytes"] <= stats["memory_estimate"]
+
+
+def test_refine_knobs_are_stored_and_reapplied_on_load(tmp_path, vectors):
+    folder = tmp_path / "idx"
+    save_index(folder, {"image": vectors}, _meta(N), {"model": "toy"}, kind="ivfpqfs", target_recall=0.99,
+               max_memory=SQ8_BUDGET)
+    tuned = json.loads((folder / "info.json").read_text())["indexes"]["image"]["search_param"]
+    assert set(tuned) == {"nprobe", "k_factor_rf"}
+    stale = faiss.read_index(str(folder / "image.faiss"))  # a file whose own knobs are not the tuned ones
+    faiss.ParameterSpace().set_index_parameters(stale, "nprobe=1,k_factor_rf=1")
+    faiss.write_index(stale, str(folder / "image.faiss"))
+    index = load_index(folder).indexes["image"]
+    assert faiss.extract_index_ivf(index).nprobe == tuned["nprobe"]
+    assert faiss.downcast_index(index).k_factor == tuned["k_factor_rf"]
+
+
+@pytest.mark.parametrize("budget, refine", [(4 << 30, "RFlat"), (150 << 10, "Refine(SQ8)")])
+def test_fastscan_refine_index_returns_the_exact_neighbours_of_an_easy_set(tmp_path, budget, refine):
+    rng = np.random.default_rng(3)
+    centres = unit(rng.normal(size=(400, DIM)))
+    members = unit(np.repeat(centres, 5, axis=0) + 0.01 * rng.normal(size=(2000, DIM)))  # 5 points a centre
+    save_index(tmp_path / "idx", {"image": members}, _meta(2000), {"model": "toy"}, kind="ivfpqfs", target_recall=0.99,
+               max_memory=budget)
+    index = load_index(tmp_path / "idx")
+    assert index.info["indexes"]["image"]["factory"].endswith("," + refine)
+    picked = rng.choice(400, 50, replace=False)
+    hits = index.search(centres[picked], 5)
+    for c, row in zip(picked, hits):
+        assert {h["id"] for h in row} == set(range(5 * c, 5 * c + 5))
+        exact = members[[h["id"] for h in row]] @ centres[c]
+        assert [h["score"] for h in row] == pytest.approx(exact.tolist(), abs=0.01)
 
 
 def test_recorded_recall_matches_a_remeasurement(built, vectors):

@@ -20,7 +20,7 @@ def build_parser():
     src.add_argument("--checkpoint", help="one-step mode: checkpoint (or run folder) to embed --data with")
     p.add_argument("--data", help="one-step mode: shard folder, glob or brace pattern, or an image folder")
     p.add_argument("--out", required=True, help="index folder to write")
-    p.add_argument("--index", choices=["auto", "flat", "hnsw", "ivf", "ivfsq8", "ivfpq"], default="auto")
+    p.add_argument("--index", choices=["auto", "flat", "hnsw", "ivf", "ivfsq8", "ivfpq", "ivfpqfs"], default="auto")
     p.add_argument("--max-memory", default="4G", help="memory budget of the index files together (e.g. 1G, 512M)")
     p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 to tune the search parameter to")
     p.add_argument("--add", action="store_true", help="append the embeddings to the existing index at --out")
