@@ -142,21 +142,22 @@ class SampleDecoder:
         self.context_length = getattr(tokenizer, "context_length", 77)
 
     def __call__(self, sample: dict) -> dict[str, torch.Tensor]:
-        tokens = decode_tokens(sample, self.context_length)
-        if tokens is None:
-            tokens = self.tokenizer(decode_captions(sample))
-        elif not sample.get("txt", b"").strip():
+        tokens = decode_tokens(sample, self.context_length)  # (K, L) stored ids, or None
+        captions = decode_captions(sample) if tokens is None else None
+        if tokens is not None and not sample.get("txt", b"").strip():
             raise BadSample("empty_caption", sample.get("__key__", ""))
         image = decode_image(sample)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample.get("__seed__", 0))
-            # several captions of one image: each pass over it trains on one drawn at random
-            tokens = tokens[int(torch.randint(len(tokens), ()))] if len(tokens) > 1 else tokens[0]
-            out = {"image": self.transform(image), "text": tokens, "__index__": sample.get("__index__", 0)}
+            # several captions of one image: each pass over it trains on one, drawn at random
+            options = len(tokens) if tokens is not None else len(captions)
+            pick = int(torch.randint(options, ())) if options > 1 else 0
+            text = tokens[pick] if tokens is not None else self.tokenizer([captions[pick]])[0]
+            out = {"image": self.transform(image), "text": text, "__index__": sample.get("__index__", 0)}
             if self.view_transform is not None:
                 out["views"] = torch.stack([self.view_transform(image), self.view_transform(image)])
             if self.masker is not None:
-                masked, labels = self.masker(tokens[None])
+                masked, labels = self.masker(text[None])
                 out["masked_text"], out["mlm_labels"] = masked[0], labels[0]
         return out
 

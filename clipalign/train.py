@@ -403,8 +403,8 @@ class Trainer:
 
         Exact: the MLM pass never attends to padding, and the contrastive text features of a
         tower for which ``ClipAlign.trims_text`` holds do not depend on it (other towers keep
-        their full ``text``). Captions are short (~10 tokens of a 32 or 77 context), so this
-        saves most of the text towers' work.
+        their full ``text``). Captions are usually far shorter than the context (the embedded
+        corpus: at most ~18 of 32 tokens in a batch), so this saves much of the text towers' work.
         """
         length = text_length(batch["text"], self.tokenizer.eot_token_id)
         keys = {"masked_text", "mlm_labels"} | ({"text"} if self.model.trims_text else set())
