@@ -1,15 +1,18 @@
 """Decode, convert, resize and encode images. Pure functions: bytes or images in, new ones out."""
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from data_prep.resample import resample
 
 ResizeMode = Literal["center_crop", "keep_ratio", "border", "no"]
 RESIZE_MODES: tuple[str, ...] = ("center_crop", "keep_ratio", "border", "no")
@@ -22,12 +25,6 @@ IMAGE_TOO_SMALL = "image_too_small"
 BAD_ASPECT_RATIO = "bad_aspect_ratio"
 
 _PIL_FORMAT = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
-# Bicubic, as CLIP's own preprocessing: a third cheaper than Lanczos, and on photos it differs
-# from Lanczos by ~1/255 on average, half of what the JPEG q95 encode that follows changes.
-RESAMPLE = Image.Resampling.BICUBIC
-# A shrink of 6x or more first averages whole blocks of pixels, leaving at least 3x to the
-# filter: PIL documents this as indistinguishable from filtering at once, and it is much faster.
-REDUCING_GAP = 3.0
 
 
 class UndecodableImage(ValueError):
@@ -54,32 +51,13 @@ class EncodedImage:
     original_height: int
 
 
-def decode_image(data: bytes, *, max_pixels: int | None = None, draft: tuple[int, int] | None = None) -> Image.Image:
-    """Decode image bytes fully (the first frame of animations), applying the EXIF orientation.
-
-    Args:
-        data: Encoded image bytes.
-        max_pixels: Refuse images with more pixels than this before decoding them
-            (a decompression-bomb guard); PIL's own limit applies too.
-        draft: For JPEGs, let the decoder scale down by 1/2, 1/4 or 1/8 while keeping at
-            least this ``(width, height)`` (in stored orientation), which is several times
-            faster than decoding at full size and resizing.
-
-    Raises:
-        UndecodableImage: if PIL cannot read the bytes (corrupt, truncated, not an image).
-        RejectedImage: ``image_too_large`` if the image has more than ``max_pixels`` pixels.
-    """
+@contextlib.contextmanager
+def _decoding() -> Iterator[None]:
+    """Turn PIL's many failure types into ``UndecodableImage`` or ``RejectedImage``; mute its warnings."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. DecompressionBombWarning, palette warnings
-            img = Image.open(io.BytesIO(data))
-            if max_pixels is not None and img.width * img.height > max_pixels:
-                raise RejectedImage(IMAGE_TOO_LARGE, f"{img.width}x{img.height} pixels > {max_pixels}")
-            if draft is not None and img.format == "JPEG":
-                img.draft(img.mode, draft)
-            img.load()
-            ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when there is nothing to turn
-            return img
+            yield
     except RejectedImage:
         raise
     except Image.DecompressionBombError as err:
@@ -88,6 +66,60 @@ def decode_image(data: bytes, *, max_pixels: int | None = None, draft: tuple[int
         # Drop object reprs ("<_io.BytesIO object at 0x...>") so messages are reproducible.
         message = re.sub(r"\s*<[^<>]* at 0x[0-9a-f]+>", "", str(err))
         raise UndecodableImage(f"{type(err).__name__}: {message}") from err
+
+
+def open_image(data: bytes, *, max_pixels: int | None = None) -> Image.Image:
+    """Read an image's header (not its pixels yet).
+
+    Args:
+        data: Encoded image bytes.
+        max_pixels: Refuse images with more pixels than this before decoding them
+            (a decompression-bomb guard); PIL's own limit applies too.
+
+    Raises:
+        UndecodableImage: if PIL cannot read the header (not an image, corrupt).
+        RejectedImage: ``image_too_large`` if the image has more than ``max_pixels`` pixels.
+    """
+    with _decoding():
+        img = Image.open(io.BytesIO(data))
+        if max_pixels is not None and img.width * img.height > max_pixels:
+            raise RejectedImage(IMAGE_TOO_LARGE, f"{img.width}x{img.height} pixels > {max_pixels}")
+        return img
+
+
+def load_image(img: Image.Image, *, draft: tuple[int, int] | None = None) -> Image.Image:
+    """Decode an opened image fully (the first frame of animations), applying the EXIF orientation.
+
+    Args:
+        img: From ``open_image``.
+        draft: For JPEGs, let the decoder scale down by 1/2, 1/4 or 1/8 while keeping at
+            least this ``(width, height)`` (in stored orientation), which is several times
+            faster than decoding at full size and resizing.
+
+    Raises:
+        UndecodableImage: if the pixels cannot be decoded (corrupt, truncated).
+    """
+    with _decoding():
+        if draft is not None and img.format == "JPEG":
+            img.draft(img.mode, draft)
+        img.load()
+        ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when there is nothing to turn
+        return img
+
+
+def decode_image(data: bytes, *, max_pixels: int | None = None, draft: tuple[int, int] | None = None) -> Image.Image:
+    """``open_image`` then ``load_image``: the decoded, upright image."""
+    return load_image(open_image(data, max_pixels=max_pixels), draft=draft)
+
+
+def upright_size(img: Image.Image) -> tuple[int, int]:
+    """An opened image's size once its EXIF orientation is applied, from the header alone."""
+    w, h = img.size
+    try:
+        turned = img.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientations that swap the sides
+    except Exception:  # noqa: BLE001  (a broken EXIF block: loading will tell)
+        turned = False
+    return (h, w) if turned else (w, h)
 
 
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
@@ -120,7 +152,10 @@ def resize_image(
     mode: ResizeMode = "center_crop",
     background: tuple[int, int, int] = WHITE,
 ) -> Image.Image:
-    """Resize with img2dataset's semantics.
+    """Resize an RGB image with img2dataset's semantics and antialiased bicubic filtering.
+
+    Bicubic as CLIP's own preprocessing (see ``data_prep.resample``); on photos it differs
+    from Lanczos by ~1/255 on average, half of what the JPEG q95 encode that follows changes.
 
     * ``center_crop``: smaller side to ``size``, then a centred ``size x size`` crop.
     * ``keep_ratio``: smaller side to ``size``, aspect ratio kept.
@@ -135,20 +170,19 @@ def resize_image(
         raise ValueError(f"size must be >= 1, got {size}")
     w, h = img.size
     if mode == "center_crop":
-        # Resize only the centred square (PIL's ``box``): the same result as resize-then-crop
-        # without resampling pixels that the crop throws away.
-        side = min(w, h)
         if (w, h) == (size, size):
             return img
-        left, top = (w - side) / 2, (h - side) / 2
-        box = (left, top, left + side, top + side)
-        return img.resize((size, size), RESAMPLE, box=box, reducing_gap=REDUCING_GAP)
+        # Resample only the centred square: the same as resize-then-crop without filtering
+        # pixels that the crop throws away.
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        return resample(img, (size, size), (left, top, left + side, top + side))
     side = min(w, h) if mode == "keep_ratio" else max(w, h)
     scale = size / side
     new_w = size if side == w else max(1, round(w * scale))
     new_h = size if side == h else max(1, round(h * scale))
     if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), RESAMPLE, reducing_gap=REDUCING_GAP)
+        img = resample(img, (new_w, new_h))
     if mode == "border":
         canvas = Image.new(img.mode, (size, size), background)
         canvas.paste(img, ((size - new_w) // 2, (size - new_h) // 2))
@@ -166,19 +200,6 @@ def encode_image(img: Image.Image, fmt: str = "jpg", quality: int = 95) -> bytes
     else:
         img.save(buf, format=_PIL_FORMAT[fmt], quality=quality)
     return buf.getvalue()
-
-
-def _upright_header_size(data: bytes) -> tuple[tuple[int, int], tuple[int, int], bool] | None:
-    """``(stored size, upright size, is_jpeg)`` from the header alone; ``None`` if unreadable."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            turned = img.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientations that swap the sides
-            return (w, h), ((h, w) if turned else (w, h)), img.format == "JPEG"
-    except Exception:
-        return None
 
 
 def _draft_size(stored: tuple[int, int], size: int, resize_mode: str) -> tuple[int, int] | None:
@@ -232,14 +253,14 @@ def process_image(
         UndecodableImage: if ``data`` is not a readable image.
         RejectedImage: if a filter refuses it.
     """
-    header = _upright_header_size(data) if fast_decode else None
-    draft = None
-    if header is not None:
-        check_size(*header[1], min_size, max_aspect_ratio)  # before paying for the decode
-        draft = _draft_size(header[0], size, resize_mode) if header[2] else None
-    img = decode_image(data, max_pixels=max_pixels, draft=draft)
-    # A draft decode is already scaled down: the original size is the header's.
-    original_width, original_height = header[1] if draft is not None and header else img.size
+    img = open_image(data, max_pixels=max_pixels)
+    upright = upright_size(img)
+    check_size(*upright, min_size, max_aspect_ratio)  # before paying for the decode
+    draft = _draft_size(img.size, size, resize_mode) if fast_decode and img.format == "JPEG" else None
+    img = load_image(img, draft=draft)
+    # A draft decode is already scaled down: the original size is the header's. (Otherwise
+    # trust the decode: some formats, like PNG, may keep their EXIF after the pixels.)
+    original_width, original_height = upright if draft is not None else img.size
     check_size(original_width, original_height, min_size, max_aspect_ratio)
     img = resize_image(to_rgb(img, background), size, resize_mode, background)
     return EncodedImage(encode_image(img, fmt, quality), img.width, img.height, original_width, original_height)

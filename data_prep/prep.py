@@ -28,6 +28,7 @@ from clipalign.atomic import write_json
 from data_prep.captions import EMPTY_CAPTION, MISSING_CAPTION  # noqa: F401  (stable names, re-exported)
 from data_prep.fetch import MISSING_IMAGE, UNREADABLE_IMAGE  # noqa: F401
 from data_prep.manifest import Record
+from data_prep.memory import keep_freed_memory
 from data_prep.sample import UNDECODABLE_IMAGE, SampleConfig  # noqa: F401
 from data_prep.shard_job import (
     SUCCESS,
@@ -35,6 +36,7 @@ from data_prep.shard_job import (
     build_shard,
     commit_shard,
     dedup_key,
+    encode_threads,
     read_shard_rows,
     read_shard_stats,
     shard_is_complete,
@@ -57,7 +59,8 @@ class PrepConfig:
         sample: Per-sample options (image size, format, filters, downloads, tokenizer).
         shard_size: Input rows per shard (a shard holds at most this many samples).
         workers: Processes building shards; output is identical for any value.
-        threads: Threads per worker (downloads overlap; decoding releases the GIL).
+        threads: Images each worker reads or downloads at once; each also decodes with
+            its share of the cores.
         dedup: Drop samples whose original image bytes equal an earlier sample's.
     """
 
@@ -97,12 +100,12 @@ def _built_shards(
     With several workers at most ``2 * workers`` shards are in flight, so memory stays
     flat whatever the input's length.
     """
-    args = (str(out_dir), config.sample, config.threads)
+    args = (str(out_dir), config.sample, config.threads, encode_threads(config.workers))
     if config.workers == 1:
         for shard_id, rows in plan:
             yield shard_id, None if shard_is_complete(out_dir, shard_id) else build_shard(shard_id, rows, *args)
         return
-    with multiprocessing.Pool(config.workers) as pool:
+    with multiprocessing.Pool(config.workers, initializer=keep_freed_memory) as pool:
         pending: deque = deque()
         for shard_id, rows in plan:
             job = None if shard_is_complete(out_dir, shard_id) else pool.apply_async(build_shard, (shard_id, rows, *args))

@@ -103,8 +103,17 @@ def read_bytes(record: Record, fetch: FetchConfig) -> bytes:
     return read_local(record.path, fetch.max_bytes)
 
 
-def process_record(record: Record, config: SampleConfig) -> Outcome:
-    """Check captions, read, filter and encode one record (never raises for bad data)."""
+@dataclass(frozen=True)
+class Fetched:
+    """A record whose captions are usable and whose image bytes are read: ready to encode."""
+
+    record: Record
+    captions: list[str]
+    data: bytes
+
+
+def fetch_record(record: Record, config: SampleConfig) -> Fetched | Outcome:
+    """The I/O stage: check the captions and read the image bytes (an ``Outcome`` if skipped)."""
     if record.error:
         return Outcome(record, reason=record.error, detail=record.detail)
     captions, problem = clean_captions(record, config.max_caption_length)
@@ -114,6 +123,12 @@ def process_record(record: Record, config: SampleConfig) -> Outcome:
         data = read_bytes(record, config.fetch)
     except FetchError as err:
         return Outcome(record, reason=err.reason, detail=err.detail)
+    return Fetched(record, captions, data)
+
+
+def encode_record(fetched: Fetched, config: SampleConfig) -> Outcome:
+    """The CPU stage: hash, decode, filter and re-encode the image; build the sample."""
+    record, captions, data = fetched.record, fetched.captions, fetched.data
     digest = hashlib.sha256(data).hexdigest()
     try:
         img = process_image(
@@ -157,12 +172,37 @@ def process_record(record: Record, config: SampleConfig) -> Outcome:
     return Outcome(record, sample=sample, meta=meta, sha256=digest)
 
 
-def safe_process_record(record: Record, config: SampleConfig) -> Outcome:
-    """``process_record``, turning an unexpected exception into a counted ``processing_error``.
+def process_record(record: Record, config: SampleConfig) -> Outcome:
+    """Check captions, read, filter and encode one record (never raises for bad data)."""
+    fetched = fetch_record(record, config)
+    return fetched if isinstance(fetched, Outcome) else encode_record(fetched, config)
+
+
+def safe_fetch_record(record: Record, config: SampleConfig) -> Fetched | Outcome:
+    """``fetch_record``, turning an unexpected exception into a counted ``processing_error``.
 
     One odd file must not stop a run over millions of rows.
     """
     try:
-        return process_record(record, config)
+        return fetch_record(record, config)
     except Exception as err:  # noqa: BLE001
-        return Outcome(record, reason=PROCESSING_ERROR, detail=f"{type(err).__name__}: {err}")
+        return _processing_error(record, err)
+
+
+def safe_encode_record(fetched: Fetched | Outcome, config: SampleConfig) -> Outcome:
+    """``encode_record`` for a fetched record (a skip passes through), never raising."""
+    if isinstance(fetched, Outcome):
+        return fetched
+    try:
+        return encode_record(fetched, config)
+    except Exception as err:  # noqa: BLE001
+        return _processing_error(fetched.record, err)
+
+
+def safe_process_record(record: Record, config: SampleConfig) -> Outcome:
+    """``process_record`` that never raises (see ``safe_fetch_record``)."""
+    return safe_encode_record(safe_fetch_record(record, config), config)
+
+
+def _processing_error(record: Record, err: Exception) -> Outcome:
+    return Outcome(record, reason=PROCESSING_ERROR, detail=f"{type(err).__name__}: {err}")

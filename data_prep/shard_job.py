@@ -3,8 +3,10 @@
 Shard ``i`` holds the samples of input rows ``[i * S, (i + 1) * S)``, so every shard can
 be built independently and the output never depends on the number of workers.
 
-* ``build_shard`` (worker): processes the rows with a few threads (downloads wait on
-  the network, decoding releases the GIL) and writes ``NNNNN.tar.<pid>.tmp`` in row order.
+* ``build_shard`` (worker): ``threads`` threads read or download the rows' images ahead
+  (they wait on disks and the network), a few more decode and re-encode them (as many as
+  the worker's share of the cores: more only contend for caches and the GIL), and it
+  writes ``NNNNN.tar.<pid>.tmp`` in row order.
 * ``commit_shard`` (main process, in shard order): drops exact duplicates of earlier
   images, then writes ``NNNNN.parquet``, renames the tar to ``NNNNN.tar`` and writes
   ``NNNNN_stats.json`` last. A shard is complete when its tar and stats file exist.
@@ -21,7 +23,8 @@ from typing import Any, Iterable, Iterator
 
 from clipalign.atomic import replace_file, write_json
 from data_prep.manifest import Record
-from data_prep.sample import Outcome, SampleConfig, safe_process_record
+from data_prep.resample import single_thread
+from data_prep.sample import Fetched, Outcome, SampleConfig, safe_encode_record, safe_fetch_record, safe_process_record
 from data_prep.shards import TarShard, filter_tar
 
 DUPLICATE = "duplicate"
@@ -68,28 +71,50 @@ def _row(outcome: Outcome) -> dict[str, Any]:
     }
 
 
-def _outcomes(records: list[Record], config: SampleConfig, threads: int) -> Iterator[Outcome]:
-    """Outcomes in record order, with at most ``2 * threads`` records in flight."""
-    if threads == 1:
+def encode_threads(workers: int) -> int:
+    """Decode/encode threads for each of ``workers`` processes: their share of this process's cores."""
+    return max(1, len(os.sched_getaffinity(0)) // workers) if hasattr(os, "sched_getaffinity") else 1
+
+
+def _outcomes(records: list[Record], config: SampleConfig, threads: int, encoders: int) -> Iterator[Outcome]:
+    """Outcomes in record order: ``threads`` fetch ahead, ``encoders`` encode, at most ``2 * threads`` in flight."""
+    if threads == 1 and encoders == 1:
         for r in records:
             yield safe_process_record(r, config)
         return
-    with ThreadPoolExecutor(threads) as pool:
+    with ThreadPoolExecutor(threads) as fetch_pool, ThreadPoolExecutor(encoders) as encode_pool:
         pending: deque[Future[Outcome]] = deque()
         for r in records:
-            pending.append(pool.submit(safe_process_record, r, config))
+            fetched = fetch_pool.submit(safe_fetch_record, r, config)
+            # Encoding jobs start in record order, each waiting for its own download.
+            pending.append(encode_pool.submit(_encode_when_fetched, fetched, config))
             if len(pending) >= 2 * threads:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
 
 
-def build_shard(shard_id: int, records: list[Record], out_dir: str, config: SampleConfig, threads: int) -> ShardResult:
-    """Process ``records`` and write their samples to a temporary tar (worker side)."""
+def _encode_when_fetched(fetched: Future[Fetched | Outcome], config: SampleConfig) -> Outcome:
+    return safe_encode_record(fetched.result(), config)
+
+
+def build_shard(
+    shard_id: int, records: list[Record], out_dir: str, config: SampleConfig, threads: int, encoders: int = 1
+) -> ShardResult:
+    """Process ``records`` and write their samples to a temporary tar (worker side).
+
+    Args:
+        shard_id, records: The shard and its input rows.
+        out_dir: Where the temporary tar goes.
+        config: How each record becomes a sample.
+        threads: Images read or downloaded at once.
+        encoders: Images decoded and re-encoded at once (see ``encode_threads``).
+    """
     tmp = Path(out_dir) / f"{shard_name(shard_id)}.tar.{os.getpid()}.tmp"
     rows = []
-    with TarShard(tmp) as tar:
-        for outcome in _outcomes(records, config, threads):
+    # One torch thread: the encoding threads keep the cores busy, and each resize is small.
+    with single_thread(), TarShard(tmp) as tar:
+        for outcome in _outcomes(records, config, threads, encoders):
             if outcome.sample is not None:
                 tar.write(outcome.sample)
             rows.append(_row(outcome))

@@ -81,7 +81,7 @@ def _photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
 @pytest.mark.parametrize("size, fmt", [((640, 480), "JPEG"), ((480, 640), "JPEG"), ((2000, 1600), "JPEG"),
                                        ((2000, 1600), "PNG")])
 def test_fast_resize_looks_like_a_plain_lanczos_resize(size, fmt):
-    # The fast path (bicubic, reduced-scale JPEG decode, PIL's reducing_gap) against a full
+    # The fast path (reduced-scale JPEG decode, torch's antialiased bicubic) against a full
     # decode and one Lanczos resize of the centred square.
     data = _bytes(_photo_like(*size), fmt, quality=95)
     w, h = size

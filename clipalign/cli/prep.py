@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from data_prep.manifest import ManifestError, open_records
+    from data_prep.memory import keep_freed_memory
     from data_prep.prep import ResumeMismatch, run_prep
 
     if args.tokenize:
@@ -204,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         raise CliError(f"cannot read {source}: {err}") from None
     out = Path(args.out)
     _clear_outputs(out, args.overwrite)
+    keep_freed_memory()  # this process builds the shards when --workers is 1
     try:
         with tqdm(unit="row", desc="prep", file=sys.stderr, disable=None) as bar:
             stats = run_prep(records, out, config, source=str(source.resolve()), progress=bar.update)
