@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shard-size", type=int, default=10_000,
                    help="input rows per shard (skipped rows leave a shard with fewer samples)")
     g.add_argument("--workers", type=int, default=1, help="processes (shards do not depend on it)")
-    g.add_argument("--threads", type=int, default=4, help="threads per process (downloads, decoding)")
+    g.add_argument("--threads", type=int, default=4, help="images each process reads or downloads at once (use many for URLs); "
+                        "decoding runs on each process's share of the cores")
     g.add_argument("--overwrite", action="store_true", help="delete what --out holds and start afresh")
     g = p.add_argument_group("evaluation sets")
     g.add_argument("--eval-set", choices=["classification", "retrieval"], default=None,
