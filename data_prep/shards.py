@@ -106,7 +106,7 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 
 class TarShard:
-    """Write one tar shard, sample by sample, without webdataset (no torch import in workers).
+    """Write one tar shard, sample by sample, with the standard library.
 
     Members are ``<key>.<field>`` in sorted field order, like ``webdataset.TarWriter``.
     Values are ``bytes`` or ``str`` (stored as UTF-8).
