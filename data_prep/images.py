@@ -172,8 +172,9 @@ def resize_image(
     if mode == "center_crop":
         if (w, h) == (size, size):
             return img
-        # Resample only the centred square: the same as resize-then-crop without filtering
-        # pixels that the crop throws away.
+        # Resample only the centred square: resize-then-crop without filtering pixels that the
+        # crop throws away (the outermost output pixels see the square's edge repeated, not
+        # the pixels beyond it).
         side = min(w, h)
         left, top = (w - side) // 2, (h - side) // 2
         return resample(img, (size, size), (left, top, left + side, top + side))

@@ -21,7 +21,9 @@ def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
         ((640, 480), (256, 256), (80, 0, 560, 480)),  # center crop, 1.9x shrink
         ((480, 640), (224, 224), (0, 80, 480, 560)),
         ((1000, 700), (256, 179), None),  # keep_ratio, 3.9x shrink
-        ((3000, 200), (384, 26), None),  # 7.8x shrink, wide
+        ((3000, 200), (384, 26), None),  # 7.8x shrink, wide: block-averaged by 2 first
+        ((4000, 3000), (256, 192), None),  # 15.6x: by 5 first
+        ((2001, 1333), (256, 171), None),  # odd sides left over by the block average
         ((99, 57), (256, 147), None),  # upscale
         ((301, 301), (300, 300), None),  # nearly the same size
         ((64, 48), (33, 17), (3, 5, 61, 44)),  # odd sizes and an off-centre box
@@ -32,11 +34,13 @@ def test_matches_pil_bicubic(src, size, box):
     ours = np.asarray(resample(img, size, box), np.int16)
     # Crop, then resize: PIL's resize(box=...) would also read pixels beyond the box's edges.
     region = img.crop(box) if box is not None else img
-    reference = np.asarray(region.resize(size, Image.Resampling.BICUBIC), np.int16)
+    reference = np.asarray(region.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0), np.int16)
     assert ours.shape == reference.shape == (size[1], size[0], 3)
     diff = np.abs(ours - reference)
     # Same filter, different integer rounding: off by a few levels at most, almost never at all.
-    assert diff.max() <= 3 and diff.mean() < 0.1
+    # (After a block average the two also split odd leftover columns differently.)
+    block_averaged = min(region.width // size[0], region.height // size[1]) >= 6
+    assert diff.max() <= 3 and diff.mean() < (0.5 if block_averaged else 0.1)
 
 
 def test_box_selects_the_region():
