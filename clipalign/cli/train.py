@@ -35,8 +35,9 @@ def build_parser():
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps before cosine decay")
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: off)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision,
-                   help="bf16 autocast is about 2x faster on CPUs with AVX-512 bf16")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="bf16 autocast is about 2x faster where bf16 is native (AVX-512 BF16 or AMX CPUs, "
+                        "GPUs) and many times slower where it is emulated; 'auto' picks bf16 only where native")
     p.add_argument("--attention", choices=["math", "auto"], default=d.attention,
                    help="'math' forces plain attention kernels (faster training on CPU); 'auto' lets torch pick")
     p.add_argument("--workers", type=int, default=d.workers, help="data loader processes")
@@ -75,8 +76,11 @@ def build_parser():
 def build_config(argv: list[str] | None = None) -> tuple[argparse.Namespace, TrainConfig]:
     """The parsed arguments and the run's checked ``TrainConfig``; ``CliError`` on bad input."""
     args = build_parser().parse_args(argv)
+    import torch
+
     from clipalign.data import resolve_shards
     from clipalign.factory import list_models
+    from clipalign.precision import resolve_precision
     from clipalign.train import TrainConfig
 
     if args.model not in list_models():
@@ -90,6 +94,7 @@ def build_config(argv: list[str] | None = None) -> tuple[argparse.Namespace, Tra
             raise CliError(f"--{name.replace('_', '-')} must be positive")
     options = {k: v for k, v in vars(args).items() if k != "no_progress"}
     options["eval_sets"] = tuple(s for s in args.eval_sets.split(",") if s)
+    options["precision"] = resolve_precision(args.precision, "cuda" if torch.cuda.is_available() else "cpu")
     for root in options["eval_sets"]:
         if not (Path(root) / "test" / "nshards.txt").is_file():
             raise CliError(f"--eval-sets: {root} is not a wds/ evaluation set (no test/nshards.txt)")
