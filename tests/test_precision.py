@@ -41,11 +41,10 @@ def test_native_bf16_on_this_cpu_means_bf16_matmuls_are_not_emulated():
 def test_train_cli_resolves_auto_into_the_run_config(tmp_path, monkeypatch):
     from toydata import write_toy_shards
 
-    shards = write_toy_shards(tmp_path / "shards", n=8, per_shard=8)
+    write_toy_shards(tmp_path / "shards", n=8, per_shard=8)
     monkeypatch.setattr(precision, "native_bf16", lambda device_type="cpu": False)
     _, cfg = build_config(["--data", str(tmp_path / "shards"), "--out", str(tmp_path / "run"), "--model", "ca-nano"])
     assert cfg.precision == "fp32"
     _, cfg = build_config(["--data", str(tmp_path / "shards"), "--out", str(tmp_path / "run"), "--model", "ca-nano",
                            "--precision", "bf16"])
     assert cfg.precision == "bf16"
-    assert shards
