@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from data_prep.captions import CAPTION_TOO_LONG, EMPTY_CAPTION, caption_problem, normalize_caption
-from data_prep.fetch import FetchConfig, FetchError, fetch_url, read_local
+from data_prep.fetch import Downloader, FetchConfig, FetchError, fetch_url, read_local
 from data_prep.images import IMAGE_FORMATS, RESIZE_MODES, WHITE, RejectedImage, UndecodableImage, process_image
 from data_prep.manifest import Record
 
@@ -92,14 +92,14 @@ def clean_captions(record: Record, max_length: int | None) -> tuple[list[str], t
     return caps, None
 
 
-def read_bytes(record: Record, fetch: FetchConfig) -> bytes:
-    """The record's original image bytes, from disk or the network.
+def read_bytes(record: Record, fetch: FetchConfig, downloader: Downloader | None = None) -> bytes:
+    """The record's original image bytes, from disk or the network (through ``downloader`` if given).
 
     Raises:
         FetchError: with the skip reason.
     """
     if record.url is not None:
-        return fetch_url(record.url, fetch)
+        return downloader.fetch(record.url, fetch) if downloader is not None else fetch_url(record.url, fetch)
     return read_local(record.path, fetch.max_bytes)
 
 
@@ -112,7 +112,7 @@ class Fetched:
     data: bytes
 
 
-def fetch_record(record: Record, config: SampleConfig) -> Fetched | Outcome:
+def fetch_record(record: Record, config: SampleConfig, downloader: Downloader | None = None) -> Fetched | Outcome:
     """The I/O stage: check the captions and read the image bytes (an ``Outcome`` if skipped)."""
     if record.error:
         return Outcome(record, reason=record.error, detail=record.detail)
@@ -120,7 +120,7 @@ def fetch_record(record: Record, config: SampleConfig) -> Fetched | Outcome:
     if problem:
         return Outcome(record, reason=problem[0], detail=problem[1])
     try:
-        data = read_bytes(record, config.fetch)
+        data = read_bytes(record, config.fetch, downloader)
     except FetchError as err:
         return Outcome(record, reason=err.reason, detail=err.detail)
     return Fetched(record, captions, data)
@@ -178,13 +178,13 @@ def process_record(record: Record, config: SampleConfig) -> Outcome:
     return fetched if isinstance(fetched, Outcome) else encode_record(fetched, config)
 
 
-def safe_fetch_record(record: Record, config: SampleConfig) -> Fetched | Outcome:
+def safe_fetch_record(record: Record, config: SampleConfig, downloader: Downloader | None = None) -> Fetched | Outcome:
     """``fetch_record``, turning an unexpected exception into a counted ``processing_error``.
 
     One odd file must not stop a run over millions of rows.
     """
     try:
-        return fetch_record(record, config)
+        return fetch_record(record, config, downloader)
     except Exception as err:  # noqa: BLE001
         return _processing_error(record, err)
 

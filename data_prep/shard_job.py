@@ -3,8 +3,8 @@
 Shard ``i`` holds the samples of input rows ``[i * S, (i + 1) * S)``, so every shard can
 be built independently and the output never depends on the number of workers.
 
-* ``build_shard`` (worker): ``threads`` threads read or download the rows' images ahead
-  (they wait on disks and the network), a few more decode and re-encode them (as many as
+* ``build_shard`` (worker): ``threads`` threads read the rows' images ahead, or wait for
+  their downloads (``threads`` at once on the worker's event loop), a few more decode and re-encode them (as many as
   the worker's share of the cores: more only contend for caches and the GIL), and it
   writes ``NNNNN.tar.<pid>.tmp`` in row order.
 * ``commit_shard`` (main process, in shard order): drops exact duplicates of earlier
@@ -17,14 +17,16 @@ import json
 import os
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from clipalign.atomic import replace_file, write_json
+from data_prep.fetch import Downloader
 from data_prep.manifest import Record
 from data_prep.resample import single_thread
-from data_prep.sample import Fetched, Outcome, SampleConfig, safe_encode_record, safe_fetch_record, safe_process_record
+from data_prep.sample import Fetched, Outcome, SampleConfig, safe_encode_record, safe_fetch_record
 from data_prep.shards import TarShard, filter_tar
 
 DUPLICATE = "duplicate"
@@ -78,14 +80,18 @@ def encode_threads(workers: int) -> int:
 
 def _outcomes(records: list[Record], config: SampleConfig, threads: int, encoders: int) -> Iterator[Outcome]:
     """Outcomes in record order: ``threads`` fetch ahead, ``encoders`` encode, at most ``2 * threads`` in flight."""
-    if threads == 1 and encoders == 1:
-        for r in records:
-            yield safe_process_record(r, config)
-        return
-    with ThreadPoolExecutor(threads) as fetch_pool, ThreadPoolExecutor(encoders) as encode_pool:
+    with ExitStack() as stack:
+        # URLs download on one event loop, ``threads`` at once; the fetch threads wait for them.
+        downloader = stack.enter_context(Downloader(threads)) if any(r.url is not None for r in records) else None
+        if threads == 1 and encoders == 1:
+            for r in records:
+                yield safe_encode_record(safe_fetch_record(r, config, downloader), config)
+            return
+        fetch_pool = stack.enter_context(ThreadPoolExecutor(threads))
+        encode_pool = stack.enter_context(ThreadPoolExecutor(encoders))
         pending: deque[Future[Outcome]] = deque()
         for r in records:
-            fetched = fetch_pool.submit(safe_fetch_record, r, config)
+            fetched = fetch_pool.submit(safe_fetch_record, r, config, downloader)
             # Encoding jobs start in record order, each waiting for its own download.
             pending.append(encode_pool.submit(_encode_when_fetched, fetched, config))
             if len(pending) >= 2 * threads:

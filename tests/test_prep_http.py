@@ -4,18 +4,29 @@ from __future__ import annotations
 import csv
 import io
 import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 
 import pytest
 from PIL import Image
 
 from data_prep import fetch
-from data_prep.fetch import FetchConfig, FetchError, fetch_url, robots_forbid
+from data_prep.fetch import Downloader, FetchConfig, FetchError, fetch_url, retry_after, robots_forbid
 from data_prep.manifest import open_records
 from data_prep.prep import PrepConfig, run_prep
 from data_prep.sample import SampleConfig
 from tests.prep_server import LoopbackServer, send, slow
 
 FAST = FetchConfig(timeout=0.5, retries=2, backoff=0.01, max_bytes=20_000)
+
+
+class Sleeps(list):
+    """An async ``sleep`` that records the waits instead of waiting."""
+
+    async def __call__(self, seconds: float) -> None:
+        self.append(seconds)
 
 
 def _png(colour: tuple[int, int, int], size: int = 24) -> bytes:
@@ -115,14 +126,14 @@ def test_fetch_url_outcomes(server, path):
 
 
 def test_retries_transient_failures_with_backoff(server):
-    sleeps: list[float] = []
+    sleeps = Sleeps()
     server.routes["/flaky"] = _flaky([500, 502, 429])
     config = FetchConfig(retries=3, backoff=0.5)
-    assert fetch_url(server.base + "/flaky", config, sleep=sleeps.append) == GOOD
+    assert fetch_url(server.base + "/flaky", config, sleep=sleeps) == GOOD
     assert sleeps == [0.5, 1.0, 2.0] and server.hits["/flaky"] == 4
     server.routes["/flaky2"] = _flaky([503, 503])
     with pytest.raises(FetchError) as err:
-        fetch_url(server.base + "/flaky2", FetchConfig(retries=1, backoff=0), sleep=sleeps.append)
+        fetch_url(server.base + "/flaky2", FetchConfig(retries=1, backoff=0), sleep=sleeps)
     assert err.value.reason == fetch.HTTP_ERROR and server.hits["/flaky2"] == 2
     before = server.hits.get("/forbidden", 0)
     with pytest.raises(FetchError):
@@ -131,7 +142,7 @@ def test_retries_transient_failures_with_backoff(server):
 
 
 def test_retry_after_is_honoured_up_to_a_cap(server):
-    sleeps: list[float] = []
+    sleeps = Sleeps()
     server.routes["/rate-limited"] = _flaky([
         (429, {"Retry-After": "3"}),  # longer than the backoff (0.5 s): wait 3 s
         (503, {"Retry-After": "3600"}),  # capped
@@ -140,23 +151,71 @@ def test_retry_after_is_honoured_up_to_a_cap(server):
         (429, {"Retry-After": "soon"}),  # invalid: the backoff (8 s)
     ])
     config = FetchConfig(retries=5, backoff=0.5)
-    assert fetch_url(server.base + "/rate-limited", config, sleep=sleeps.append) == GOOD
+    assert fetch_url(server.base + "/rate-limited", config, sleep=sleeps) == GOOD
     assert sleeps == [3.0, fetch.MAX_WAIT, 2.0, 4.0, 8.0]
 
 
 def test_connections_are_kept_alive(server):
     before = len(server.peers)
-    for path in ("/good.png", "/missing.png", "/redirect", "/page.html", "/good.png"):
-        try:
-            fetch_url(server.base + path, FAST)
-        except FetchError:
-            pass  # a refused answer's short body is read, so its connection serves the next request
-    assert len(server.peers) == before + 6 and len(set(server.peers[before:])) == 1  # the redirect is 2 requests
-    server.routes["/larger-than-a-chunk.png"] = lambda h: send(h, b"\0" * (1 << 17))
-    with pytest.raises(FetchError):
-        fetch_url(server.base + "/larger-than-a-chunk.png", FAST)  # a long body is not read: the connection is closed
-    assert fetch_url(server.base + "/good.png", FAST) == GOOD
-    assert server.peers[-1] != server.peers[-2]
+    with Downloader(limit=1) as downloader:
+        for path in ("/good.png", "/missing.png", "/redirect", "/page.html", "/good.png"):
+            try:
+                downloader.fetch(server.base + path, FAST)
+            except FetchError:
+                pass  # a refused answer's short body is read, so its connection serves the next request
+        assert len(server.peers) == before + 6 and len(set(server.peers[before:])) == 1  # the redirect is 2 requests
+        server.routes["/larger-than-a-chunk.png"] = lambda h: send(h, b"\0" * (1 << 17))
+        with pytest.raises(FetchError):
+            downloader.fetch(server.base + "/larger-than-a-chunk.png", FAST)  # a long body is not read: closed
+        assert downloader.fetch(server.base + "/good.png", FAST) == GOOD
+        assert server.peers[-1] != server.peers[-2]
+
+
+def test_many_threads_share_one_downloader_within_its_limit(server):
+    open_now, most = [0], [0]
+    lock = threading.Lock()
+
+    def route(h):
+        with lock:
+            open_now[0] += 1
+            most[0] = max(most[0], open_now[0])
+        time.sleep(0.02)
+        with lock:
+            open_now[0] -= 1
+        send(h, GOOD)
+    server.routes["/counted.png"] = route
+    before = len(server.peers)
+    with Downloader(limit=3) as downloader, ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda _: downloader.fetch(server.base + "/counted.png", FAST), range(24)))
+    assert got == [GOOD] * 24
+    assert most[0] == 3 and len(set(server.peers[before:])) == 3  # 3 at once, on 3 kept-alive connections
+    assert not downloader._thread.is_alive()  # closed: its loop thread has ended
+    with pytest.raises(ValueError):
+        Downloader(limit=0)
+
+
+def test_a_body_that_trickles_past_the_timeout_times_out(server):
+    def trickle(h):  # 20 pieces 50 ms apart: the headers come at once, the whole body in 1 s
+        h.send_response(200)
+        h.send_header("Content-Type", "image/png")
+        h.send_header("Content-Length", str(20 * 16))
+        h.end_headers()
+        for _ in range(20):
+            h.wfile.write(b"\0" * 16)
+            h.wfile.flush()
+            time.sleep(0.05)
+    server.routes["/trickle.png"] = trickle
+    with pytest.raises(FetchError) as err:
+        fetch_url(server.base + "/trickle.png", FetchConfig(timeout=0.3, retries=0))
+    assert err.value.reason == fetch.TIMEOUT
+
+
+def test_retry_after_values():
+    now = datetime(2015, 10, 21, 7, 28, 0, tzinfo=timezone.utc)
+    assert retry_after("120", now) == 120.0 and retry_after(" 7 ", now) == 7.0
+    assert retry_after("Wed, 21 Oct 2015 07:28:30 GMT", now) == 30.0
+    assert retry_after("Wed, 21 Oct 2015 07:27:00 GMT", now) == 0.0  # a date in the past: no wait
+    assert retry_after("soon", now) is None and retry_after("-5", now) is None and retry_after(None) is None
 
 
 def test_options_relax_the_checks(server):
