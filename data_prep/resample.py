@@ -2,9 +2,10 @@
 
 ``torch.nn.functional.interpolate(..., mode="bicubic", antialias=True)`` on a channels-last
 uint8 tensor runs PIL's own filter (bicubic with a = -0.5, its support widened by the
-shrink factor) in AVX2 integer code: a 480 -> 256 shrink takes ~0.7 ms here, the copies in
-and out of PIL included, where PIL's scalar ``Image.resize`` takes 3.0-3.5 ms, and the two
-agree within 3 levels (out of 255) per pixel. ``tests/test_resample.py`` holds it to PIL as the reference.
+shrink factor) in AVX2 integer code: a 480 -> 256 shrink takes ~0.9 ms here, the copies in
+and out of PIL included (~1.7 ms in prep, where the decoded pixels are no longer in cache),
+where PIL's scalar ``Image.resize`` takes 3.0-3.5 ms, and the two agree within 3 levels
+(out of 255) per pixel. ``tests/test_resample.py`` holds it to PIL as the reference.
 
 Callers doing many resizes from threads of one process should keep torch to one intra-op
 thread (``single_thread``): the images are small and the threads already fill the cores.
