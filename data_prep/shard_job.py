@@ -3,8 +3,8 @@
 Shard ``i`` holds the samples of input rows ``[i * S, (i + 1) * S)``, so every shard can
 be built independently and the output never depends on the number of workers.
 
-* ``build_shard`` (worker): ``threads`` threads read the rows' images ahead, or wait for
-  their downloads (``threads`` at once on the worker's event loop), a few more decode and re-encode them (as many as
+* ``build_shard`` (worker): ``threads`` threads read or download the rows' images ahead
+  (downloads run in libcurl, without the GIL), a few more decode and re-encode them (as many as
   the worker's share of the cores: more only contend for caches and the GIL), and it
   writes ``NNNNN.tar.<pid>.tmp`` in row order.
 * ``commit_shard`` (main process, in shard order): drops exact duplicates of earlier
@@ -81,14 +81,14 @@ def encode_threads(workers: int) -> int:
 def _outcomes(records: list[Record], config: SampleConfig, threads: int, encoders: int) -> Iterator[Outcome]:
     """Outcomes in record order: ``threads`` fetch ahead, ``encoders`` encode, at most ``2 * threads`` in flight."""
     with ExitStack() as stack:
-        # URLs download on one event loop, ``threads`` at once; the fetch threads wait for them.
-        downloader = stack.enter_context(Downloader(threads)) if any(r.url is not None for r in records) else None
+        # Each fetch thread downloads through its own curl handle (its kept-alive connections).
+        downloader = stack.enter_context(Downloader()) if any(r.url is not None for r in records) else None
         if threads == 1 and encoders == 1:
             for r in records:
                 yield safe_encode_record(safe_fetch_record(r, config, downloader), config)
             return
-        fetch_pool = stack.enter_context(ThreadPoolExecutor(threads))
-        encode_pool = stack.enter_context(ThreadPoolExecutor(encoders))
+        fetch_pool = stack.enter_context(ThreadPoolExecutor(threads, thread_name_prefix="fetch"))
+        encode_pool = stack.enter_context(ThreadPoolExecutor(encoders, thread_name_prefix="encode"))
         pending: deque[Future[Outcome]] = deque()
         for r in records:
             fetched = fetch_pool.submit(safe_fetch_record, r, config, downloader)

@@ -22,13 +22,6 @@ from tests.prep_server import LoopbackServer, send, slow
 FAST = FetchConfig(timeout=0.5, retries=2, backoff=0.01, max_bytes=20_000)
 
 
-class Sleeps(list):
-    """An async ``sleep`` that records the waits instead of waiting."""
-
-    async def __call__(self, seconds: float) -> None:
-        self.append(seconds)
-
-
 def _png(colour: tuple[int, int, int], size: int = 24) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (size, size), colour).save(buf, "PNG")
@@ -65,6 +58,7 @@ def _routes() -> dict:
         "/octet": lambda h: send(h, _png((10, 10, 200)), "application/octet-stream"),
         "/redirect": _redirect("/good2.png"),
         "/loop": _redirect("/loop"),
+        "/to-file": _redirect("file:///etc/hostname"),  # a redirect must never read a local file
         "/slow": slow(1.5, lambda h: send(h, GOOD)),
         "/truncated": lambda h: send(h, GOOD[: len(GOOD) // 2], length=len(GOOD)),
         "/page.html": lambda h: send(h, b"<html>hi</html>", "text/html"),
@@ -102,6 +96,7 @@ CASES = {
     "/busy-then-ok": None,
     "/missing.png": fetch.NOT_FOUND,
     "/loop": fetch.HTTP_ERROR,
+    "/to-file": fetch.CONNECTION_ERROR,
     "/slow": fetch.TIMEOUT,
     "/truncated": fetch.TRUNCATED,
     "/page.html": fetch.NOT_AN_IMAGE,
@@ -126,14 +121,14 @@ def test_fetch_url_outcomes(server, path):
 
 
 def test_retries_transient_failures_with_backoff(server):
-    sleeps = Sleeps()
+    sleeps: list[float] = []
     server.routes["/flaky"] = _flaky([500, 502, 429])
     config = FetchConfig(retries=3, backoff=0.5)
-    assert fetch_url(server.base + "/flaky", config, sleep=sleeps) == GOOD
+    assert fetch_url(server.base + "/flaky", config, sleep=sleeps.append) == GOOD
     assert sleeps == [0.5, 1.0, 2.0] and server.hits["/flaky"] == 4
     server.routes["/flaky2"] = _flaky([503, 503])
     with pytest.raises(FetchError) as err:
-        fetch_url(server.base + "/flaky2", FetchConfig(retries=1, backoff=0), sleep=sleeps)
+        fetch_url(server.base + "/flaky2", FetchConfig(retries=1, backoff=0), sleep=sleeps.append)
     assert err.value.reason == fetch.HTTP_ERROR and server.hits["/flaky2"] == 2
     before = server.hits.get("/forbidden", 0)
     with pytest.raises(FetchError):
@@ -142,7 +137,7 @@ def test_retries_transient_failures_with_backoff(server):
 
 
 def test_retry_after_is_honoured_up_to_a_cap(server):
-    sleeps = Sleeps()
+    sleeps: list[float] = []
     server.routes["/rate-limited"] = _flaky([
         (429, {"Retry-After": "3"}),  # longer than the backoff (0.5 s): wait 3 s
         (503, {"Retry-After": "3600"}),  # capped
@@ -151,13 +146,13 @@ def test_retry_after_is_honoured_up_to_a_cap(server):
         (429, {"Retry-After": "soon"}),  # invalid: the backoff (8 s)
     ])
     config = FetchConfig(retries=5, backoff=0.5)
-    assert fetch_url(server.base + "/rate-limited", config, sleep=sleeps) == GOOD
+    assert fetch_url(server.base + "/rate-limited", config, sleep=sleeps.append) == GOOD
     assert sleeps == [3.0, fetch.MAX_WAIT, 2.0, 4.0, 8.0]
 
 
 def test_connections_are_kept_alive(server):
     before = len(server.peers)
-    with Downloader(limit=1) as downloader:
+    with Downloader() as downloader:
         for path in ("/good.png", "/missing.png", "/redirect", "/page.html", "/good.png"):
             try:
                 downloader.fetch(server.base + path, FAST)
@@ -171,7 +166,7 @@ def test_connections_are_kept_alive(server):
         assert server.peers[-1] != server.peers[-2]
 
 
-def test_many_threads_share_one_downloader_within_its_limit(server):
+def test_threads_share_one_downloader_each_on_its_own_connection(server):
     open_now, most = [0], [0]
     lock = threading.Lock()
 
@@ -185,13 +180,12 @@ def test_many_threads_share_one_downloader_within_its_limit(server):
         send(h, GOOD)
     server.routes["/counted.png"] = route
     before = len(server.peers)
-    with Downloader(limit=3) as downloader, ThreadPoolExecutor(8) as pool:
+    with Downloader() as downloader, ThreadPoolExecutor(3) as pool:
         got = list(pool.map(lambda _: downloader.fetch(server.base + "/counted.png", FAST), range(24)))
+        assert len(downloader._handles) == 3
     assert got == [GOOD] * 24
     assert most[0] == 3 and len(set(server.peers[before:])) == 3  # 3 at once, on 3 kept-alive connections
-    assert not downloader._thread.is_alive()  # closed: its loop thread has ended
-    with pytest.raises(ValueError):
-        Downloader(limit=0)
+    assert downloader._handles == []  # closed
 
 
 def test_a_body_that_trickles_past_the_timeout_times_out(server):
