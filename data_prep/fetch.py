@@ -14,6 +14,7 @@ when that is longer; the rest fail at once.
 from __future__ import annotations
 
 import email.utils
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -152,8 +153,8 @@ def _curl_error(code: int, message: str, config: FetchConfig) -> FetchError:
         message = f"not complete within {config.timeout} s"
     elif reason == HTTP_ERROR:
         message = f"more than {MAX_REDIRECTS} redirects"
-    else:
-        message = f"curl error {code}: {message}"
+    else:  # without curl's timings ("Failed to connect ... after 0 ms: ..."), so that details are reproducible
+        message = f"curl error {code}: {re.sub(r' after [0-9]+ ms', '', message)}"
     return FetchError(reason, message, transient=transient)
 
 
