@@ -4,9 +4,9 @@ Shard ``i`` holds the samples of input rows ``[i * S, (i + 1) * S)``, so every s
 be built independently and the output never depends on the number of workers.
 
 * ``build_shard`` (worker): ``threads`` threads read or download the rows' images ahead
-  (downloads run in libcurl, without the GIL), a few more decode and re-encode them (as many as
-  the worker's share of the cores: more only contend for caches and the GIL), and it
-  writes ``NNNNN.tar.<pid>.tmp`` in row order.
+  (downloads run in libcurl, without the GIL), a few more decode and re-encode them (as
+  many as the worker's share of the cores: more only contend for caches and the GIL), and
+  it writes ``NNNNN.tar.<pid>.tmp`` in row order.
 * ``commit_shard`` (main process, in shard order): drops exact duplicates of earlier
   images, then writes ``NNNNN.parquet``, renames the tar to ``NNNNN.tar`` and writes
   ``NNNNN_stats.json`` last. A shard is complete when its tar and stats file exist.
