@@ -105,6 +105,8 @@ def _built_shards(
         for shard_id, rows in plan:
             yield shard_id, None if shard_is_complete(out_dir, shard_id) else build_shard(shard_id, rows, *args)
         return
+    import torch  # noqa: F401  (for the resizes: imported once here, shared by the forked workers)
+
     with multiprocessing.Pool(config.workers, initializer=keep_freed_memory) as pool:
         pending: deque = deque()
         for shard_id, rows in plan:

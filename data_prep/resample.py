@@ -9,14 +9,15 @@ where PIL's scalar ``Image.resize`` takes 3.0-3.5 ms, and the two agree within 3
 
 Callers doing many resizes from threads of one process should keep torch to one intra-op
 thread (``single_thread``): the images are small and the threads already fill the cores.
+
+torch is imported on first use (``import torch`` takes ~4 s on the project machine), so that
+prep's main process, its argument errors and commands that never resize start at once.
 """
 from __future__ import annotations
 
 import contextlib
 from typing import Iterator
 
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 REDUCING_GAP = 3
@@ -34,6 +35,9 @@ def resample(img: Image.Image, size: tuple[int, int], box: tuple[int, int, int, 
     Returns:
         A new ``RGB`` image of ``size``.
     """
+    import torch
+    import torch.nn.functional as F
+
     if img.mode != "RGB":
         raise ValueError(f"resample takes RGB images, got {img.mode}")
     region = img.crop(box) if box is not None else img
@@ -57,6 +61,8 @@ def resample(img: Image.Image, size: tuple[int, int], box: tuple[int, int, int, 
 @contextlib.contextmanager
 def single_thread() -> Iterator[None]:
     """Run torch ops with one intra-op thread inside the block, restoring the count after."""
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

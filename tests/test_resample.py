@@ -1,4 +1,7 @@
 """The torch resampler against PIL's own bicubic resize, the plain reference it stands in for."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -61,3 +64,10 @@ def test_single_thread_restores_the_thread_count():
     with single_thread():
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+def test_torch_is_imported_on_first_use():
+    # `import torch` takes seconds: prep's main process and its argument errors must not wait for it.
+    code = "import sys, clipalign.cli.prep, data_prep.prep; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
