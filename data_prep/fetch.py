@@ -42,7 +42,7 @@ NOAI_DIRECTIVES: frozenset[str] = frozenset({"noai", "noimageai"})
 RETRY_AFTER_STATUSES: frozenset[int] = frozenset({429, 503})
 MAX_WAIT = 30.0  # seconds: the longest wait before a retry, whatever the backoff or Retry-After say
 MAX_REDIRECTS = 10  # as urllib and browsers
-_CHUNK = 1 << 16
+_DRAIN_LIMIT = 1 << 16  # bytes: a refused body up to this long is read, so its connection stays alive
 
 
 class FetchError(Exception):
@@ -216,7 +216,7 @@ class _Response:
             self.refusal = self.judge()
             if self.refusal is not None:
                 length = self.content_length()
-                return None if length is not None and length <= _CHUNK else 0  # drain a short body, else abort
+                return None if length is not None and length <= _DRAIN_LIMIT else 0  # drain a short body, else abort
         if self.refusal is not None:
             return None
         self.size += len(chunk)

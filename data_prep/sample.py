@@ -199,9 +199,9 @@ def safe_encode_record(fetched: Fetched | Outcome, config: SampleConfig) -> Outc
         return _processing_error(fetched.record, err)
 
 
-def safe_process_record(record: Record, config: SampleConfig) -> Outcome:
+def safe_process_record(record: Record, config: SampleConfig, downloader: Downloader | None = None) -> Outcome:
     """``process_record`` that never raises (see ``safe_fetch_record``)."""
-    return safe_encode_record(safe_fetch_record(record, config), config)
+    return safe_encode_record(safe_fetch_record(record, config, downloader), config)
 
 
 def _processing_error(record: Record, err: Exception) -> Outcome:

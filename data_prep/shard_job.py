@@ -26,7 +26,14 @@ from clipalign.atomic import replace_file, write_json
 from data_prep.fetch import Downloader
 from data_prep.manifest import Record
 from data_prep.resample import single_thread
-from data_prep.sample import Fetched, Outcome, SampleConfig, safe_encode_record, safe_fetch_record
+from data_prep.sample import (
+    Fetched,
+    Outcome,
+    SampleConfig,
+    safe_encode_record,
+    safe_fetch_record,
+    safe_process_record,
+)
 from data_prep.shards import TarShard, filter_tar
 
 DUPLICATE = "duplicate"
@@ -85,7 +92,7 @@ def _outcomes(records: list[Record], config: SampleConfig, threads: int, encoder
         downloader = stack.enter_context(Downloader()) if any(r.url is not None for r in records) else None
         if threads == 1 and encoders == 1:
             for r in records:
-                yield safe_encode_record(safe_fetch_record(r, config, downloader), config)
+                yield safe_process_record(r, config, downloader)
             return
         fetch_pool = stack.enter_context(ThreadPoolExecutor(threads, thread_name_prefix="fetch"))
         encode_pool = stack.enter_context(ThreadPoolExecutor(encoders, thread_name_prefix="encode"))

@@ -159,9 +159,9 @@ def test_connections_are_kept_alive(server):
             except FetchError:
                 pass  # a refused answer's short body is read, so its connection serves the next request
         assert len(server.peers) == before + 6 and len(set(server.peers[before:])) == 1  # the redirect is 2 requests
-        server.routes["/larger-than-a-chunk.png"] = lambda h: send(h, b"\0" * (1 << 17))
+        server.routes["/past-the-drain-limit.png"] = lambda h: send(h, b"\0" * (2 * fetch._DRAIN_LIMIT))
         with pytest.raises(FetchError):
-            downloader.fetch(server.base + "/larger-than-a-chunk.png", FAST)  # a long body is not read: closed
+            downloader.fetch(server.base + "/past-the-drain-limit.png", FAST)  # a long body is not read: closed
         assert downloader.fetch(server.base + "/good.png", FAST) == GOOD
         assert server.peers[-1] != server.peers[-2]
 
