@@ -1,5 +1,13 @@
 """clipalign: CLIP-style image-text alignment with a hybrid contrastive + masked-token objective.
 
+The project's layers, each importing only the ones below it (``tests/test_layers.py`` walks
+every import to prove it):
+
+1. ``clipalign.formats`` -- the common formats: every contract two stages share.
+2. ``clipalign`` -- the model library: model, factory, losses, masking, training, evaluation.
+3. ``data_prep`` and ``retrieval`` -- the stages.
+4. ``clipalign.cli`` -- the ``clipalign`` command, which nothing imports.
+
 The heavy names (``create_model`` and friends) are imported lazily so that
 ``clipalign --help`` and ``clipalign search`` start fast.
 """

@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from clipalign.atomic import replace_file
+from clipalign.formats.atomic import replace_file
+from clipalign.formats.folders import RunFolder
 from clipalign.model import ClipAlign
-
-_STEP_FILE = re.compile(r"step_(\d+)\.pt$")
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
@@ -20,14 +18,14 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
 
 
 def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step_{step:08d}.pt"
+    return RunFolder(run_dir).checkpoint(step)
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """The run's checkpoints, oldest first."""
-    folder = Path(run_dir) / "checkpoints"
-    found = [p for p in folder.glob("step_*.pt") if _STEP_FILE.search(p.name)] if folder.is_dir() else []
-    return sorted(found, key=lambda p: int(_STEP_FILE.search(p.name).group(1)))
+    folder = RunFolder(run_dir).checkpoints
+    found = [p for p in folder.glob("step_*.pt") if RunFolder.checkpoint_step(p) is not None] if folder.is_dir() else []
+    return sorted(found, key=RunFolder.checkpoint_step)
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:

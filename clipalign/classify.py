@@ -8,11 +8,11 @@ from typing import Any, Callable, Iterable, Sequence, Union
 import torch
 from open_clip import SIMPLE_IMAGENET_TEMPLATES, build_zero_shot_classifier
 
-from clipalign.data import SkipCounter
 from clipalign.embedding import image_features, open_images
+from clipalign.formats.images import image_files
+from clipalign.formats.skips import SkipCounter
 from clipalign.model import ClipAlign
 from clipalign.precision import autocast, model_device
-from data_prep.manifest import IMAGE_EXTENSIONS
 
 Template = Union[str, Callable[[str], str]]
 # CLIP's 7 "simple" ImageNet prompts, as ``{c}`` strings (the form of CLIP_benchmark's files).
@@ -53,7 +53,7 @@ def expand_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            paths += image_files(item)
         else:
             paths.append(item)
     return paths

@@ -7,59 +7,16 @@ trainer with every batch.
 from __future__ import annotations
 
 import glob
-import io
-import logging
 import os
 import random
-import tarfile
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
-import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image, UnidentifiedImageError
 
-log = logging.getLogger(__name__)
-
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-
-
-class BadSample(ValueError):
-    """A sample that cannot be used, with a short stable reason (``empty_caption``, ...)."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-
-
-def skip_reason(exn: BaseException) -> str:
-    """Map an exception met while reading a sample to a short reason string."""
-    if isinstance(exn, BadSample):
-        return exn.reason
-    if isinstance(exn, FileNotFoundError):
-        return "missing_shard"
-    if isinstance(exn, (tarfile.ReadError, tarfile.HeaderError, EOFError)):
-        return "truncated_shard"
-    if isinstance(exn, (UnidentifiedImageError, OSError, SyntaxError)):
-        return "undecodable_image"
-    return type(exn).__name__
-
-
-class SkipCounter:
-    """A webdataset exception handler: skip the sample, count it by reason, go on."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-        self.active = True  # off while a resumed stream replays what was counted before
-
-    def __call__(self, exn: BaseException) -> bool:
-        reason = skip_reason(exn)
-        if self.active:
-            self.counts[reason] += 1
-        log.warning("skipped a sample (%s): %s", reason, exn)
-        return True
+from clipalign.formats.sample import sample_captions, sample_image, sample_text, sample_tokens
+from clipalign.formats.skips import EMPTY_CAPTION, BadSample, SkipCounter, merge_counts
 
 
 def resolve_shards(spec: str | os.PathLike | Iterable[str]) -> list[str]:
@@ -81,40 +38,11 @@ def resolve_shards(spec: str | os.PathLike | Iterable[str]) -> list[str]:
     return [p for p in paths if "://" in p or p.startswith("pipe:") or os.path.isfile(p)]
 
 
-def decode_image(sample: dict) -> Image.Image:
-    """The sample's image as RGB; raises ``BadSample`` if it has none or it is undecodable."""
-    key = next((k for k in IMAGE_KEYS if k in sample), None)
-    if key is None:
-        raise BadSample("missing_image", sample.get("__key__", ""))
-    try:
-        with Image.open(io.BytesIO(sample[key])) as img:
-            return img.convert("RGB")
-    except Exception as exn:  # PIL raises many types for bad bytes
-        raise BadSample("undecodable_image", f"{sample.get('__key__', '')}: {exn}") from exn
-
-
-def decode_captions(sample: dict) -> list[str]:
-    """The sample's captions: the non-empty lines of ``txt`` (one, or several as ``clipalign
-    prep --caption-mode all`` writes them); raises ``BadSample`` if there is none."""
-    if "txt" not in sample:
-        raise BadSample("missing_caption", sample.get("__key__", ""))
-    lines = sample["txt"].decode("utf-8", errors="replace").splitlines()
-    captions = [c for c in (line.strip() for line in lines) if c]
-    if not captions:
-        raise BadSample("empty_caption", sample.get("__key__", ""))
-    return captions
-
-
 def decode_tokens(sample: dict, context_length: int) -> torch.Tensor | None:
-    """Token ids stored by ``clipalign prep --tokenize`` (field ``tok.npy``) as (K, L), one row
-    per caption; ``None`` when the sample has none or they were made for another context length."""
-    raw = sample.get("tok.npy")
-    if raw is None:
-        return None
-    ids = np.load(io.BytesIO(raw), allow_pickle=False)
-    if ids.ndim not in (1, 2) or ids.shape[-1] != context_length:
-        return None
-    return torch.from_numpy(ids.astype(np.int64)).reshape(-1, context_length)
+    """Token ids stored by ``clipalign prep --tokenize`` as a (K, L) tensor, one row per caption;
+    ``None`` when the sample has none or they were made for another context length."""
+    ids = sample_tokens(sample, context_length)
+    return None if ids is None else torch.from_numpy(ids)
 
 
 class SampleDecoder:
@@ -143,10 +71,10 @@ class SampleDecoder:
 
     def __call__(self, sample: dict) -> dict[str, torch.Tensor]:
         tokens = decode_tokens(sample, self.context_length)  # (K, L) stored ids, or None
-        captions = decode_captions(sample) if tokens is None else None
-        if tokens is not None and not sample.get("txt", b"").strip():
-            raise BadSample("empty_caption", sample.get("__key__", ""))
-        image = decode_image(sample)
+        captions = sample_captions(sample) if tokens is None else None
+        if tokens is not None and not sample_text(sample):
+            raise BadSample(EMPTY_CAPTION, sample.get("__key__", ""))
+        image = sample_image(sample)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample.get("__seed__", 0))
             # several captions of one image: each pass over it trains on one, drawn at random
@@ -350,7 +278,4 @@ def train_loader(pipeline: wds.DataPipeline, workers: int) -> wds.WebLoader:
 
 def merge_skip_counts(per_worker: dict[int, dict[str, int]]) -> dict[str, int]:
     """Sum the latest cumulative counts of every worker."""
-    total: Counter[str] = Counter()
-    for counts in per_worker.values():
-        total.update(counts)
-    return dict(total)
+    return merge_counts(*per_worker.values())

@@ -8,7 +8,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from clipalign.data import BadSample, SkipCounter, decode_image
+from clipalign.formats.images import read_image
+from clipalign.formats.sample import sample_image
+from clipalign.formats.skips import SkipCounter
 from clipalign.model import ClipAlign
 from clipalign.precision import autocast, model_device
 
@@ -25,7 +27,7 @@ def decoded(
     """``(image, parse(sample))`` for each good sample; bad ones are counted in ``counter``."""
     for sample in samples:
         try:
-            yield decode_image(sample), parse(sample)
+            yield sample_image(sample), parse(sample)
         except Exception as exn:
             counter(exn)
 
@@ -35,12 +37,9 @@ def open_images(items: Iterable[tuple[Path, Any]], counter: SkipCounter) -> Iter
     file is counted in ``counter``, never fatal."""
     for path, payload in items:
         try:
-            with Image.open(path) as img:
-                image = img.convert("RGB")
-        except FileNotFoundError:
-            counter(BadSample("missing_image", str(path)))
-        except Exception as exn:  # PIL raises many types for bad bytes
-            counter(BadSample("undecodable_image", f"{path}: {exn}"))
+            image = read_image(path)
+        except Exception as exn:
+            counter(exn)
         else:
             yield image, payload
 
@@ -54,8 +53,14 @@ def image_features(
     batch_size: int = 256,
     precision: str = "fp32",
     progress: Callable[..., Any] | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, list[Any]]:
     """Normalised features of ``(image, payload)`` items.
+
+    Args:
+        progress: a tqdm-like factory; its bar counts the images.
+        on_batch: called with the size of each batch once it is embedded (e.g. to count
+            progress, or to stop a run between batches).
 
     Returns:
         ``(features (N, D) float32, payloads)`` in input order.
@@ -71,6 +76,8 @@ def image_features(
         feats.append(f.float().cpu())
         if bar is not None:
             bar.update(len(batch))
+        if on_batch is not None:
+            on_batch(len(batch))
         batch.clear()
 
     for image, payload in items:

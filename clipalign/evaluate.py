@@ -1,15 +1,8 @@
-"""Zero-shot classification and retrieval on CLIP_benchmark ``wds/``-layout sets, and zero-shot
-classification of an ImageFolder tree or an (image, label) manifest.
-
-A ``wds/`` set's root holds ``test/nshards.txt`` and ``test/0.tar``…; ``dataset_type.txt`` says
-``retrieval`` (samples carry ``txt``, one caption per line), ``multilabel`` (samples carry
-``npy``, a multi-hot vector) or ``classification`` (the default: samples carry ``cls``);
-classification sets have ``classnames.txt`` and ``zeroshot_classification_templates.txt``
-at the root, templates using ``{c}``.
+"""Zero-shot classification and retrieval on CLIP_benchmark ``wds/``-layout sets (the layout:
+``clipalign.formats.evalset``), and zero-shot classification of labelled image items.
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -18,8 +11,10 @@ import numpy as np
 import torch
 
 from clipalign.classify import DEFAULT_TEMPLATES, class_embeddings
-from clipalign.data import SkipCounter
 from clipalign.embedding import decoded, image_features, iter_shard_samples, open_images, text_features
+from clipalign.formats import evalset as evalset_layout
+from clipalign.formats.sample import sample_captions, sample_class, sample_multihot
+from clipalign.formats.skips import BAD_ROW, SkipCounter
 from clipalign.linear_probe import linear_probe
 from clipalign.masking import mask_tokens
 from clipalign.metrics import (
@@ -32,7 +27,6 @@ from clipalign.metrics import (
 )
 from clipalign.model import ClipAlign
 from clipalign.precision import autocast, model_device
-from data_prep.labelled import open_labelled
 
 
 @dataclass
@@ -64,47 +58,34 @@ def _classnames(path: Path) -> list[str]:
     return names
 
 
-def load_eval_set(
-    root: str | Path,
-    split: str = "test",
-    templates: list[str] | None = None,
-    *,
-    image_col: str = "image",
-    label_col: str = "label",
-) -> EvalSet:
-    """A ``wds/`` set, an ImageFolder tree (class = sub-folder) or a CSV/TSV/JSONL manifest of
-    (``image``, ``label``). ``templates`` (``{c}`` = class) replace the set's own or, for sets
-    without any, CLIP's simple prompts. Raises ``FileNotFoundError`` naming what is missing.
+def load_eval_set(root: str | Path, split: str = "test", templates: list[str] | None = None) -> EvalSet:
+    """The ``split`` of a ``wds/`` set. ``templates`` (``{c}`` = class) replace the set's own.
+
+    Raises:
+        FileNotFoundError: naming what is missing.
     """
     root = Path(root)
-    if not (root / split / "nshards.txt").is_file() and (root.is_file() or _is_image_folder(root)):
-        labelled = open_labelled(root, image_col=image_col, label_col=label_col)
-        return EvalSet(root, "classification", [], labelled.classnames, templates or list(DEFAULT_TEMPLATES),
-                       items=labelled.items, bad_rows=len(labelled.bad_rows))
-    nshards_file = root / split / "nshards.txt"
-    if not nshards_file.is_file():
-        raise FileNotFoundError(f"not a wds/ evaluation set (no {nshards_file})")
-    shards = [str(root / split / f"{i}.tar") for i in range(int(nshards_file.read_text()))]
-    missing = [s for s in shards if not Path(s).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{nshards_file} lists {len(shards)} shards but {missing[0]} is missing")
-    type_file = root / "dataset_type.txt"
-    task = type_file.read_text().strip().lower() if type_file.is_file() else "classification"
-    if task == "retrieval":
+    shards = evalset_layout.shard_paths(root, split)
+    task = evalset_layout.task(root)
+    if task == evalset_layout.RETRIEVAL:
         return EvalSet(root, task, shards)
-    if task not in ("classification", "multilabel"):
+    if task not in evalset_layout.TASKS:
         raise ValueError(f"{root}: dataset type {task!r} is not supported")
-    for needed in ("classnames.txt", "zeroshot_classification_templates.txt"):
+    for needed in (evalset_layout.CLASSNAMES, evalset_layout.TEMPLATES):
         if not (root / needed).is_file():
             raise FileNotFoundError(f"classification set without {root / needed}")
     return EvalSet(
-        root, task, shards, _classnames(root / "classnames.txt"),
-        templates or _lines(root / "zeroshot_classification_templates.txt"),
+        root, task, shards, _classnames(root / evalset_layout.CLASSNAMES),
+        templates or _lines(root / evalset_layout.TEMPLATES),
     )
 
 
-def _is_image_folder(root: Path) -> bool:
-    return root.is_dir() and any(p.is_dir() for p in root.iterdir()) and not (root / "dataset_type.txt").exists()
+def labelled_eval_set(root: str | Path, classnames: list[str], items: list[tuple[Path, int]], *,
+                      bad_rows: int = 0, templates: list[str] | None = None) -> EvalSet:
+    """A classification set of ``(image path, class)`` items (an ImageFolder tree or a label
+    manifest read by ``data_prep.labelled``), prompted with ``templates`` or CLIP's simple ones."""
+    return EvalSet(Path(root), evalset_layout.CLASSIFICATION, [], classnames, templates or list(DEFAULT_TEMPLATES),
+                   items=items, bad_rows=bad_rows)
 
 
 def _embed_set(
@@ -118,7 +99,7 @@ def _embed_set(
         items = decoded(iter_shard_samples(evalset.shards, counter), counter, parse)
     feats, payloads = image_features(model, transform, items, **kwargs)
     if evalset.bad_rows:
-        counter.counts["bad_row"] += evalset.bad_rows
+        counter.add(BAD_ROW, evalset.bad_rows)
     if not payloads:
         raise ValueError(f"{evalset.root}: no usable image (skipped: {dict(counter.counts)})")
     return feats, payloads, dict(counter.counts)
@@ -138,7 +119,7 @@ def zero_shot_classification(
     """acc@1, acc@5, mean per-class recall, macro F1 and the confusion matrix (rows: true
     class), with each class's text embedding averaged over the templates as CLIP does; with
     ``probe_train`` (the set's train split), a linear probe on the frozen image features too."""
-    feats, labels, skipped = _embed_set(model, transform, evalset, lambda s: int(s["cls"]),
+    feats, labels, skipped = _embed_set(model, transform, evalset, sample_class,
                                         batch_size=batch_size, precision=precision, progress=progress)
     classifier = class_embeddings(model, tokenizer, evalset.classnames, evalset.templates, precision=precision)
     logits = 100.0 * feats @ classifier  # (N, C)
@@ -162,7 +143,7 @@ def _probe(model: ClipAlign, transform: Callable, train: EvalSet | None, test_fe
            test_labels: torch.Tensor, batch_size: int, precision: str) -> dict[str, Any]:
     if train is None:
         return {}
-    feats, labels, skipped = _embed_set(model, transform, train, lambda s: int(s["cls"]),
+    feats, labels, skipped = _embed_set(model, transform, train, sample_class,
                                         batch_size=batch_size, precision=precision)
     probe = linear_probe(feats, torch.tensor(labels), test_feats, test_labels, len(train.classnames))
     return {"linear_probe": {**probe, "skipped": skipped}}  # CLIP_benchmark's lp_* keys: see cli/eval.py
@@ -170,9 +151,9 @@ def _probe(model: ClipAlign, transform: Callable, train: EvalSet | None, test_fe
 
 def probe_train_split(evalset: EvalSet) -> EvalSet | None:
     """The ``train`` split of a single-label ``wds/`` classification set, if it has one."""
-    if evalset.task != "classification" or evalset.items is not None:
+    if evalset.task != evalset_layout.CLASSIFICATION or evalset.items is not None:
         return None
-    if not (evalset.root / "train" / "nshards.txt").is_file():
+    if not evalset_layout.is_eval_set(evalset.root, "train"):
         return None
     return load_eval_set(evalset.root, split="train", templates=evalset.templates)
 
@@ -191,7 +172,7 @@ def zero_shot_retrieval(
     """Image→text and text→image recall@k, mean and median rank (an image may have several
     captions), and for models with an MLM head its accuracy on the held-out captions."""
     img_feats, captions, skipped = _embed_set(
-        model, transform, evalset, lambda s: [c for c in s["txt"].decode("utf-8").splitlines() if c.strip()],
+        model, transform, evalset, sample_captions,
         batch_size=batch_size, precision=precision, progress=progress,
     )
     texts = [c for caps in captions for c in caps]
@@ -235,7 +216,7 @@ def zero_shot_multilabel(
     progress: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
     """Mean average precision over classes, each image carrying a multi-hot ``npy`` label."""
-    feats, labels, skipped = _embed_set(model, transform, evalset, lambda s: np.load(io.BytesIO(s["npy"])),
+    feats, labels, skipped = _embed_set(model, transform, evalset, sample_multihot,
                                         batch_size=batch_size, precision=precision, progress=progress)
     targets = torch.as_tensor(np.stack(labels))
     if targets.ndim != 2 or targets.shape[1] != len(evalset.classnames):
@@ -250,6 +231,6 @@ def zero_shot_multilabel(
 
 def evaluate(model: ClipAlign, tokenizer: Callable, transform: Callable, evalset: EvalSet, **kwargs: Any) -> dict[str, Any]:
     """Run the set's task."""
-    task = {"retrieval": zero_shot_retrieval, "multilabel": zero_shot_multilabel}.get(
+    task = {evalset_layout.RETRIEVAL: zero_shot_retrieval, evalset_layout.MULTILABEL: zero_shot_multilabel}.get(
         evalset.task, zero_shot_classification)
     return task(model, tokenizer, transform, evalset, **kwargs)

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from clipalign.atomic import write_json
+from clipalign.formats.atomic import write_json
 from clipalign.checkpoint import load_model, save_checkpoint
 
 # A name becomes a file name and an open_clip registry key: no path separators, and not

@@ -6,6 +6,7 @@ The configs in ``model_configs/`` use open_clip's schema (``embed_dim``, ``visio
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -88,7 +89,13 @@ def create_model(name: str, **kwargs: Any) -> ClipAlign:
     return create_model_and_transforms(name, **kwargs)[0]
 
 
+@functools.lru_cache(maxsize=8)
 def get_tokenizer(name: str) -> Callable[..., torch.Tensor]:
-    """open_clip's tokenizer for ``name``: ``tokenizer(list[str]) -> (B, L)`` ids."""
+    """open_clip's tokenizer for ``name``: ``tokenizer(list[str]) -> (B, L)`` ids.
+
+    Raises:
+        ValueError: for a name neither this project nor open_clip knows (open_clip would fall
+            back to a default tokenizer).
+    """
     get_model_config(name)
     return open_clip.get_tokenizer(name)

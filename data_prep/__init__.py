@@ -1,8 +1,13 @@
 """Data preparation: the synthetic corpus, manifest readers, image processing and shards.
 
+A stage: it imports the model library (``clipalign``) and the common formats
+(``clipalign.formats``: sample keys, image extensions, skip reasons, the ``wds/`` layout),
+never ``retrieval`` or the CLI.
+
 Modules, one job each:
 
 * ``synth``     -- the embedded synthetic shapes corpus (scenes, rendering, captions).
+* ``records``   -- ``Record``, one input row as every reader yields it, and ``ManifestError``.
 * ``manifest``  -- readers that stream CSV/TSV/JSONL (.gz)/Parquet manifests or caption folders as records.
 * ``coco``      -- a reader for COCO captions files (one sample per image or per caption).
 * ``fetch``     -- image bytes from disk or over HTTP(S): retries, timeouts, size/type/robots checks.
@@ -13,5 +18,10 @@ Modules, one job each:
 * ``shards``    -- tar writers (``ShardSink`` around ``webdataset.ShardWriter``, ``TarShard``).
 * ``shard_job`` -- one shard as a unit of work: built in a worker, committed in order.
 * ``evalsets``  -- writers for CLIP_benchmark's ``wds/`` classification and retrieval layouts.
+* ``labelled``  -- labelled image collections: an ImageFolder tree or an (image, label) manifest.
+* ``evalprep``  -- a user's labelled or captioned images written as ``wds/`` evaluation sets.
+* ``eval_source`` -- any evaluation source (``wds/``, ImageFolder, label manifest) opened as an ``EvalSet``.
+* ``memory``    -- keep freed heap pages in workers (glibc ``mallopt``).
+* ``resample``  -- torch's uint8 bicubic resize for prep.
 * ``prep``      -- composes reader -> shard jobs -> commit into resumable WebDataset training shards.
 """

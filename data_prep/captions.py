@@ -4,9 +4,7 @@ from __future__ import annotations
 import html
 import re
 
-EMPTY_CAPTION = "empty_caption"
-MISSING_CAPTION = "missing_caption"
-CAPTION_TOO_LONG = "caption_too_long"
+from clipalign.formats.skips import CAPTION_TOO_LONG, EMPTY_CAPTION, MISSING_CAPTION
 
 _SPACE = re.compile(r"\s+")
 

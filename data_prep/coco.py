@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
-from data_prep.manifest import ManifestError, Record, make_record
+from data_prep.records import ManifestError, Record, make_record
 
 CAPTION_MODES: tuple[str, ...] = ("all", "first", "each")
 

@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from clipalign.formats.skips import BAD_ROW, EMPTY_CAPTION, MISSING_IMAGE, UNDECODABLE_IMAGE
 from data_prep.evalsets import write_classification_set, write_retrieval_set
 from data_prep.images import UndecodableImage, process_image
 from data_prep.labelled import open_labelled
@@ -25,9 +26,9 @@ def _encoded_images(items: Iterable[tuple[Path, object]], skipped: Counter, *, i
             encoded = process_image(data, size=image_size, resize_mode=resize_mode, fmt=image_format, quality=quality)
             yield encoded.data, payload
         except FileNotFoundError:
-            skipped["missing_image"] += 1
+            skipped[MISSING_IMAGE] += 1
         except (OSError, UndecodableImage):
-            skipped["undecodable_image"] += 1
+            skipped[UNDECODABLE_IMAGE] += 1
 
 
 def classification_set(
@@ -46,7 +47,7 @@ def classification_set(
     """Write ``source`` (ImageFolder or label manifest) as the ``split`` of a ``wds/``
     classification set with prompt ``templates`` (``{c}`` = class name)."""
     labelled = open_labelled(source, image_col=image_col, label_col=label_col)
-    skipped: Counter = Counter({"bad_row": len(labelled.bad_rows)} if labelled.bad_rows else {})
+    skipped: Counter = Counter({BAD_ROW: len(labelled.bad_rows)} if labelled.bad_rows else {})
     samples = _encoded_images(labelled.items, skipped, image_size=image_size, resize_mode=resize_mode,
                               image_format=image_format, quality=quality)
     written = write_classification_set(out, samples, labelled.classnames, templates, split=split,
@@ -72,7 +73,7 @@ def retrieval_set(
     skipped: Counter = Counter()
     for record in open_records(source, image_col=image_col, caption_col=caption_col):
         if record.error or record.path is None or not record.caption:
-            skipped["bad_row" if record.error else "empty_caption"] += 1
+            skipped[BAD_ROW if record.error else EMPTY_CAPTION] += 1
             continue
         captions.setdefault(record.path, []).append(" ".join(record.caption.split()))
     samples = _encoded_images(captions.items(), skipped, image_size=image_size, resize_mode=resize_mode,

@@ -1,16 +1,4 @@
-"""Write evaluation sets in CLIP_benchmark's ``wds/`` layout.
-
-Classification root::
-
-    ROOT/classnames.txt                          one class name per line
-    ROOT/zeroshot_classification_templates.txt   one template per line, ``{c}`` = class name
-    ROOT/dataset_type.txt                        "classification"
-    ROOT/test/nshards.txt                        number of shards
-    ROOT/test/0.tar, 1.tar, ...                  samples: __key__, <png|jpg|webp>, cls
-
-Retrieval root is the same without classnames/templates, ``dataset_type.txt`` holds
-"retrieval" and each sample has ``txt`` (one caption per line) instead of ``cls``.
-"""
+"""Write evaluation sets in CLIP_benchmark's ``wds/`` layout (described in ``clipalign.formats.evalset``)."""
 from __future__ import annotations
 
 import io
@@ -22,14 +10,13 @@ from typing import Iterable, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from clipalign.formats import evalset as layout
+from clipalign.formats.evalset import CLASSIFICATION, MULTILABEL, RETRIEVAL
+from clipalign.formats.sample import CLASS, KEY, MULTIHOT, TEXT
 from data_prep.images import IMAGE_FORMATS, encode_image
 from data_prep.shards import ShardSink
 
 ImageLike = Union[Image.Image, bytes]
-
-CLASSIFICATION = "classification"
-MULTILABEL = "multilabel"
-RETRIEVAL = "retrieval"
 
 
 def _encoded(image: ImageLike, fmt: str) -> bytes:
@@ -48,11 +35,11 @@ def _shards(root: Path, split: str, samples: Iterable[dict], shard_size: int) ->
     for old in split_dir.glob("*.tar"):  # stale shards of an earlier, larger run
         if re.fullmatch(r"\d+\.tar", old.name):
             old.unlink()
-    with ShardSink(split_dir, pattern="%d.tar", maxcount=shard_size) as sink:
+    with ShardSink(split_dir, pattern=layout.SHARD_PATTERN, maxcount=shard_size) as sink:
         for sample in samples:
             sink.write(sample)
     sizes = sink.close()
-    (split_dir / "nshards.txt").write_text(f"{len(sizes)}\n")
+    layout.nshards_file(root, split).write_text(f"{len(sizes)}\n")
     return sink.total
 
 
@@ -95,9 +82,9 @@ def write_classification_set(
         raise ValueError("class names must not contain newlines")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    _write_lines(root / "classnames.txt", classnames)
-    _write_lines(root / "zeroshot_classification_templates.txt", templates)
-    _write_lines(root / "dataset_type.txt", [MULTILABEL if multilabel else CLASSIFICATION])
+    _write_lines(root / layout.CLASSNAMES, classnames)
+    _write_lines(root / layout.TEMPLATES, templates)
+    _write_lines(root / layout.DATASET_TYPE, [MULTILABEL if multilabel else CLASSIFICATION])
 
     def label_entry(i: int, label: object) -> dict:
         if multilabel:
@@ -106,14 +93,14 @@ def write_classification_set(
                 raise ValueError(f"sample {i}: multi-hot label of shape {vector.shape}, expected ({len(classnames)},)")
             buf = io.BytesIO()
             np.save(buf, vector)
-            return {"npy": buf.getvalue()}
+            return {MULTIHOT: buf.getvalue()}
         if not 0 <= int(label) < len(classnames):
             raise ValueError(f"sample {i}: label {label} outside 0..{len(classnames) - 1}")
-        return {"cls": str(int(label))}
+        return {CLASS: str(int(label))}
 
     def encoded() -> Iterable[dict]:
         for i, (image, label) in enumerate(samples):
-            yield {"__key__": f"s{i:07d}", image_format: _encoded(image, image_format), **label_entry(i, label)}
+            yield {KEY: f"s{i:07d}", image_format: _encoded(image, image_format), **label_entry(i, label)}
 
     return _shards(root, split, encoded(), shard_size)
 
@@ -138,7 +125,7 @@ def write_retrieval_set(
     _check_format(image_format)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    _write_lines(root / "dataset_type.txt", [RETRIEVAL])
+    _write_lines(root / layout.DATASET_TYPE, [RETRIEVAL])
 
     def encoded() -> Iterable[dict]:
         for i, (image, captions) in enumerate(samples):
@@ -146,6 +133,6 @@ def write_retrieval_set(
                 raise ValueError(f"sample {i}: captions must be a non-empty list of strings")
             if any("\n" in c or not c.strip() for c in captions):
                 raise ValueError(f"sample {i}: captions must be non-empty single lines")
-            yield {"__key__": f"s{i:07d}", image_format: _encoded(image, image_format), "txt": "\n".join(captions)}
+            yield {KEY: f"s{i:07d}", image_format: _encoded(image, image_format), TEXT: "\n".join(captions)}
 
     return _shards(root, split, encoded(), shard_size)

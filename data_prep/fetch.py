@@ -25,16 +25,18 @@ from typing import Callable
 import certifi
 import pycurl
 
-MISSING_IMAGE = "missing_image"
-UNREADABLE_IMAGE = "unreadable_image"
-NOT_FOUND = "http_not_found"
-HTTP_ERROR = "http_error"
-TIMEOUT = "timeout"
-CONNECTION_ERROR = "connection_error"
-TRUNCATED = "truncated_download"
-TOO_LARGE = "too_large"
-NOT_AN_IMAGE = "not_an_image"
-ROBOTS_NOAI = "robots_noai"
+from clipalign.formats.skips import (  # noqa: F401  (the download reasons, named where they are met)
+    CONNECTION_ERROR,
+    HTTP_ERROR,
+    MISSING_IMAGE,
+    NOT_AN_IMAGE,
+    NOT_FOUND,
+    ROBOTS_NOAI,
+    TIMEOUT,
+    TOO_LARGE,
+    TRUNCATED,
+    UNREADABLE_IMAGE,
+)
 
 DEFAULT_USER_AGENT = "clipalign-prep/1.0 (image-text dataset builder)"
 # X-Robots-Tag directives asking not to use the content for AI training (as img2dataset honours).

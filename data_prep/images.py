@@ -12,6 +12,7 @@ from typing import Iterator, Literal
 import numpy as np
 from PIL import Image, ImageOps
 
+from clipalign.formats.skips import BAD_ASPECT_RATIO, IMAGE_TOO_LARGE, IMAGE_TOO_SMALL
 from data_prep.resample import resample
 
 ResizeMode = Literal["center_crop", "keep_ratio", "border", "no"]
@@ -19,10 +20,6 @@ RESIZE_MODES: tuple[str, ...] = ("center_crop", "keep_ratio", "border", "no")
 IMAGE_FORMATS: tuple[str, ...] = ("jpg", "webp", "png")
 WHITE = (255, 255, 255)
 
-# Skip reasons of ``RejectedImage``.
-IMAGE_TOO_LARGE = "image_too_large"
-IMAGE_TOO_SMALL = "image_too_small"
-BAD_ASPECT_RATIO = "bad_aspect_ratio"
 
 _PIL_FORMAT = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
 

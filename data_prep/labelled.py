@@ -1,7 +1,7 @@
 """Labelled image collections for evaluation: an ImageFolder tree, or a manifest of (image, label).
 
 Both give class names and ``(image path, class index)`` items, in a stable order, so they can
-be evaluated directly or written in CLIP_benchmark's ``wds/`` layout.
+be evaluated directly (``data_prep.eval_source``) or written in CLIP_benchmark's ``wds/`` layout.
 """
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_prep.manifest import IMAGE_EXTENSIONS, ManifestError, Record, open_records
+from clipalign.formats.images import image_files
+from data_prep.manifest import open_records
+from data_prep.records import ManifestError, Record
 
 
 @dataclass
@@ -27,12 +29,7 @@ def image_folder(root: str | os.PathLike) -> LabelledImages:
     classnames = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if not classnames:
         raise ManifestError(f"{root} holds no class sub-folders (ImageFolder layout: ROOT/<class>/<image>)")
-    items = [
-        (path, label)
-        for label, name in enumerate(classnames)
-        for path in sorted((root / name).rglob("*"))
-        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-    ]
+    items = [(path, label) for label, name in enumerate(classnames) for path in image_files(root / name)]
     return LabelledImages(classnames, items)
 
 
@@ -55,3 +52,4 @@ def open_labelled(source: str | os.PathLike, *, image_col: str = "image", label_
     if source.is_dir():
         return image_folder(source)
     return label_manifest(source, image_col=image_col, label_col=label_col)
+

@@ -19,73 +19,18 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterator, Sequence
-from urllib.parse import unquote, urlsplit
-from urllib.request import url2pathname
+
+from clipalign.formats.images import image_files
+from clipalign.formats.skips import BAD_ROW
+from data_prep.coco import read_coco
+from data_prep.records import ManifestError, Record, make_record
 
 MANIFEST_EXTENSIONS: dict[str, str] = {".csv": ",", ".tsv": "\t", ".jsonl": "", ".parquet": "", ".json": ""}
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-)
 PARQUET_BATCH_ROWS = 8192
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long captions must not abort the whole manifest
-
-
-class ManifestError(ValueError):
-    """The manifest as a whole cannot be read (unknown type, missing column, ...)."""
-
-
-@dataclass(frozen=True)
-class Record:
-    """One input row.
-
-    Attributes:
-        index: 0-based position among the input's data rows (blank lines not counted).
-        source: The image path or URL as written in the input.
-        path: A local ``source`` resolved against the manifest's folder (``None`` for URLs or no path).
-        caption: The caption with surrounding whitespace stripped (``None`` if absent).
-        error: A short reason if the row itself is malformed (e.g. ``"bad_row"``).
-        detail: Human-readable detail for ``error``.
-        url: The ``http(s)://`` URL to download, if ``source`` is one.
-        captions: Several captions of one image (COCO ``--caption-mode all``); ``caption`` is the first.
-        extra: Other columns of the row, carried into the sample's ``json``.
-    """
-
-    index: int
-    source: str
-    path: Path | None
-    caption: str | None
-    error: str | None = None
-    detail: str | None = None
-    url: str | None = None
-    captions: tuple[str, ...] | None = None
-    extra: dict[str, Any] | None = None
-
-    @property
-    def key(self) -> str:
-        """The sample key: the row index, zero-padded to 9 digits."""
-        return f"{self.index:09d}"
-
-
-def make_record(
-    index: int, base: Path, source: str, caption: str | None, extra: dict[str, Any] | None = None
-) -> Record:
-    """A record for ``source``: an ``http(s)`` URL, a ``file://`` URL or a path relative to ``base``."""
-    scheme = source.split(":", 1)[0].lower() if "://" in source else ""
-    if scheme in ("http", "https"):
-        return Record(index, source, None, caption, url=source, extra=extra or None)
-    if scheme == "file":
-        parts = urlsplit(source)
-        path = Path(url2pathname(unquote(parts.path)))
-        return Record(index, source, path, caption, extra=extra or None)
-    if scheme:
-        return Record(index, source, None, caption, "bad_row", f"unsupported URL scheme {scheme!r}", extra=extra or None)
-    # One Path built from a joined string: pathlib parsing is most of a long manifest's read time.
-    path = Path(os.path.join(base, source)) if source else None
-    return Record(index, source, path, caption, extra=extra or None)
 
 
 def _strip(value: object) -> str | None:
@@ -152,7 +97,7 @@ def _delimited_rows(
             if not row or all(not cell.strip() for cell in row):
                 continue
             if max(i_img, i_cap) >= len(row):
-                yield Record(index, "", None, None, "bad_row", f"row has {len(row)} fields")
+                yield Record(index, "", None, None, BAD_ROW, f"row has {len(row)} fields")
             else:
                 extra = {name: row[i] for name, i in extras if i < len(row)}
                 yield make_record(index, base, row[i_img].strip(), _strip(row[i_cap]), extra)
@@ -210,10 +155,10 @@ def _jsonl_rows(
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                yield Record(index, "", None, None, "bad_row", f"invalid JSON: {err}")
+                yield Record(index, "", None, None, BAD_ROW, f"invalid JSON: {err}")
             else:
                 if not isinstance(obj, dict) or image_col not in obj:
-                    yield Record(index, "", None, None, "bad_row", f"no field {image_col!r}")
+                    yield Record(index, "", None, None, BAD_ROW, f"no field {image_col!r}")
                 else:
                     names = [k for k in obj if k not in (image_col, caption_col)] if extra_cols is None else extra_cols
                     extra = {k: obj[k] for k in names if k in obj}
@@ -284,7 +229,7 @@ def _parquet_rows(
                 source = data[image_col][i]
                 extra = {name: _json_safe(data[name][i]) for name in extras}
                 if source is None:
-                    yield Record(index, "", None, None, "bad_row", f"no value in column {image_col!r}", extra=extra or None)
+                    yield Record(index, "", None, None, BAD_ROW, f"no value in column {image_col!r}", extra=extra or None)
                 else:
                     yield make_record(index, base, str(source).strip(), _strip(data[caption_col][i]), extra)
                 index += 1
@@ -301,11 +246,7 @@ def read_folder(root: str | os.PathLike) -> Iterator[Record]:
     root = Path(root)
     if not root.is_dir():
         raise ManifestError(f"{root} is not a folder")
-    images = sorted(
-        p.relative_to(root).as_posix()
-        for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-    )
+    images = [p.relative_to(root).as_posix() for p in image_files(root)]
     for index, rel in enumerate(images):
         path = root / rel
         txt = path.with_suffix(".txt")
@@ -356,8 +297,6 @@ def open_records(
             "(or .gz of those), a COCO captions .json or a folder"
         )
     if ext == ".json":
-        from data_prep.coco import read_coco
-
         return read_coco(source, image_root=image_root, caption_mode=caption_mode)
     if ext == ".parquet":
         return read_parquet(source, image_col=image_col, caption_col=caption_col, extra_cols=extra_cols)

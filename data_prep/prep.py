@@ -24,13 +24,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from clipalign.atomic import write_json
-from data_prep.captions import EMPTY_CAPTION, MISSING_CAPTION  # noqa: F401  (stable names, re-exported)
-from data_prep.fetch import MISSING_IMAGE, UNREADABLE_IMAGE  # noqa: F401
-from data_prep.manifest import Record
+from clipalign.formats.atomic import write_json
 from data_prep.memory import keep_freed_memory
-from data_prep.sample import UNDECODABLE_IMAGE, SampleConfig  # noqa: F401
+from data_prep.records import Record
+from data_prep.sample import SampleConfig
 from data_prep.shard_job import (
+    SHARD_FILE,
     SUCCESS,
     ShardResult,
     build_shard,
@@ -42,9 +41,10 @@ from data_prep.shard_job import (
     shard_is_complete,
 )
 
-BAD_ROW = "bad_row"
 CONFIG_FILE = "prep_config.json"
-RUN_FILES = ("stats.json", "sizes.json", "errors.jsonl", CONFIG_FILE)
+STATS_FILE, SIZES_FILE, ERRORS_FILE = "stats.json", "sizes.json", "errors.jsonl"
+RUN_FILES = (STATS_FILE, SIZES_FILE, ERRORS_FILE, CONFIG_FILE)
+TMP_PATTERNS = ("*.tmp", "*.tmp.dedup")  # every temporary name of a run ends so
 
 
 class ResumeMismatch(ValueError):
@@ -133,15 +133,33 @@ def _check_resume(out_dir: Path, options: dict[str, Any]) -> None:
 
 
 def _remove_tmp_files(out_dir: Path) -> None:
-    """Leftovers of a killed run (all our temporary names end so)."""
-    for pattern in ("*.tmp", "*.tmp.dedup"):
+    """Leftovers of a killed run."""
+    for pattern in TMP_PATTERNS:
         for p in out_dir.glob(pattern):
             p.unlink(missing_ok=True)
 
 
+def clear_outputs(out_dir: str | os.PathLike) -> None:
+    """Delete what prep runs wrote into ``out_dir`` (shards, their tables and stats, run files,
+    temporary files), leaving anything else there alone.
+
+    Raises:
+        NotADirectoryError: ``out_dir`` exists and is not a folder.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir} exists and is not a folder")
+    if not out_dir.is_dir():
+        return
+    _remove_tmp_files(out_dir)
+    for p in out_dir.iterdir():
+        if SHARD_FILE.fullmatch(p.name) or p.name in RUN_FILES:
+            p.unlink()
+
+
 def _write_errors(out_dir: Path, shards: list[tuple[int, dict[str, Any]]]) -> None:
     columns = ("index", "key", "source", "status", "error_reason", "error_detail")
-    tmp = out_dir / "errors.jsonl.tmp"
+    tmp = out_dir / f"{ERRORS_FILE}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for shard_id, stats in shards:
             if not stats["skipped"]:
@@ -151,7 +169,7 @@ def _write_errors(out_dir: Path, shards: list[tuple[int, dict[str, Any]]]) -> No
                 if status != SUCCESS:
                     entry = {"index": index, "key": key, "source": source, "reason": reason, "detail": detail}
                     f.write(json.dumps(entry, ensure_ascii=False) + "\n")
-    os.replace(tmp, out_dir / "errors.jsonl")
+    os.replace(tmp, out_dir / ERRORS_FILE)
 
 
 def run_prep(
@@ -221,6 +239,6 @@ def run_prep(
         "output": str(out_dir),
         "config": asdict(config),
     }
-    write_json(out_dir / "sizes.json", {s["shard"]: s["written"] for _, s in shards})
-    write_json(out_dir / "stats.json", stats)
+    write_json(out_dir / SIZES_FILE, {s["shard"]: s["written"] for _, s in shards})
+    write_json(out_dir / STATS_FILE, stats)
     return stats

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -22,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from clipalign.atomic import replace_file, write_json
+from clipalign.formats.atomic import replace_file, write_json
+from clipalign.formats.skips import DUPLICATE
 from data_prep.fetch import Downloader
-from data_prep.manifest import Record
+from data_prep.records import Record
 from data_prep.resample import single_thread
 from data_prep.sample import (
     Fetched,
@@ -36,7 +38,6 @@ from data_prep.sample import (
 )
 from data_prep.shards import TarShard, filter_tar
 
-DUPLICATE = "duplicate"
 SUCCESS = "success"
 FAILED = "failed"
 
@@ -50,6 +51,9 @@ _PARQUET_COLUMNS = [
 def shard_name(shard_id: int) -> str:
     """``00042`` for shard 42 (the tar is ``00042.tar``)."""
     return f"{shard_id:05d}"
+
+
+SHARD_FILE = re.compile(r"\d{5,}(\.tar|\.parquet|_stats\.json)")  # what shard_name's files are called
 
 
 def shard_is_complete(out_dir: Path, shard_id: int) -> bool:

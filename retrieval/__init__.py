@@ -1,1 +1,14 @@
-"""Retrieval: embeddings from a trained clipalign model into FAISS indexes, and search over them."""
+"""Retrieval: embeddings from a clipalign model into FAISS indexes, and search over them.
+
+A stage: it imports the model library and the common formats (``clipalign.formats.folders``
+owns what an embeddings and an index folder hold), never ``data_prep`` or the CLI.
+
+* ``sources``  -- where images come from: shards (with member offsets) or an image folder, as units.
+* ``embed``    -- units → resumable chunked embedding files (the embeddings folder).
+* ``identity`` -- a model's identity (name + weights hash), checked between embeddings, index and queries.
+* ``choose``, ``tune`` -- the automatic index choice and the search-parameter tuning.
+* ``index``    -- FAISS indexes + metadata on disk, loaded memory-mapped.
+* ``build``    -- whole index folders: from embeddings, in one step from shards, or appended to.
+* ``query_encoder`` -- the traced text tower that answers text queries without open_clip.
+* ``engine``   -- a query engine over an index folder; ``server``, ``page``, ``html``, ``thumbs``: the web side.
+"""

@@ -1,15 +1,12 @@
 """Embed a collection into chunked, resumable embedding files.
 
-Layout of an embeddings folder::
+An embeddings folder (its file names: ``clipalign.formats.folders.EmbeddingsFolder``) holds
+its info (model identity, dim, dtype, the units to embed), a copy of the weights that made
+the vectors (queries need them) and, per unit: the (n, D) L2-normalised image vectors, the
+caption vectors (when captions are embedded), n metadata rows (key, caption, source, shard,
+offset, size) and a ``done`` record written last (the unit is complete: count, skipped).
 
-    embeddings.json          model identity, dim, dtype, the units to embed
-    model.pt                 the weights that made the vectors (queries need them)
-    img_emb/00000.npy        (n, D) image vectors of unit 00000, L2-normalised
-    text_emb/00000.npy       (n, D) caption vectors (when captions are embedded)
-    metadata/00000.parquet   n rows: key, caption, source, shard, offset, size
-    done/00000.json          written last: the unit is complete (count, skipped)
-
-A killed run resumes at the first unit without its ``done`` file.
+A killed run resumes at the first unit without its ``done`` record.
 """
 from __future__ import annotations
 
@@ -17,31 +14,38 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from clipalign.atomic import replace_file, write_json
-from clipalign.data import SkipCounter
-from clipalign.embedding import text_features
+from clipalign.embedding import image_features, text_features
+from clipalign.formats.atomic import replace_file, write_json
+from clipalign.formats.folders import EmbeddingsFolder
+from clipalign.formats.skips import SkipCounter
 from clipalign.model import ClipAlign
-from clipalign.precision import autocast
-from retrieval.sources import Item, Unit, unit_items
+from retrieval.sources import Unit, folder_units, shard_units, unit_items
 
-INFO = "embeddings.json"
 METADATA_COLUMNS = ("key", "caption", "source", "shard", "offset", "size")
 
 
-def _batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
-    batch: list[Item] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def resolve_units(data: str | os.PathLike, per_chunk: int = 10_000) -> list[Unit]:
+    """The shards at ``data`` (a folder of ``*.tar``, a glob or a brace pattern), else the images
+    of the folder ``data`` in units of ``per_chunk``.
+
+    Raises:
+        FileNotFoundError: neither shards nor images are found there.
+    """
+    from clipalign.data import resolve_shards
+
+    shards = resolve_shards(str(data))
+    if shards:
+        return shard_units(shards)
+    if Path(data).is_dir():
+        units = folder_units(data, per_chunk)
+        if units:
+            return units
+    raise FileNotFoundError(f"no shards and no images found at {data}")
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -67,20 +71,14 @@ def embed_unit(model: ClipAlign, transform: Callable, tokenizer: Callable, unit:
                ) -> tuple[np.ndarray, np.ndarray | None, list[dict[str, Any]], dict[str, int]]:
     """Embed one unit. Returns ``(image (n, D), caption (n, D) or None, rows, skipped counts)``, float32."""
     counter = SkipCounter()
-    feats, rows = [], []
-    for batch in _batches(unit_items(unit, counter), batch_size):
-        with autocast(precision):
-            f = model.encode_image(torch.stack([transform(it.image) for it in batch]), normalize=True)
-        feats.append(f.float().numpy())
-        rows += [it.row for it in batch]
-        if on_batch:
-            on_batch(len(batch))
-    dim = model.clip.visual.output_dim
-    image = np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)
+    items = ((item.image, item.row) for item in unit_items(unit, counter))
+    feats, rows = image_features(model, transform, items, batch_size=batch_size, precision=precision,
+                                 on_batch=on_batch)
+    image = feats.numpy()
     text = None
     if captions:
         text = (text_features(model, tokenizer, [r["caption"] for r in rows], precision=precision).numpy()
-                if rows else np.zeros((0, dim), np.float32))
+                if rows else np.zeros((0, image.shape[1]), np.float32))
     return image, text, rows, dict(counter.counts)
 
 
@@ -90,39 +88,77 @@ def embed_collection(model: ClipAlign, transform: Callable, tokenizer: Callable,
                      on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Embed every unit not yet done into ``out``; returns the folder's totals (see ``summary``).
 
+    Writes the vectors, metadata and ``done`` records; ``embed_folder`` adds the model copy.
+
     Raises:
         ValueError: ``out`` holds embeddings of another model, source or format.
     """
-    out = Path(out)
+    folder = EmbeddingsFolder(out)
     dim = int(model.clip.visual.output_dim)
     info = {"model": identity, "dim": dim, "dtype": dtype, "captions": captions,
             "units": [asdict(u) | {"files": list(u.files)} for u in units]}
-    if (out / INFO).is_file():
-        old = json.loads((out / INFO).read_text())
+    if folder.info.is_file():
+        old = json.loads(folder.info.read_text())
         for field in ("model", "dim", "dtype", "captions", "units"):
             if old.get(field) != info[field]:
                 raise ValueError(f"{out} holds embeddings with another {field}; use a new --out folder to start afresh")
     else:
-        write_json(out / INFO, info)
+        write_json(folder.info, info)
     for unit in units:
-        if (out / "done" / f"{unit.name}.json").is_file():
+        if folder.done(unit.name).is_file():
             continue
         image, text, rows, skipped = embed_unit(model, transform, tokenizer, unit, captions=captions,
                                                 batch_size=batch_size, precision=precision, on_batch=on_batch)
-        _save_npy(out / "img_emb" / f"{unit.name}.npy", image.astype(dtype))
+        _save_npy(folder.image_vectors(unit.name), image.astype(dtype))
         if text is not None:
-            _save_npy(out / "text_emb" / f"{unit.name}.npy", text.astype(dtype))
-        _save_parquet(out / "metadata" / f"{unit.name}.parquet", rows)
-        write_json(out / "done" / f"{unit.name}.json", {"count": len(rows), "skipped": skipped})
+            _save_npy(folder.text_vectors(unit.name), text.astype(dtype))
+        _save_parquet(folder.metadata(unit.name), rows)
+        write_json(folder.done(unit.name), {"count": len(rows), "skipped": skipped})
     return summary(out)
+
+
+def embed_folder(checkpoint: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
+                 captions: bool = True, dtype: str = "float16", per_chunk: int = 10_000, batch_size: int = 256,
+                 precision: str = "fp32", progress: Callable[..., Any] | None = None) -> dict[str, Any]:
+    """Embed the images (and captions) at ``data`` with ``checkpoint`` into the embeddings folder
+    ``out``, resuming after its last finished unit, and copy the weights beside the vectors.
+
+    Args:
+        progress: a tqdm-like factory; one bar counts the images of all units.
+
+    Returns:
+        The folder's totals (see ``summary``).
+
+    Raises:
+        FileNotFoundError: no checkpoint, or no shards and no images at ``data``.
+        KeyError, ValueError: an unreadable checkpoint, or ``out`` holds other embeddings.
+    """
+    from clipalign.checkpoint import load_model, save_checkpoint
+    from retrieval.identity import model_identity
+
+    units = resolve_units(data, per_chunk)
+    model, transform, tokenizer, meta = load_model(checkpoint)
+    identity = meta.get("model_identity") or model_identity(meta["model_name"], model.state_dict())
+    bar = progress(desc="embedding", unit="img") if progress else None
+    try:
+        totals = embed_collection(model, transform, tokenizer, units, out, identity=identity, captions=captions,
+                                  dtype=dtype, batch_size=batch_size, precision=precision,
+                                  on_batch=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    # The vectors travel with the weights that made them: queries must use the same model.
+    save_checkpoint(EmbeddingsFolder(out).model, {"model_name": meta["model_name"], "step": meta.get("step"),
+                                                  "model_identity": identity, "source_checkpoint": meta["path"],
+                                                  "model": model.state_dict()})
+    return totals
 
 
 def summary(folder: str | os.PathLike) -> dict[str, Any]:
     """``{"units", "done", "count", "skipped": {reason: n}}`` of an embeddings folder."""
-    folder = Path(folder)
-    info = json.loads((folder / INFO).read_text())
-    done = [json.loads((folder / "done" / f"{u['name']}.json").read_text())
-            for u in info["units"] if (folder / "done" / f"{u['name']}.json").is_file()]
+    folder = EmbeddingsFolder(folder)
+    info = json.loads(folder.info.read_text())
+    done = [json.loads(folder.done(u["name"]).read_text()) for u in info["units"] if folder.done(u["name"]).is_file()]
     skipped: dict[str, int] = {}
     for d in done:
         for reason, n in d["skipped"].items():
@@ -134,23 +170,24 @@ def load_embeddings(folder: str | os.PathLike) -> tuple[dict[str, np.ndarray], l
     """Read a complete embeddings folder.
 
     Returns:
-        ``({"image": (N, D), "caption": (N, D)?} float32, N metadata rows, embeddings.json)``.
+        ``({"image": (N, D), "caption": (N, D)?} float32, N metadata rows, the folder's info)``.
 
     Raises:
+        FileNotFoundError: not an embeddings folder.
         ValueError: some unit is not embedded yet (resume ``clipalign embed`` first).
     """
     import pyarrow.parquet as pq
 
-    folder = Path(folder)
-    if not (folder / INFO).is_file():
-        raise FileNotFoundError(f"not an embeddings folder (no {folder / INFO})")
-    info = json.loads((folder / INFO).read_text())
+    layout = EmbeddingsFolder(folder)
+    if not layout.info.is_file():
+        raise FileNotFoundError(f"not an embeddings folder (no {layout.info})")
+    info = json.loads(layout.info.read_text())
     names = [u["name"] for u in info["units"]]
-    missing = [n for n in names if not (folder / "done" / f"{n}.json").is_file()]
+    missing = [n for n in names if not layout.done(n).is_file()]
     if missing:
         raise ValueError(f"{folder}: {len(missing)} of {len(names)} units are not embedded yet; re-run 'clipalign embed'")
-    subdirs = {"image": "img_emb"} | ({"caption": "text_emb"} if info["captions"] else {})
-    vectors = {t: np.concatenate([np.load(folder / d / f"{n}.npy") for n in names]).astype(np.float32)
-               if names else np.zeros((0, info["dim"]), np.float32) for t, d in subdirs.items()}
-    rows = [r for n in names for r in pq.read_table(folder / "metadata" / f"{n}.parquet").to_pylist()]
+    paths = {"image": layout.image_vectors} | ({"caption": layout.text_vectors} if info["captions"] else {})
+    vectors = {t: np.concatenate([np.load(path(n)) for n in names]).astype(np.float32)
+               if names else np.zeros((0, info["dim"]), np.float32) for t, path in paths.items()}
+    rows = [r for n in names for r in pq.read_table(layout.metadata(n)).to_pylist()]
     return vectors, rows, info

@@ -10,11 +10,11 @@ from __future__ import annotations
 import io
 import os
 import threading
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from clipalign.formats.folders import IndexFolder
 from retrieval.index import SearchIndex, load_index
 
 OVER = {"images": "image", "captions": "caption"}
@@ -96,24 +96,25 @@ def open_engine(folder: str | os.PathLike, checkpoint: str | os.PathLike | None 
         FileNotFoundError, ValueError: unreadable folder; ``ModelMismatch`` for a foreign model.
     """
     index = load_index(folder, mmap=mmap)
-    folder = Path(folder)
+    layout = IndexFolder(folder)
 
     def build() -> tuple[Any, Callable, Callable]:
         from clipalign.checkpoint import load_model
         from retrieval.identity import model_identity
 
-        model, transform, tokenizer, meta = load_model(checkpoint or folder / index.info.get("checkpoint", "model.pt"))
+        # the folder's own copy (older folders also named it in their info, always as this same file)
+        model, transform, tokenizer, meta = load_model(checkpoint or layout.model)
         identity = meta.get("model_identity") or model_identity(meta["model_name"], model.state_dict())
         index.check_model(identity, int(model.clip.visual.output_dim))
         return model, transform, tokenizer
 
     text_query = None
     fast = index.info.get("text_query")
-    if checkpoint is None and fast and (folder / fast["file"]).is_file():
+    if checkpoint is None and fast and layout.text_query.is_file():
         from retrieval.query_encoder import load_text_query
 
         try:
-            text_query = load_text_query(folder, fast)
+            text_query = load_text_query(layout.root, fast)
         except Exception:  # a stale or unloadable file: fall back to the full model
             text_query = None
     engine = QueryEngine(index, build, text_query)

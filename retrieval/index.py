@@ -1,10 +1,11 @@
 """FAISS indexes saved with their metadata, tuning results and the identity of the model that made them.
 
-Layout of an index folder: ``image.faiss`` (and ``caption.faiss`` when captions were
-embedded), ``metadata.arrow`` (Arrow IPC, memory-mapped on load; row i describes vector i of each), ``info.json`` (dim,
-count, model identity, per-target index type, search parameter, measured recall,
-latency and memory), ``model.pt`` (the weights queries are embedded with) and
-``text_query.ts`` (a traced text tower, see ``retrieval.query_encoder``).
+An index folder (its file names: ``clipalign.formats.folders.IndexFolder``) holds one FAISS
+index per embedded target (``image``, and ``caption`` when captions were embedded), the
+metadata table (Arrow IPC, memory-mapped on load; row i describes vector i of each), the
+info (dim, count, model identity, per-target index type, search parameter, measured recall,
+latency and memory), the weights queries are embedded with and, optionally, a traced text
+tower (see ``retrieval.query_encoder``). ``retrieval.build`` writes whole folders.
 Vectors are L2-normalised, so inner product is cosine similarity.
 """
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from clipalign.atomic import replace_file, write_json
+from clipalign.formats.atomic import replace_file, write_json
+from clipalign.formats.folders import IndexFolder
 from retrieval.choose import IndexSpec, choose_index
 from retrieval.identity import check_model
 from retrieval.tune import exact_neighbours, measure, set_params, tune, tune_refine
@@ -100,7 +102,7 @@ def _save_metadata(path: Path, rows: list[dict[str, Any]]) -> None:
 
 @dataclass
 class SearchIndex:
-    """Indexes over the same collection, its metadata table and ``info.json``."""
+    """Indexes over the same collection, its metadata table and the folder's info."""
 
     indexes: dict[str, faiss.Index]  # "image" / "caption" → index
     table: Any  # pyarrow.Table, row i describes vector i
@@ -143,17 +145,21 @@ class SearchIndex:
         return out
 
 
-def save_index(out: str | os.PathLike, vectors: dict[str, np.ndarray], metadata: list[dict[str, Any]],
-               info: dict[str, Any], *, kind: str = "auto", max_memory: int = 4 << 30,
-               target_recall: float = 0.95, seed: int = 0) -> SearchIndex:
-    """Build an index per target over its (N, D) vectors and write the folder.
+def build_indexes(vectors: dict[str, np.ndarray], n_rows: int, *, kind: str = "auto", max_memory: int = 4 << 30,
+                  target_recall: float = 0.95, seed: int = 0) -> tuple[dict[str, faiss.Index], dict[str, Any]]:
+    """Build and tune an index per target over its (N, D) vectors, in memory.
 
     ``max_memory`` is the budget of all targets together, shared evenly.
+
+    Returns:
+        ``(indexes, stats)``, both keyed by target.
+
+    Raises:
+        ValueError: the targets disagree in shape or with the ``n_rows`` metadata rows, fewer
+            than 2 vectors, or no index fits the budget.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     n, dim = next(iter(vectors.values())).shape
-    if any(v.shape != (n, dim) for v in vectors.values()) or len(metadata) != n:
+    if any(v.shape != (n, dim) for v in vectors.values()) or n_rows != n:
         raise ValueError("every target needs one (N, D) vector per metadata row")
     if n < 2:
         raise ValueError("an index needs at least 2 vectors")
@@ -161,12 +167,33 @@ def save_index(out: str | os.PathLike, vectors: dict[str, np.ndarray], metadata:
     for name, v in vectors.items():
         indexes[name], stats[name] = build_target(v, max_memory // len(vectors), kind=kind,
                                                   target_recall=target_recall, seed=seed)
-        replace_file(out / f"{name}.faiss", lambda tmp, ix=indexes[name]: faiss.write_index(ix, str(tmp)))
-    _save_metadata(out / "metadata.arrow", metadata)
-    info = {**info, "dim": dim, "count": n, "metric": "inner_product", "targets": list(indexes), "indexes": stats,
-            "index_type": stats["image" if "image" in stats else next(iter(stats))]["index_type"]}
-    write_json(out / "info.json", info)
+    return indexes, stats
+
+
+def write_index(out: str | os.PathLike, indexes: dict[str, faiss.Index], stats: dict[str, Any],
+                metadata: list[dict[str, Any]], info: dict[str, Any]) -> SearchIndex:
+    """Write the indexes, their metadata and, last, the folder's info (``info`` plus what the
+    indexes measure: dim, count, targets, per-target stats)."""
+    folder = IndexFolder(out)
+    folder.root.mkdir(parents=True, exist_ok=True)
+    for name, index in indexes.items():
+        replace_file(folder.faiss(name), lambda tmp, ix=index: faiss.write_index(ix, str(tmp)))
+    _save_metadata(folder.metadata, metadata)
+    first = next(iter(indexes.values()))
+    info = {**info, "dim": first.d, "count": len(metadata), "metric": "inner_product", "targets": list(indexes),
+            "indexes": stats, "index_type": stats["image" if "image" in stats else next(iter(stats))]["index_type"]}
+    write_json(folder.info, info)
     return load_index(out, mmap=False)
+
+
+def save_index(out: str | os.PathLike, vectors: dict[str, np.ndarray], metadata: list[dict[str, Any]],
+               info: dict[str, Any], *, kind: str = "auto", max_memory: int = 4 << 30,
+               target_recall: float = 0.95, seed: int = 0) -> SearchIndex:
+    """Build an index per target over its (N, D) vectors and write the folder (``build_indexes``,
+    then ``write_index``)."""
+    indexes, stats = build_indexes(vectors, len(metadata), kind=kind, max_memory=max_memory,
+                                   target_recall=target_recall, seed=seed)
+    return write_index(out, indexes, stats, metadata, info)
 
 
 def _read_faiss(path: Path, mmap: bool | None) -> faiss.Index:
@@ -180,12 +207,12 @@ def _read_faiss(path: Path, mmap: bool | None) -> faiss.Index:
     return faiss.read_index(str(path))
 
 
-def _read_metadata(folder: Path) -> Any:
+def _read_metadata(folder: IndexFolder) -> Any:
     import pyarrow as pa
 
-    if (folder / "metadata.arrow").is_file():  # memory-mapped: only the rows of the hits are ever read
-        return pa.ipc.open_file(pa.memory_map(str(folder / "metadata.arrow"))).read_all()
-    with (folder / "metadata.jsonl").open() as f:  # folders written before metadata.arrow
+    if folder.metadata.is_file():  # memory-mapped: only the rows of the hits are ever read
+        return pa.ipc.open_file(pa.memory_map(str(folder.metadata))).read_all()
+    with folder.legacy_metadata.open() as f:  # folders written before the Arrow table
         return pa.Table.from_pylist([json.loads(line) for line in f])
 
 
@@ -196,26 +223,25 @@ def load_index(folder: str | os.PathLike, mmap: bool | None = None) -> SearchInd
         FileNotFoundError: not an index folder, naming what is missing.
         ValueError: the files disagree with each other.
     """
-    folder = Path(folder)
-    info_file = folder / "info.json"
-    if not info_file.is_file():
-        raise FileNotFoundError(f"not an index folder (no {info_file})")
-    info = json.loads(info_file.read_text())
+    layout = IndexFolder(folder)
+    if not layout.info.is_file():
+        raise FileNotFoundError(f"not an index folder (no {layout.info})")
+    info = json.loads(layout.info.read_text())
     indexes = {}
     for t in info["targets"]:
-        indexes[t] = _read_faiss(folder / f"{t}.faiss", mmap)
+        indexes[t] = _read_faiss(layout.faiss(t), mmap)
         set_params(indexes[t], info.get("indexes", {}).get(t, {}).get("search_param", {}))
-    table = _read_metadata(folder)
+    table = _read_metadata(layout)
     for name, index in indexes.items():
         if index.ntotal != table.num_rows or index.d != info["dim"]:
-            raise ValueError(f"{folder}: {name}.faiss does not match the metadata / info.json")
-    return SearchIndex(indexes, table, info, folder)
+            raise ValueError(f"{layout.root}: {layout.faiss(name).name} does not match the metadata / {layout.info.name}")
+    return SearchIndex(indexes, table, info, layout.root)
 
 
 def add_to_index(folder: str | os.PathLike, vectors: dict[str, np.ndarray], metadata: list[dict[str, Any]]) -> SearchIndex:
     """Append vectors (one (M, D) array per target of the index) and their metadata rows.
 
-    The index keeps its trained quantizers and tuned parameter; ``info.json`` records the
+    The index keeps its trained quantizers and tuned parameter; its info records the
     count the recall was measured at (``count_at_tuning``) beside the new ``count``.
     """
     import pyarrow as pa
@@ -227,14 +253,14 @@ def add_to_index(folder: str | os.PathLike, vectors: dict[str, np.ndarray], meta
     for name, v in vectors.items():
         if v.shape != (m, index.dim):
             raise ValueError(f"new {name} vectors have shape {v.shape}, the index needs ({m}, {index.dim})")
-    folder = Path(folder)
+    layout = IndexFolder(folder)
     for name, v in vectors.items():
         index.indexes[name].add(np.ascontiguousarray(v, dtype=np.float32))
-        replace_file(folder / f"{name}.faiss", lambda tmp, ix=index.indexes[name]: faiss.write_index(ix, str(tmp)))
+        replace_file(layout.faiss(name), lambda tmp, ix=index.indexes[name]: faiss.write_index(ix, str(tmp)))
     table = pa.concat_tables([index.table, pa.Table.from_pylist(metadata).cast(index.table.schema)])
-    _save_metadata(folder / "metadata.arrow", table.to_pylist())
-    write_json(folder / "info.json", {**index.info, "count": table.num_rows})
+    _save_metadata(layout.metadata, table.to_pylist())
+    write_json(layout.info, {**index.info, "count": table.num_rows})
     return load_index(folder, mmap=False)
 
 
-__all__ = ["SearchIndex", "add_to_index", "build_target", "load_index", "save_index"]
+__all__ = ["SearchIndex", "add_to_index", "build_indexes", "build_target", "load_index", "save_index", "write_index"]

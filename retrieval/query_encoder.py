@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-FILE = "text_query.ts"
+from clipalign.formats.folders import IndexFolder
+
 _SAMPLES = ["a red circle", "A LARGE green star at the bottom-right!", "x", "ünïcödé  text", "", "a " * 40]
 
 
@@ -41,13 +42,18 @@ def _jit() -> Any:
 
 
 def export_text_query(model: Any, tokenizer: Callable, folder: str | os.PathLike) -> dict[str, Any] | None:
-    """Trace ``model.encode_text(·, normalize=True)`` into ``folder``; returns its info, or None."""
+    """Trace ``model.encode_text(·, normalize=True)`` into the index folder ``folder``.
+
+    Returns:
+        The ``text_query`` entry of the folder's info, or None (no fast path for this model).
+    """
     import torch
 
-    from clipalign.atomic import replace_file
+    from clipalign.formats.atomic import replace_file
 
     if type(tokenizer).__name__ != "SimpleTokenizer":
         return None
+    path = IndexFolder(folder).text_query
 
     class TextTower(torch.nn.Module):
         def __init__(self, model: Any):
@@ -68,20 +74,24 @@ def export_text_query(model: Any, tokenizer: Callable, folder: str | os.PathLike
                 want = model.encode_text(tokenizer(batch), normalize=True)
                 if not torch.allclose(traced(tokenizer(batch)), want, atol=1e-5):
                     return None
-            replace_file(Path(folder) / FILE, lambda tmp: _jit().save(traced, str(tmp)))
+            replace_file(path, lambda tmp: _jit().save(traced, str(tmp)))
     except Exception:  # any failure means: no fast path, never a wrong one
         return None
-    return {"file": FILE, "tokenizer": "SimpleTokenizer", "context_length": int(tokenizer.context_length)}
+    return {"file": path.name, "tokenizer": "SimpleTokenizer", "context_length": int(tokenizer.context_length)}
 
 
 def load_text_query(folder: str | os.PathLike, info: dict[str, Any]) -> Callable[[list[str]], np.ndarray]:
-    """``texts -> (Q, D)`` normalised features from the files ``export_text_query`` wrote."""
+    """``texts -> (Q, D)`` normalised features from the files ``export_text_query`` wrote.
+
+    ``info`` is the folder's ``text_query`` entry; the tower is read from the layout's own
+    file, never from a path the info names.
+    """
     import torch
 
     tokenizer = _tokenizer_module().SimpleTokenizer(context_length=info["context_length"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tower = _jit().load(str(Path(folder) / info["file"]), map_location="cpu")
+        tower = _jit().load(str(IndexFolder(folder).text_query), map_location="cpu")
 
     def encode(texts: list[str]) -> np.ndarray:
         with torch.no_grad():
@@ -90,17 +100,9 @@ def load_text_query(folder: str | os.PathLike, info: dict[str, Any]) -> Callable
     return encode
 
 
-def attach_text_query(folder: str | os.PathLike) -> dict[str, Any] | None:
-    """Export the fast text path of an index folder from its ``model.pt``; record it in ``info.json``."""
-    import json
-
-    from clipalign.atomic import write_json
+def export_text_query_of(checkpoint: str | os.PathLike, folder: str | os.PathLike) -> dict[str, Any] | None:
+    """``export_text_query`` for the model of ``checkpoint`` (an index folder's own model copy)."""
     from clipalign.checkpoint import load_model
 
-    folder = Path(folder)
-    info = json.loads((folder / "info.json").read_text())
-    model, _, tokenizer, _ = load_model(folder / info.get("checkpoint", "model.pt"))
-    fast = export_text_query(model, tokenizer, folder)
-    info.pop("text_query", None)
-    write_json(folder / "info.json", {**info, "text_query": fast} if fast else info)
-    return fast
+    model, _, tokenizer, _ = load_model(checkpoint)
+    return export_text_query(model, tokenizer, folder)

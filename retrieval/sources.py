@@ -5,7 +5,6 @@ step of resumable embedding: it is embedded and written whole, or not at all.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -15,9 +14,9 @@ from typing import Any, Iterator
 
 from PIL import Image
 
-from clipalign.data import IMAGE_KEYS, BadSample, SkipCounter
-
-FOLDER_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+from clipalign.formats.images import decode_image, image_files, read_image
+from clipalign.formats.sample import JSON, KEY, image_key, sample_text
+from clipalign.formats.skips import SkipCounter
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ class Item:
 def folder_units(root: str | os.PathLike, per_unit: int = 10_000) -> list[Unit]:
     """Units of at most ``per_unit`` images of ``root`` (recursive, sorted)."""
     root = Path(root).resolve()
-    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix.lower() in FOLDER_EXTS and p.is_file())
+    files = [p.relative_to(root).as_posix() for p in image_files(root)]
     return [Unit(f"{i // per_unit:05d}", files=tuple(files[i : i + per_unit]), root=str(root))
             for i in range(0, len(files), per_unit)]
 
@@ -72,10 +71,10 @@ def tar_samples(shard: str, counter: SkipCounter) -> Iterator[dict[str, Any]]:
                 data = tar.extractfile(member).read()
                 if len(data) != member.size:
                     raise tarfile.ReadError(f"{shard}: {member.name} is truncated")
-                if current and current["__key__"] != key:
+                if current and current[KEY] != key:
                     yield current
                     current = {}
-                current.setdefault("__key__", key)
+                current.setdefault(KEY, key)
                 current.setdefault("__where__", {})[ext] = (member.offset_data, member.size)
                 current[ext] = data
     except (tarfile.TarError, EOFError, OSError) as exn:
@@ -85,27 +84,17 @@ def tar_samples(shard: str, counter: SkipCounter) -> Iterator[dict[str, Any]]:
         yield current
 
 
-def _decode(data: bytes, what: str) -> Image.Image:
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.convert("RGB")
-    except Exception as exn:  # PIL raises many types for bad bytes
-        raise BadSample("undecodable_image", f"{what}: {exn}") from exn
-
-
 def shard_items(unit: Unit, counter: SkipCounter) -> Iterator[Item]:
     for sample in tar_samples(unit.shard, counter):
         try:
-            ext = next((e for e in IMAGE_KEYS if e in sample), None)
-            if ext is None:
-                raise BadSample("missing_image", sample["__key__"])
-            image = _decode(sample[ext], sample["__key__"])
-            info = json.loads(sample["json"]) if "json" in sample else {}
+            ext = image_key(sample)
+            image = decode_image(sample[ext], sample[KEY])
+            info = json.loads(sample[JSON]) if JSON in sample else {}
         except Exception as exn:
             counter(exn)
             continue
         offset, size = sample["__where__"][ext]
-        yield Item(image, {"key": sample["__key__"], "caption": sample.get("txt", b"").decode("utf-8", "replace").strip(),
+        yield Item(image, {"key": sample[KEY], "caption": sample_text(sample),
                            "source": str(info.get("source", "")), "shard": unit.shard, "offset": offset, "size": size})
 
 
@@ -114,10 +103,7 @@ def folder_items(unit: Unit, counter: SkipCounter) -> Iterator[Item]:
     for rel in unit.files:
         path = root / rel
         try:
-            image = _decode(path.read_bytes(), rel)
-        except FileNotFoundError:
-            counter(BadSample("missing_image", rel))
-            continue
+            image = read_image(path)
         except Exception as exn:
             counter(exn)
             continue

@@ -19,6 +19,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from clipalign.formats.folders import RunFolder
+
 VARIANTS: dict[str, list[str]] = {
     "contrastive": ["--mlm-weight", "0"],
     "+ mlm": [],
@@ -44,7 +46,7 @@ def _run(name: str, seed: int, args: argparse.Namespace) -> dict:
     subprocess.run([sys.executable, "-m", "clipalign", "eval", "--checkpoint", str(run), "--data", *sets,
                     "--out", str(run / "eval.json"), "--no-progress"], check=True, capture_output=True)
     results = json.loads((run / "eval.json").read_text())["results"]
-    summary = json.loads((run / "summary.json").read_text())
+    summary = json.loads(RunFolder(run).summary.read_text())
     row = {"variant": name, "seed": seed, "samples_per_s": summary["samples_per_s"],
            "metrics": {f"{s}/{m}": results[s]["metrics"][m] for s, m in COLUMNS if s in results}}
     (run / "result.json").write_text(json.dumps(row) + "\n")  # kept even if a later run fails

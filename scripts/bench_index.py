@@ -115,12 +115,38 @@ def run_autofaiss(vectors: np.ndarray, budget: str, python: str, query_ms: float
     return index, {"build_s": round(result["build_s"], 2), "choice": result["infos"].get("index_key"), "param": param}
 
 
+def toy_index(root: Path, n: int = 48) -> Path:
+    """An index folder over ``n`` coloured squares with captions, embedded by an untrained
+    ca-nano: all a search's cold start needs (an untrained model costs what a trained one does)."""
+    import torch
+    from PIL import Image
+
+    from clipalign.checkpoint import save_checkpoint
+    from clipalign.factory import create_model_and_transforms
+    from retrieval.build import index_images
+
+    torch.manual_seed(0)
+    model, _, _ = create_model_and_transforms("ca-nano")
+    checkpoint = save_checkpoint(root / "ca-nano.pt", {"model_name": "ca-nano", "step": 0, "model": model.state_dict()})
+    images = root / "images"
+    images.mkdir()
+    colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        name, rgb = list(colours.items())[i % len(colours)]
+        pixels = np.full((32, 32, 3), 128, np.uint8)
+        x, y = rng.integers(0, 22, 2)
+        pixels[y : y + 10, x : x + 10] = rgb
+        Image.fromarray(pixels).save(images / f"{i:05d}.png")
+        (images / f"{i:05d}.txt").write_text(f"a {name} square\n")
+    index_images(checkpoint, images, root / "index", batch_size=16)
+    return root / "index"
+
+
 def cold_start(runs: int = 3) -> dict:
     """Wall time of ``clipalign search`` in a fresh process, on a tiny index built here."""
-    from tests.retrieval_toy import make_index
-
     with tempfile.TemporaryDirectory() as tmp:
-        folder = make_index(Path(tmp), n=48)
+        folder = toy_index(Path(tmp), n=48)
         cmd = [sys.executable, "-m", "clipalign", "search", "--index", str(folder), "--text", "a red square", "-k", "5"]
         times = []
         for _ in range(runs):

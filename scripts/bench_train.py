@@ -134,7 +134,9 @@ def _open_clip_cmd(row: Row, pattern: str, out: Path, a: argparse.Namespace) -> 
 def step_rates(row: Row, output: str, out: Path) -> list[float]:
     """Samples/s of every logged step, in order."""
     if row.trainer == "clipalign":
-        lines = (out / "metrics.jsonl").read_text().splitlines()
+        from clipalign.formats.folders import RunFolder
+
+        lines = RunFolder(out).metrics.read_text().splitlines()
         return [json.loads(line)["samples_per_s"] for line in lines]
     return [float(m) for m in re.findall(r"Batch \(t\): [0-9.]+, ([0-9.]+)/s,", output)]
 

@@ -36,7 +36,7 @@ def make_checkpoint(path: Path, seed: int = 0, name: str = "ca-nano") -> Path:
 
 def make_index(root: Path, n: int = 48, index: str = "auto") -> Path:
     """Shards → ``clipalign embed`` → ``clipalign index``; returns the index folder."""
-    ckpt = make_checkpoint(root / "model.pt")
+    ckpt = make_checkpoint(root / "checkpoint.pt")
     write_toy_shards(root / "shards", n=n, per_shard=16)
     assert main(["embed", "--checkpoint", str(ckpt), "--data", str(root / "shards"), "--out", str(root / "emb"),
                  "--no-progress", "--batch-size", "16"]) == 0

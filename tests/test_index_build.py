@@ -5,6 +5,7 @@ import faiss
 import numpy as np
 import pytest
 
+from clipalign.formats.folders import IndexFolder
 from retrieval.identity import ModelMismatch
 from retrieval.index import add_to_index, load_index, save_index
 from retrieval.tune import exact_neighbours, measure
@@ -37,10 +38,10 @@ def built(request, tmp_path_factory, vectors):
 
 def test_info_records_the_choice_and_its_measurements(built):
     kind, folder = built
-    stats = json.loads((folder / "info.json").read_text())["indexes"]["image"]
+    stats = json.loads(IndexFolder(folder).info.read_text())["indexes"]["image"]
     assert stats["index_type"] == kind
     assert {"recall@10", "latency_ms", "memory_bytes", "search_param", "build_s"} <= stats.keys()
-    assert stats["memory_bytes"] == pytest.approx((folder / "image.faiss").stat().st_size, rel=0.01)
+    assert stats["memory_bytes"] == pytest.approx(IndexFolder(folder).faiss("image").stat().st_size, rel=0.01)
     assert stats["target_reached"] == (stats["recall@10"] >= 0.9)
     if kind != "ivfpq":  # uncompressed or 8-bit (alone or re-ranking): the target is reachable
         assert stats["target_reached"]
@@ -50,7 +51,7 @@ def test_info_records_the_choice_and_its_measurements(built):
 
 def test_memory_estimate_covers_the_index(built):
     _, folder = built
-    stats = json.loads((folder / "info.json").read_text())["indexes"]["image"]
+    stats = json.loads(IndexFolder(folder).info.read_text())["indexes"]["image"]
     assert stats["memory_bytes"] <= stats["memory_estimate"]
 
 
@@ -58,11 +59,11 @@ def test_refine_knobs_are_stored_and_reapplied_on_load(tmp_path, vectors):
     folder = tmp_path / "idx"
     save_index(folder, {"image": vectors}, _meta(N), {"model": "toy"}, kind="ivfpqfs", target_recall=0.99,
                max_memory=SQ8_BUDGET)
-    tuned = json.loads((folder / "info.json").read_text())["indexes"]["image"]["search_param"]
+    tuned = json.loads(IndexFolder(folder).info.read_text())["indexes"]["image"]["search_param"]
     assert set(tuned) == {"nprobe", "k_factor_rf"}
-    stale = faiss.read_index(str(folder / "image.faiss"))  # a file whose own knobs are not the tuned ones
+    stale = faiss.read_index(str(IndexFolder(folder).faiss("image")))  # a file whose own knobs are not the tuned ones
     faiss.ParameterSpace().set_index_parameters(stale, "nprobe=1,k_factor_rf=1")
-    faiss.write_index(stale, str(folder / "image.faiss"))
+    faiss.write_index(stale, str(IndexFolder(folder).faiss("image")))
     index = load_index(folder).indexes["image"]
     assert faiss.extract_index_ivf(index).nprobe == tuned["nprobe"]
     assert faiss.downcast_index(index).k_factor == tuned["k_factor_rf"]

@@ -48,3 +48,23 @@ def test_train_cli_resolves_auto_into_the_run_config(tmp_path, monkeypatch):
     _, cfg = build_config(["--data", str(tmp_path / "shards"), "--out", str(tmp_path / "run"), "--model", "ca-nano",
                            "--precision", "bf16"])
     assert cfg.precision == "bf16"
+
+
+def test_the_trainer_resolves_the_library_default_and_records_the_concrete_precision(tmp_path, monkeypatch):
+    import json
+
+    from toydata import write_toy_shards
+
+    from clipalign.formats.folders import RunFolder
+    from clipalign.train import Trainer
+    from clipalign.train_config import TrainConfig
+
+    write_toy_shards(tmp_path / "shards", n=16, per_shard=16)
+    monkeypatch.setattr(precision, "native_bf16", lambda device_type="cpu": False)
+    cfg = TrainConfig(data=str(tmp_path / "shards"), out=str(tmp_path / "run"), model="ca-nano", steps=1,
+                      batch_size=8, workers=0, shuffle_buffer=8, tensorboard=False)
+    assert cfg.precision == "auto"
+    trainer = Trainer(cfg)
+    assert trainer.cfg.precision == "fp32"
+    trainer.fit()
+    assert json.loads(RunFolder(tmp_path / "run").config.read_text())["precision"] == "fp32"

@@ -98,7 +98,7 @@ def test_bad_samples_are_skipped_counted_and_listed(data, tmp_path, capsys):
     assert (stats["seen"], stats["written"], stats["skipped"], stats["shards"]) == (7, 4, 3, 1)
     assert stats["by_status"] == {"success": 4, "failed": 3}
     assert stats["skipped_by_reason"] == {"empty_caption": 1, "missing_image": 1, "undecodable_image": 1}
-    assert stats["duration_s"] >= 0 and stats["samples_per_s"] > 0
+    assert stats["samples_per_s"] > 0
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
     assert {e["index"]: e["reason"] for e in errors} == EXPECTED_REASONS
     assert all(e["key"] == f"{e['index']:09d}" and e["source"] == ROWS[e["index"]][0] and e["detail"] for e in errors)

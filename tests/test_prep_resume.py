@@ -33,10 +33,12 @@ def _png(i: int) -> bytes:
     return buf.getvalue()
 
 
-def _routes(gate: threading.Event) -> dict:
+def _routes(gate: threading.Event, waiting: list[int] | None = None) -> dict:
     def image(i):
         def route(h):
             if i >= GATE_AT:
+                if waiting is not None:
+                    waiting.append(i)
                 gate.wait(20)
             send(h, b"garbage" if BAD.get(i) == "corrupt" else _png(i))
         return route
@@ -63,18 +65,25 @@ def _cli(manifest: Path, out: Path, *extra: str) -> list[str]:
 
 
 def test_sigkill_then_rerun_resumes(tmp_path, read_shards):
-    gate = threading.Event()
-    with LoopbackServer(_routes(gate)) as server:
+    gate, waiting = threading.Event(), []
+    with LoopbackServer(_routes(gate, waiting)) as server:
         manifest = _manifest(tmp_path / "m.csv", server.base)
         out = tmp_path / "out"
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         proc = subprocess.Popen(_cli(manifest, out), cwd=ROOT, env=env, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+        def killable() -> bool:
+            # Every shard before the gate is complete, a worker waits inside the gated rows, and its
+            # partial shard is on disk: the moment a node failure would cost the most.
+            return (len(list(out.glob("*_stats.json"))) >= GATE_AT // SHARD and bool(waiting)
+                    and bool(list(out.glob("*.tmp"))))
+
         deadline = time.monotonic() + 60
-        while len(list(out.glob("*_stats.json"))) < GATE_AT // SHARD and time.monotonic() < deadline:
+        while not killable():
             assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the run never reached the gate"
             time.sleep(0.05)
-        time.sleep(0.2)  # let the workers get into the gated rows and write partial tmp shards
         os.killpg(proc.pid, signal.SIGKILL)  # the run and its workers die at once, as on a node failure
         proc.wait()
         gate.set()

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from clipalign.cli import main
+from clipalign.formats.folders import IndexFolder
 from retrieval.index import load_index
 from tests.retrieval_toy import make_checkpoint, make_index
 from tests.toydata import write_toy_shards
@@ -15,10 +16,10 @@ def index(tmp_path_factory):
 
 
 def test_info_names_the_model_and_its_measurements(index):
-    info = json.loads((index / "info.json").read_text())
+    info = json.loads(IndexFolder(index).info.read_text())
     assert info["model"] == "ca-nano" and len(info["model_identity"]["weights_sha256"]) == 16
     assert info["count"] == 48 and info["targets"] == ["image", "caption"] and info["index_type"] == "flat"
-    assert info["indexes"]["image"]["recall@10"] == 1.0 and (index / "model.pt").is_file()
+    assert info["indexes"]["image"]["recall@10"] == 1.0 and IndexFolder(index).model.is_file()
 
 
 def test_text_search_json(index, capsys):
@@ -111,8 +112,24 @@ def test_without_the_fast_path_text_search_uses_the_full_model(index, tmp_path, 
 
     copy = tmp_path / "idx"
     shutil.copytree(index, copy)
-    (copy / "text_query.ts").unlink()
+    IndexFolder(copy).text_query.unlink()
+    info = json.loads(IndexFolder(copy).info.read_text())  # as older folders wrote it: the model copy named
+    IndexFolder(copy).info.write_text(json.dumps({**info, "checkpoint": IndexFolder(copy).model.name}))
     assert main(["search", "--index", str(index), "--text", "a red square", "--json"]) == 0
     fast = json.loads(capsys.readouterr().out)["results"]
     assert main(["search", "--index", str(copy), "--text", "a red square", "--json"]) == 0
     assert [h["id"] for h in json.loads(capsys.readouterr().out)["results"]] == [h["id"] for h in fast]
+
+
+def test_the_index_folder_is_written_whole_with_its_info_written_once_and_last(index, tmp_path, monkeypatch):
+    import os
+
+    written = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (written.append(os.path.basename(dst)), real_replace(src, dst)))
+    out = IndexFolder(tmp_path / "idx")
+    assert main(["index", "--embeddings", str(index.parent / "emb"), "--out", str(out.root), "--index", "flat"]) == 0
+    assert written.count(out.info.name) == 1 and written[-1] == out.info.name
+    assert {out.model.name, out.text_query.name, out.metadata.name, out.faiss("image").name} <= set(os.listdir(out.root))
+    info = json.loads(out.info.read_text())
+    assert info["text_query"]["file"] == out.text_query.name

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipalign.checkpoint import load_model
+from clipalign.formats.folders import EmbeddingsFolder
 from retrieval.embed import embed_collection, load_embeddings
 from retrieval.identity import model_identity
 from retrieval.sources import folder_units, read_image_bytes, shard_units
@@ -17,7 +18,7 @@ from tests.toydata import square_image, truncate_mid_member, write_toy_shards
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    model, transform, tokenizer, meta = load_model(make_checkpoint(tmp_path_factory.mktemp("m") / "model.pt"))
+    model, transform, tokenizer, meta = load_model(make_checkpoint(tmp_path_factory.mktemp("m") / "checkpoint.pt"))
     return model, transform, tokenizer, model_identity(meta["model_name"], model.state_dict())
 
 
@@ -30,8 +31,9 @@ def test_shards_embed_into_chunks_with_metadata(tmp_path, model):
     shards = write_toy_shards(tmp_path / "shards", n=40, per_shard=16)
     summary = _embed(model, shard_units(shards), tmp_path / "emb")
     assert summary == {"units": 3, "done": 3, "count": 40, "skipped": {}}
-    assert np.load(tmp_path / "emb" / "img_emb" / "00000.npy").dtype == np.float16
-    table = pq.read_table(tmp_path / "emb" / "metadata" / "00001.parquet")
+    emb = EmbeddingsFolder(tmp_path / "emb")
+    assert np.load(emb.image_vectors("00000")).dtype == np.float16
+    table = pq.read_table(emb.metadata("00001"))
     assert table.column_names == ["key", "caption", "source", "shard", "offset", "size"] and table.num_rows == 16
     vectors, rows, info = load_embeddings(tmp_path / "emb")
     assert vectors["image"].shape == vectors["caption"].shape == (40, info["dim"])
@@ -54,7 +56,8 @@ def test_a_killed_run_resumes_and_matches_a_full_run(tmp_path, model):
 
     with pytest.raises(KeyboardInterrupt):
         _embed(model, shard_units(shards), tmp_path / "part", dtype="float32", on_batch=die_in_the_second_unit)
-    assert sorted(p.name for p in (tmp_path / "part" / "done").iterdir()) == ["00000.json"]
+    part = EmbeddingsFolder(tmp_path / "part")
+    assert [part.done(u).is_file() for u in ("00000", "00001", "00002")] == [True, False, False]
     with pytest.raises(ValueError, match="not embedded yet"):
         load_embeddings(tmp_path / "part")
     redone = []
@@ -110,4 +113,4 @@ def test_an_image_folder_with_caption_files(tmp_path, model):
     assert summary["count"] == 3 and summary["skipped"] == {"undecodable_image": 1}
     _, rows, info = load_embeddings(tmp_path / "emb")
     assert [r["caption"] for r in rows] == ["a blue square", "a green square", "a red square"]
-    assert rows[0]["source"].endswith("sub/blue.png") and json.loads((tmp_path / "emb" / "embeddings.json").read_text())
+    assert rows[0]["source"].endswith("sub/blue.png") and json.loads(EmbeddingsFolder(tmp_path / "emb").info.read_text())

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from clipalign.cli.synth import main
-from data_prep import synth
-from data_prep.synth import COLORS, HELD_OUT_PAIRS, SHAPES
+from data_prep import scenes, synth
+from data_prep.scenes import COLORS, HELD_OUT_PAIRS, SHAPES
 
 N, N_EVAL, N_BAD = 60, 24, 5
 RELATIONS = "above|below|to the left of|to the right of|next to"
@@ -44,24 +44,27 @@ def _named_pairs(caption):
     return {(c, s) for c in COLORS for s in SHAPES if re.search(rf"\b{c} {s}\b", caption)}
 
 
-def test_vocabulary_and_held_out_pairs():
-    assert SHAPES == ("circle", "square", "triangle", "diamond", "star", "cross")
-    assert COLORS == ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
-    assert HELD_OUT_PAIRS == tuple((COLORS[(3 * i + 1) % 8], SHAPES[i]) for i in range(6))
-    assert len(synth.SEEN_PAIRS) == 42 and not set(synth.SEEN_PAIRS) & set(HELD_OUT_PAIRS)
+def test_held_out_pairs_are_unseen_combinations_of_seen_words():
+    seen, held = set(scenes.SEEN_PAIRS), set(HELD_OUT_PAIRS)
+    assert not seen & held and seen | held == set(scenes.ALL_PAIRS)
+    # one held-out colour per shape, all different: every shape has an unseen-combination test
+    assert sorted(s for _, s in held) == sorted(SHAPES) and len({c for c, _ in held}) == len(held)
+    # each word of a held-out pair is still trained on, with other words: only the combination is new
+    for colour, shape in held:
+        assert any(c == colour for c, _ in seen) and any(s == shape for _, s in seen)
 
 
 def test_scenes_are_valid_and_captions_true():
     rng = np.random.default_rng(0)
     relations = set()
     for _ in range(300):
-        scene = synth.sample_scene(rng, synth.ALL_PAIRS)
+        scene = scenes.sample_scene(rng, scenes.ALL_PAIRS)
         assert len(scene) in (1, 2)
         if len(scene) == 2:
             a, b = scene
             assert a.position != b.position and (a.color, a.shape) != (b.color, b.shape)
-            assert not synth._overlap(a, b)
-        for caption in synth.caption_options(scene):
+            assert not scenes._overlap(a, b)
+        for caption in scenes.caption_options(scene):
             assert _named_pairs(caption) == {(s.color, s.shape) for s in scene}, caption
             assert " a orange" not in f" {caption}"
             m = re.fullmatch(rf"an? (\w+ \w+) ({RELATIONS}) an? (\w+ \w+)", caption)
@@ -69,22 +72,22 @@ def test_scenes_are_valid_and_captions_true():
                 first, second = (next(s for s in scene if f"{s.color} {s.shape}" == m[i]) for i in (1, 3))
                 rel = m[2]
                 relations.add(rel)
-                (r1, c1), (r2, c2) = synth._ROW_COL[first.position], synth._ROW_COL[second.position]
+                (r1, c1), (r2, c2) = scenes._ROW_COL[first.position], scenes._ROW_COL[second.position]
                 assert {"above": r1 < r2, "below": r1 > r2, "to the left of": c1 < c2,
                         "to the right of": c1 > c2, "next to": r1 == r2}[rel], caption
     assert relations == {"above", "below", "to the left of", "to the right of", "next to"}
 
 
 def test_render_is_a_pure_function_of_the_rng():
-    scene = synth.sample_scene(np.random.default_rng(1), synth.SEEN_PAIRS, n_shapes=2)
-    a = synth.render_scene(scene, np.random.default_rng(5), image_size=32)
-    b = synth.render_scene(scene, np.random.default_rng(5), image_size=32)
+    scene = scenes.sample_scene(np.random.default_rng(1), scenes.SEEN_PAIRS, n_shapes=2)
+    a = scenes.render_scene(scene, np.random.default_rng(5), image_size=32)
+    b = scenes.render_scene(scene, np.random.default_rng(5), image_size=32)
     assert a.size == (32, 32) and a.mode == "RGB"
     assert a.tobytes() == b.tobytes()
     # the shape's colour dominates at its centre
     s = scene[0]
     pixel = np.array(a.getpixel((int(s.x * 32), int(s.y * 32))), dtype=float)
-    assert np.abs(pixel - synth.COLOR_RGB[s.color]).max() < 40
+    assert np.abs(pixel - scenes.COLOR_RGB[s.color]).max() < 40
 
 
 def test_layout_and_metadata(corpus):

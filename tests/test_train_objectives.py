@@ -10,8 +10,10 @@ from toydata import COLOURS, square_image, write_toy_shards
 
 from clipalign import checkpoint as ckpt
 from clipalign.data import SampleDecoder
+from clipalign.formats.folders import RunFolder
 from clipalign.momentum import FeatureQueue, MomentumQueues
-from clipalign.train import TrainConfig, Trainer, split_batch
+from clipalign.train import Trainer, split_batch
+from clipalign.train_config import TrainConfig
 from data_prep.evalsets import write_classification_set
 
 
@@ -31,7 +33,7 @@ def _batch(trainer, n=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     colours = list(COLOURS)
     texts = trainer.tokenizer([f"a {colours[i % 4]} square" for i in range(n)])
-    masked, labels = trainer._masker(texts, generator=g)
+    masked, labels = trainer.objectives.masker(texts, generator=g)
     return {"image": torch.randn(n, 3, 32, 32, generator=g), "text": texts, "masked_text": masked, "mlm_labels": labels}
 
 
@@ -95,21 +97,22 @@ def test_queue_run_fills_the_queue_and_resumes_with_it(shards, tmp_path, momentu
     cfg = _cfg(shards, tmp_path, steps=3, queue_size=40, momentum=momentum, checkpoint_every=3)
     trainer = Trainer(cfg)
     trainer.fit()
-    assert int(trainer.queues.image_queue.filled) == 40 and int(trainer.queues.text_queue.ptr) == 48 % 40
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    queues = trainer.objectives.queues
+    assert int(queues.image_queue.filled) == 40 and int(queues.text_queue.ptr) == 48 % 40
+    rows = [json.loads(line) for line in RunFolder(tmp_path).metrics.read_text().splitlines()]
     assert all(np.isfinite(r["contrastive_loss"]) for r in rows)
     state = ckpt.load_checkpoint(tmp_path)
     resumed = Trainer(_cfg(shards, tmp_path, steps=3, queue_size=40, momentum=momentum, resume=True))
     resumed.load_state_dict(state)
-    assert torch.equal(resumed.queues.image_queue.buffer, trainer.queues.image_queue.buffer)
+    assert torch.equal(resumed.objectives.queues.image_queue.buffer, queues.image_queue.buffer)
 
 
 def test_simclr_objective_trains_on_two_views(shards, tmp_path):
     trainer = Trainer(_cfg(shards, tmp_path, steps=3, image_ssl="simclr", image_ssl_weight=0.5))
-    head_before = {k: v.clone() for k, v in trainer.ssl_head.state_dict().items()}
+    head_before = {k: v.clone() for k, v in trainer.objectives.ssl_head.state_dict().items()}
     summary = trainer.fit()
     assert np.isfinite(summary["final"]["image_ssl_loss"]) and summary["final"]["image_ssl_loss"] > 0
-    assert any(not torch.equal(head_before[k], v) for k, v in trainer.ssl_head.state_dict().items())
+    assert any(not torch.equal(head_before[k], v) for k, v in trainer.objectives.ssl_head.state_dict().items())
     assert "ssl_head" in ckpt.load_checkpoint(tmp_path)
 
 
@@ -127,19 +130,28 @@ def test_evaluation_during_training_is_logged_and_sent_to_tensorboard(shards, tm
     evalset = tmp_path / "colours"
     write_classification_set(evalset, [(square_image(colours[i % 4], rng), i % 4) for i in range(16)], colours,
                              ["a {c} square"])
-    trainer = Trainer(_cfg(shards, tmp_path / "run", steps=4, eval_sets=(str(evalset),), eval_every=2,
-                           log_every=3, tensorboard=True))
+    run = RunFolder(tmp_path / "run")
+    trainer = Trainer(_cfg(shards, run.root, steps=4, eval_sets=(str(evalset),), eval_every=2, log_every=3,
+                           checkpoint_every=2, keep_checkpoints=0, tensorboard=True))
     trainer.fit()
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    evaluated = [r["step"] for r in rows if "eval/colours/acc1" in r]
-    assert evaluated == [2, 4] and [r["step"] for r in rows] == [2, 3, 4]
-    assert 0.0 <= rows[-1]["eval/colours/acc1"] <= 1.0
+    lines = [json.loads(line) for line in run.metrics.read_text().splitlines()]
+    rows = {r["step"]: r for r in lines}
+    evaluated = {step: r["eval/colours/acc1"] for step, r in rows.items() if "eval/colours/acc1" in r}
+    assert list(evaluated) == [2, 4] and [r["step"] for r in lines] == [2, 3, 4]
+    # the logged scores are those of the model at that step, as clipalign eval scores its checkpoint
+    from clipalign.evaluate import evaluate, load_eval_set
+
+    for step in evaluated:
+        model, transform, tokenizer, _ = ckpt.load_model(ckpt.checkpoint_path(run.root, step))
+        scores = evaluate(model, tokenizer, transform, load_eval_set(evalset), precision="fp32")["metrics"]
+        finite = {f"eval/colours/{k}": v for k, v in scores.items() if np.isfinite(v)}
+        assert {k: rows[step][k] for k in finite} == finite, step
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events = EventAccumulator(str(run.tensorboard))
     events.Reload()
     assert {"train/contrastive_loss", "eval/colours/acc1"} <= set(events.Tags()["scalars"])
-    assert [e.step for e in events.Scalars("eval/colours/acc1")] == [2, 4]
+    assert {e.step: e.value for e in events.Scalars("eval/colours/acc1")} == pytest.approx(evaluated)
 
 
 def test_pretokenised_captions_are_used_as_stored(shards, tmp_path):

@@ -24,60 +24,19 @@ def build_parser():
     return p
 
 
-def resolve_units(data: str, per_chunk: int):
-    """Shards at ``data``, else the images of the folder ``data``, as embedding units."""
-    from pathlib import Path
-
-    from clipalign.data import resolve_shards
-    from retrieval.sources import folder_units, shard_units
-
-    shards = resolve_shards(data)
-    if shards:
-        return shard_units(shards)
-    if Path(data).is_dir():
-        units = folder_units(data, per_chunk)
-        if units:
-            return units
-    raise CliError(f"no shards and no images found at {data}")
-
-
-def embed_to(args, out: str):
-    """Run the embedding of ``args.data`` into ``out``; returns ``(summary, model meta)``."""
-    from tqdm import tqdm
-
-    from clipalign.checkpoint import load_model, save_checkpoint
-    from retrieval.embed import embed_collection
-    from retrieval.identity import model_identity
-
-    existing_path(args.checkpoint, "checkpoint")
-    units = resolve_units(args.data, args.per_chunk)
-    try:
-        model, transform, tokenizer, meta = load_model(args.checkpoint)
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        raise CliError(str(err)) from None
-    identity = meta.get("model_identity") or model_identity(meta["model_name"], model.state_dict())
-    bar = None if args.no_progress else tqdm(desc="embedding", unit="img")
-    try:
-        summary = embed_collection(model, transform, tokenizer, units, out, identity=identity,
-                                   captions=not args.no_captions, dtype=args.dtype, batch_size=args.batch_size,
-                                   precision=args.precision, on_batch=bar.update if bar is not None else None)
-    except ValueError as err:
-        raise CliError(str(err)) from None
-    finally:
-        if bar is not None:
-            bar.close()
-    from pathlib import Path
-
-    # The vectors travel with the weights that made them: queries must use the same model.
-    save_checkpoint(Path(out) / "model.pt", {"model_name": meta["model_name"], "step": meta.get("step"),
-                                             "model_identity": identity, "source_checkpoint": meta["path"],
-                                             "model": model.state_dict()})
-    return summary, meta
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    summary, _ = embed_to(args, args.out)
+    existing_path(args.checkpoint, "checkpoint")
+    from tqdm import tqdm
+
+    from retrieval.embed import embed_folder
+
+    try:
+        summary = embed_folder(args.checkpoint, args.data, args.out, captions=not args.no_captions, dtype=args.dtype,
+                               per_chunk=args.per_chunk, batch_size=args.batch_size, precision=args.precision,
+                               progress=None if args.no_progress else tqdm)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        raise CliError(str(err)) from None
     if not summary["count"]:
         raise CliError(f"no decodable images in {args.data}")
     skipped = f", skipped {sum(summary['skipped'].values())} {summary['skipped']}" if summary["skipped"] else ""

@@ -5,7 +5,7 @@ import json
 import math
 from pathlib import Path
 
-from clipalign.atomic import write_json
+from clipalign.formats.atomic import write_json
 from clipalign.cli.common import CliError, existing_path, parser, read_templates
 
 
@@ -69,11 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from clipalign.checkpoint import load_model
-    from clipalign.evaluate import evaluate, load_eval_set, probe_train_split
+    from clipalign.evaluate import evaluate, probe_train_split
+    from data_prep.eval_source import open_eval_source
 
     templates = read_templates(args.templates_file) if args.templates_file else None
     try:
-        sets = [load_eval_set(r, templates=templates, image_col=args.image_col, label_col=args.label_col) for r in roots]
+        sets = [open_eval_source(r, templates=templates, image_col=args.image_col, label_col=args.label_col) for r in roots]
         model, transform, tokenizer, meta = load_model(args.checkpoint)
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise CliError(str(err)) from None

@@ -16,10 +16,12 @@ def build_parser():
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from clipalign.formats.folders import RunFolder
+
     run = existing_path(args.run, "run folder")
-    metrics = run / "metrics.jsonl"
+    metrics = RunFolder(run).metrics
     if not metrics.is_file():
-        raise CliError(f"no metrics.jsonl in {run}")
+        raise CliError(f"no {metrics.name} in {run}")
     try:
         records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     except json.JSONDecodeError as err:

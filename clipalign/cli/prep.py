@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,9 +10,6 @@ from clipalign.cli.common import CliError, existing_path, parser, read_templates
 
 if TYPE_CHECKING:
     from data_prep.prep import PrepConfig
-
-
-_OUTPUTS = ("stats.json", "sizes.json", "errors.jsonl", "prep_config.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,11 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _eval_set(args: argparse.Namespace, source: Path) -> int:
+    from clipalign.formats.evalset import is_eval_set
     from data_prep.evalprep import classification_set, retrieval_set
-    from data_prep.manifest import ManifestError
+    from data_prep.records import ManifestError
 
     out = Path(args.out)
-    if (out / args.split / "nshards.txt").exists() and not args.overwrite:
+    if is_eval_set(out, args.split) and not args.overwrite:
         raise CliError(f"{out} already holds an evaluation set; pass --overwrite to replace it")
     options = dict(split=args.split, image_size=args.image_size, resize_mode=args.resize_mode,
                    image_format=args.format, quality=args.quality)
@@ -104,16 +101,6 @@ def _eval_set(args: argparse.Namespace, source: Path) -> int:
     skipped = ", ".join(f"{k}: {v}" for k, v in stats["skipped"].items()) or "none"
     print(f"prep: wrote a {stats['task']} set of {stats['written']} images to {out} (skipped: {skipped})")
     return 0
-
-
-def _clear_outputs(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise CliError(f"--out {out} exists and is not a folder")
-    if not overwrite or not out.is_dir():
-        return
-    for p in out.iterdir():
-        if re.fullmatch(r"\d{5}(\.tar|\.parquet|_stats\.json)|.*\.tmp(\.dedup)?", p.name) or p.name in _OUTPUTS:
-            p.unlink()
 
 
 def _background(text: str) -> tuple[int, int, int]:
@@ -186,10 +173,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from data_prep.manifest import ManifestError, open_records
     from data_prep.memory import keep_freed_memory
-    from data_prep.prep import ResumeMismatch, run_prep
+    from data_prep.prep import ResumeMismatch, clear_outputs, run_prep
 
     if args.tokenize:
-        from data_prep.tokens import get_tokenizer
+        from clipalign.factory import get_tokenizer
 
         try:
             get_tokenizer(args.tokenize)
@@ -205,7 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         raise CliError(f"cannot read {source}: {err}") from None
     out = Path(args.out)
-    _clear_outputs(out, args.overwrite)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} exists and is not a folder")
+    if args.overwrite:
+        clear_outputs(out)
     keep_freed_memory()  # this process builds the shards when --workers is 1
     try:
         with tqdm(unit="row", desc="prep", file=sys.stderr, disable=None) as bar:

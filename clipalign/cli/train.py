@@ -1,109 +1,100 @@
-"""clipalign train: contrastive + masked-token training on WebDataset shards."""
+"""clipalign train: contrastive + masked-token training on WebDataset shards.
+
+Its flags are generated from ``TrainConfig``'s fields (name, type, default, help, choices),
+so the command line and the library cannot disagree.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
-from pathlib import Path
-from typing import TYPE_CHECKING
+import types
+import typing
+from typing import TYPE_CHECKING, Any, Callable
 
 from clipalign.cli.common import CliError, parser
 
 if TYPE_CHECKING:
-    from clipalign.train import TrainConfig
+    from clipalign.train_config import TrainConfig
 
 
-def build_parser():
-    from clipalign.train import TrainConfig
+def _comma_separated(item: Callable[[str], Any]) -> Callable[[str], tuple]:
+    """An argparse ``type``: ``"a,b"`` -> ``(item("a"), item("b"))``, ``""`` -> ``()``."""
+    def parse(text: str) -> tuple:
+        return tuple(item(s) for s in text.split(",") if s)
 
-    d = TrainConfig(data="", out="")
+    return parse
+
+
+def _add_field(p: argparse.ArgumentParser, f: dataclasses.Field, kind: Any) -> None:
+    """One ``TrainConfig`` field of type ``kind`` as a flag.
+
+    Bools become ``--x`` (default False) or ``--no-x`` (default True), ``X | None`` takes an X,
+    ``tuple[X, ...]`` a comma-separated list and ``tuple[X, X]`` two values.
+    """
+    from clipalign.train_config import flag
+
+    help_text = f.metadata.get("help")
+    if kind is bool:
+        if f.default:
+            p.add_argument(f"--no-{flag(f.name)[2:]}", dest=f.name, action="store_false", help=help_text)
+        else:
+            p.add_argument(flag(f.name), action="store_true", help=help_text)
+        return
+    kw: dict[str, Any] = {"help": help_text, "choices": f.metadata.get("choices"), "metavar": f.metadata.get("metavar")}
+    if f.default is dataclasses.MISSING:
+        kw["required"] = True
+    else:
+        kw["default"] = f.default
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) is tuple and args[-1] is Ellipsis:
+        # typed "a,b"; a string default, so that --help shows it as typed (argparse parses it too)
+        kw.update(type=_comma_separated(args[0]), default=",".join(map(str, f.default)))
+    elif typing.get_origin(kind) is tuple:
+        kw.update(type=args[0], nargs=len(args))
+    else:
+        kw["type"] = kind
+    p.add_argument(flag(f.name), **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``clipalign train``'s flags: one per ``TrainConfig`` field, and ``--no-progress``."""
+    from clipalign.formats.folders import RunFolder
+    from clipalign.train_config import TrainConfig, field_types
+
+    run = RunFolder("")
     p = parser("train", "Train a dual encoder with symmetric InfoNCE plus a masked-token (MLM) loss "
-               "on the text tower, streaming WebDataset shards. Writes checkpoints, config.json and "
-               "metrics.jsonl into --out; --resume continues from the latest checkpoint.")
-    p.add_argument("--data", required=True, help="shard folder, glob, brace pattern (a/{00000..00009}.tar)")
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--model", default=d.model, help="model config name (see clipalign.list_models())")
-    p.add_argument("--pretrained", default=None, help="local open_clip checkpoint to start from")
-    p.add_argument("--lock-image", action="store_true", help="freeze the image tower (LiT; use with --pretrained)")
-    p.add_argument("--lock-text", action="store_true", help="freeze the text tower")
-    p.add_argument("--patch-dropout", type=float, default=None,
-                   help="fraction of image patches dropped in training (FLIP; ViT towers)")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
-    p.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps before cosine decay")
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: off)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="bf16 autocast is about 2x faster where bf16 is native (AVX-512 BF16 or AMX CPUs, "
-                        "GPUs) and many times slower where it is emulated; 'auto' picks bf16 only where native")
-    p.add_argument("--attention", choices=["math", "auto"], default=d.attention,
-                   help="'math' forces plain attention kernels (faster training on CPU); 'auto' lets torch pick")
-    p.add_argument("--workers", type=int, default=d.workers, help="data loader processes")
-    p.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer, help="sample shuffle buffer")
-    p.add_argument("--loss", choices=["clip", "siglip"], default=d.loss,
-                   help="contrastive objective: softmax InfoNCE (CLIP) or the sigmoid loss (SigLIP)")
-    p.add_argument("--mlm-weight", type=float, default=d.mlm_weight, help="weight of the MLM loss (0: off)")
-    p.add_argument("--mlm-rate", type=float, default=d.mlm_rate, help="fraction of caption tokens masked")
-    p.add_argument("--mlm-fraction", type=float, default=d.mlm_fraction,
-                   help="run the MLM pass on this fraction of each batch (cheaper steps)")
-    p.add_argument("--image-ssl", choices=["simclr"], default=None,
-                   help="add an image self-supervised objective: SimCLR on two augmented views (SLIP)")
-    p.add_argument("--image-ssl-weight", type=float, default=d.image_ssl_weight, help="weight of the image objective")
-    p.add_argument("--ssl-temperature", type=float, default=d.ssl_temperature, help="SimCLR temperature")
-    p.add_argument("--queue-size", type=int, default=d.queue_size,
-                   help="MoCo-style queue of this many past image/text features used as extra negatives (0: off)")
-    p.add_argument("--momentum", type=float, default=d.momentum,
-                   help="EMA momentum of the encoders that fill the queue (0: queue the step's own features)")
-    p.add_argument("--accum-steps", type=int, default=d.accum_steps,
-                   help="split each batch into this many micro-batches (less memory; negatives stay the whole batch)")
-    p.add_argument("--eval-sets", default="", help="comma-separated wds/ evaluation sets to score during training")
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evaluations (0: none)")
-    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
-                   help="do not write TensorBoard logs (RUN/tensorboard)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--log-every", type=int, default=d.log_every, help="steps between metrics.jsonl lines")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="0 keeps all")
-    p.add_argument("--max-nonfinite-steps", type=int, default=d.max_nonfinite_steps,
-                   help="a non-finite loss skips the update; this many in a row stop the run")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+               "on the text tower, streaming WebDataset shards. Writes checkpoints, "
+               f"{run.config.name} and {run.metrics.name} into --out; --resume continues from the "
+               "latest checkpoint.")
+    hints = field_types()
+    for f in dataclasses.fields(TrainConfig):
+        _add_field(p, f, hints[f.name])
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The ``TrainConfig`` of parsed arguments, unchecked."""
+    from clipalign.train_config import TrainConfig
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
 def build_config(argv: list[str] | None = None) -> tuple[argparse.Namespace, TrainConfig]:
-    """The parsed arguments and the run's checked ``TrainConfig``; ``CliError`` on bad input."""
+    """The parsed arguments and the run's checked ``TrainConfig``, its precision resolved;
+    ``CliError`` on bad input."""
     args = build_parser().parse_args(argv)
-    import torch
-
-    from clipalign.data import resolve_shards
-    from clipalign.factory import list_models
-    from clipalign.precision import resolve_precision
-    from clipalign.train import TrainConfig
-
-    if args.model not in list_models():
-        raise CliError(f"unknown model {args.model!r}; known: {', '.join(list_models()[:8])}, ...")
-    if not resolve_shards(args.data):
-        raise CliError(f"no shards found at {args.data}")
-    if args.patch_dropout is not None and not 0 <= args.patch_dropout < 1:
-        raise CliError("--patch-dropout must be in [0, 1)")
-    for name in ("steps", "batch_size", "log_every", "checkpoint_every", "max_nonfinite_steps"):
-        if getattr(args, name) <= 0:
-            raise CliError(f"--{name.replace('_', '-')} must be positive")
-    options = {k: v for k, v in vars(args).items() if k != "no_progress"}
-    options["eval_sets"] = tuple(s for s in args.eval_sets.split(",") if s)
-    options["precision"] = resolve_precision(args.precision, "cuda" if torch.cuda.is_available() else "cpu")
-    for root in options["eval_sets"]:
-        if not (Path(root) / "test" / "nshards.txt").is_file():
-            raise CliError(f"--eval-sets: {root} is not a wds/ evaluation set (no test/nshards.txt)")
-    cfg = TrainConfig(**options)
+    cfg = config_from_args(args)
     try:
         cfg.validate()
     except ValueError as err:
         raise CliError(str(err)) from None
-    return args, cfg
+    return args, cfg.resolved()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from clipalign.data import DataStreamError
-    from clipalign.train import NonFiniteLossError, ResumeMismatchError, RunLockedError, Trainer
+    from clipalign.resume import ResumeMismatchError
+    from clipalign.run_folder import RunLockedError
+    from clipalign.train import NonFiniteLossError, Trainer
 
     try:
         trainer = Trainer(cfg)
@@ -137,5 +130,4 @@ def main(argv: list[str] | None = None) -> int:
     if summary["skipped"]:
         print(f"skipped samples: {json.dumps(summary['skipped'])}", file=sys.stderr)
     print(f"checkpoint: {summary['checkpoint']}", file=sys.stderr)
-    (trainer.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return 0

@@ -1,0 +1,134 @@
+"""A run's objectives, assembled from its ``TrainConfig``: the contrastive loss, the MLM loss,
+SimCLR's head and loss and the MoCo queues, and the optimizer's parameter groups.
+
+The losses themselves are the small modules of ``clipalign.loss``; this module only picks
+and wires them.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from clipalign.image_ssl import ProjectionHead, simclr_view_transform
+from clipalign.loss import ClipLoss, MlmLoss, QueueClipLoss, SigLipLoss, SimClrLoss
+from clipalign.masking import mask_tokens
+from clipalign.model import ClipAlign
+from clipalign.momentum import MomentumQueues
+from clipalign.precision import autocast
+from clipalign.train_config import TrainConfig
+
+
+@dataclass
+class Objectives:
+    """The losses of a run, and the modules besides the model that they train or fill.
+
+    Attributes:
+        contrastive: ``ClipLoss``, ``SigLipLoss`` or (with a queue) ``QueueClipLoss``.
+        uses_bias: the contrastive loss takes the model's ``logit_bias`` (SigLIP).
+        mlm: the masked-token loss, or ``None`` with ``mlm_weight`` 0.
+        masker: its input corruption, ``mask_tokens`` bound to the model's and tokenizer's
+            special ids: (B, L) ids -> (masked ids, labels), both (B, L); else ``None``.
+        ssl_head, ssl: SimCLR's projection head and loss (``image_ssl="simclr"``), else ``None``.
+        view_transform: SimCLR's augmentation, a PIL image to one random (3, H, W) view (the
+            loader draws two per image), else ``None``.
+        queues: the MoCo feature queues (``queue_size`` > 0), else ``None``.
+    """
+
+    contrastive: nn.Module
+    uses_bias: bool = False
+    mlm: MlmLoss | None = None
+    masker: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    ssl_head: ProjectionHead | None = None
+    ssl: SimClrLoss | None = None
+    view_transform: Callable[..., torch.Tensor] | None = None
+    queues: MomentumQueues | None = None
+
+    def contrastive_loss(self, image: torch.Tensor, text: torch.Tensor, out: dict[str, torch.Tensor],
+                         scale_grad: bool = True) -> dict[str, torch.Tensor]:
+        """The contrastive loss of (N, D) image and text features against each other (and the queues).
+
+        Args:
+            image, text: (N, D) features of the whole batch.
+            out: the model's output, for ``logit_scale`` (and ``logit_bias``).
+            scale_grad: ``False`` keeps the temperature (and bias) out of the backward pass,
+                for all micro-batches of an accumulated step but one.
+        """
+        scale = out["logit_scale"] if scale_grad else out["logit_scale"].detach()
+        if self.queues is not None:
+            return self.contrastive(image, text, scale, **self.queues.queued())
+        extra = ((out["logit_bias"] if scale_grad else out["logit_bias"].detach()),) if self.uses_bias else ()
+        return self.contrastive(image, text, scale, *extra)
+
+    def enqueue(self, images: torch.Tensor, texts: torch.Tensor, features: list[tuple[torch.Tensor, torch.Tensor]],
+                precision: str, device_type: str) -> None:
+        """Push a finished step's batch into the queues: (B, 3, H, W) images and (B, L) texts
+        through the momentum encoders, or with momentum 0 the step's own (b, D) image and text
+        ``features`` of each micro-batch."""
+        if self.queues.ema is None:
+            self.queues.push_features(torch.cat([f[0] for f in features]), torch.cat([f[1] for f in features]))
+        else:
+            with autocast(precision, device_type):
+                self.queues.push(images, texts)
+
+    def stateful(self) -> dict[str, nn.Module]:
+        """The modules whose state a checkpoint keeps, by their key in it."""
+        return {key: m for key, m in (("ssl_head", self.ssl_head), ("queues", self.queues)) if m is not None}
+
+
+def build_objectives(cfg: TrainConfig, model: ClipAlign, tokenizer: Any, rank: int = 0, world_size: int = 1,
+                     device: torch.device | str = "cpu") -> Objectives:
+    """The objectives ``cfg`` asks for; new heads and queues are created on ``device``.
+
+    Creating SimCLR's head draws from the torch RNG, so the order here is part of a seed's run.
+    """
+    siglip = cfg.loss == "siglip"
+    if cfg.queue_size:
+        contrastive = QueueClipLoss(rank, world_size)
+    else:
+        contrastive = SigLipLoss(rank, world_size) if siglip else ClipLoss(rank, world_size)
+    objectives = Objectives(contrastive, uses_bias=siglip)
+    if cfg.mlm_weight > 0:
+        objectives.mlm = MlmLoss(cfg.mlm_weight)
+        objectives.masker = functools.partial(mask_tokens, mask_id=model.mask_id, eot_id=tokenizer.eot_token_id,
+                                              random_high=tokenizer.sot_token_id, rate=cfg.mlm_rate)
+    embed_dim = model.clip.text_projection.shape[1] if _has_text_projection(model) else None
+    if cfg.image_ssl == "simclr":
+        dim = embed_dim or model.encode_image(torch.zeros(1, 3, model.image_size, model.image_size)).shape[1]
+        objectives.ssl_head = ProjectionHead(dim).to(device)
+        objectives.ssl = SimClrLoss(cfg.ssl_temperature, cfg.image_ssl_weight)
+        visual = model.clip.visual
+        objectives.view_transform = simclr_view_transform(model.image_size, getattr(visual, "image_mean", None),
+                                                          getattr(visual, "image_std", None))
+    if cfg.queue_size:
+        dim = embed_dim or model.encode_text(tokenizer(["x"])).shape[1]
+        objectives.queues = MomentumQueues(model, cfg.queue_size, dim, cfg.momentum).to(device)
+    return objectives
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on gains, biases (every 1-d tensor) or the temperature."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exempt = p.ndim < 2 or "logit_scale" in name
+        (no_decay if exempt else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def optimizer_groups(model: nn.Module, objectives: Objectives, weight_decay: float) -> list[dict[str, Any]]:
+    """``param_groups`` of the model, with the parameters of SimCLR's head (if any) added to them."""
+    groups = param_groups(model, weight_decay)
+    if objectives.ssl_head is not None:
+        extra = param_groups(objectives.ssl_head, weight_decay)
+        groups = [{**g, "params": g["params"] + e["params"]} for g, e in zip(groups, extra)]
+    return groups
+
+
+def _has_text_projection(model: ClipAlign) -> bool:
+    proj = getattr(model.clip, "text_projection", None)
+    return isinstance(proj, torch.Tensor) and proj.ndim == 2

@@ -1,0 +1,103 @@
+"""Index folders, written whole: from an embeddings folder, from images embedded on the way, or
+appended to.
+
+Each function here writes the whole index folder (``clipalign.formats.folders.IndexFolder``):
+the FAISS files, the metadata, the model copy, the fast text-query path and, last and once,
+the folder's info. A folder without its info is not an index.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from clipalign.formats.atomic import replace_file
+from clipalign.formats.folders import EmbeddingsFolder, IndexFolder
+from retrieval.embed import embed_folder, load_embeddings, summary
+from retrieval.index import SearchIndex, add_to_index, build_indexes, load_index, write_index
+from retrieval.query_encoder import export_text_query_of
+
+
+def build_index_folder(embeddings: str | os.PathLike, out: str | os.PathLike, *, kind: str = "auto",
+                       max_memory: int = 4 << 30, target_recall: float = 0.95, seed: int = 0,
+                       record_embeddings: bool = True) -> tuple[SearchIndex, int]:
+    """Build a tuned index folder at ``out`` over a complete embeddings folder.
+
+    Args:
+        kind: ``"auto"`` or an index type (see ``retrieval.choose``); ``max_memory`` is the
+            budget of all targets' index files together.
+        record_embeddings: name the embeddings folder in the info (not for a temporary one).
+
+    Returns:
+        ``(the index, the number of vectors it holds)``.
+
+    Raises:
+        FileNotFoundError: not an embeddings folder, or it has no model copy.
+        ValueError: unfinished embeddings, fewer than 2 vectors, or no index within the budget.
+    """
+    source = EmbeddingsFolder(embeddings)
+    vectors, rows, emb_info = load_embeddings(source.root)
+    if len(rows) < 2:
+        raise ValueError(f"{source.root} holds {len(rows)} vectors; an index needs at least 2")
+    indexes, stats = build_indexes(vectors, len(rows), kind=kind, max_memory=max_memory,
+                                   target_recall=target_recall, seed=seed)
+    folder = IndexFolder(out)
+    # queries are embedded with the vectors' own model
+    replace_file(folder.model, lambda tmp: shutil.copyfile(source.model, tmp))
+    fast = export_text_query_of(folder.model, folder.root)
+    info: dict[str, Any] = {"model": emb_info["model"]["name"], "model_identity": emb_info["model"],
+                            "embeddings": str(source.root.resolve()) if record_embeddings else None,
+                            "skipped": summary(source.root)["skipped"]}
+    if fast:
+        info["text_query"] = fast
+    index = write_index(folder.root, indexes, stats, rows, info)
+    return index, len(rows)
+
+
+def add_to_index_folder(embeddings: str | os.PathLike, out: str | os.PathLike) -> tuple[SearchIndex, int]:
+    """Append a complete embeddings folder to the index folder ``out``, made with the same model.
+
+    Returns:
+        ``(the grown index, the number of vectors added)``.
+
+    Raises:
+        FileNotFoundError: ``out`` or ``embeddings`` is not such a folder.
+        KeyError, ValueError: unfinished embeddings, other targets; ``ModelMismatch`` for
+            embeddings of another model.
+    """
+    vectors, rows, emb_info = load_embeddings(embeddings)
+    old = load_index(out, mmap=True)
+    old.check_model(emb_info["model"], emb_info["dim"])
+    index = add_to_index(out, {t: vectors[t] for t in old.indexes if t in vectors}, rows)
+    return index, len(rows)
+
+
+def index_images(checkpoint: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
+                 add: bool = False, batch_size: int = 256, precision: str = "fp32",
+                 progress: Callable[..., Any] | None = None, **index_options: Any) -> tuple[SearchIndex, int]:
+    """Embed the images (and captions) at ``data`` with ``checkpoint`` into a temporary
+    embeddings folder (float32), then build the index folder ``out`` from it, or with ``add``
+    append to it.
+
+    Args:
+        progress: a tqdm-like factory for the embedding's progress bar.
+        index_options: ``kind``, ``max_memory``, ``target_recall``, ``seed`` of
+            ``build_index_folder`` (unused with ``add``).
+
+    Returns:
+        ``(the index, the number of vectors this call put in)``.
+
+    Raises:
+        FileNotFoundError, KeyError, ValueError: as ``embed_folder`` and ``build_index_folder``
+            (or ``add_to_index_folder``); ValueError too when no image at ``data`` decodes.
+    """
+    with tempfile.TemporaryDirectory(prefix="clipalign-embed-") as tmp:
+        totals = embed_folder(checkpoint, data, tmp, captions=True, dtype="float32", batch_size=batch_size,
+                              precision=precision, progress=progress)
+        if not totals["count"]:
+            raise ValueError(f"no decodable images in {data}")
+        if add:
+            return add_to_index_folder(Path(tmp), out)
+        return build_index_folder(Path(tmp), out, record_embeddings=False, **index_options)
