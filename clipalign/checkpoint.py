@@ -69,7 +69,10 @@ def load_model(path: str | os.PathLike) -> tuple[ClipAlign, Callable, Callable, 
     name = state["model_name"]
     has_head = any(k.startswith("mlm_head.") for k in state["model"])
     has_bias = "clip.logit_bias" in state["model"]  # SigLIP-trained
-    model, _, eval_tf = create_model_and_transforms(name, mlm_head=has_head, init_logit_bias=0.0 if has_bias else None)
+    fusion = {k.split(".")[2] for k in state["model"] if k.startswith("mlm_fusion.blocks.")}
+    model, _, eval_tf = create_model_and_transforms(
+        name, mlm_head=has_head, mlm_condition="image" if fusion else "none", fusion_layers=max(1, len(fusion)),
+        init_logit_bias=0.0 if has_bias else None)
     model.load_state_dict(state["model"])
     model.eval()
     meta = {k: v for k, v in state.items() if k not in ("model", "optimizer", "scheduler", "rng")}

@@ -170,7 +170,7 @@ def zero_shot_retrieval(
     progress: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
     """Image→text and text→image recall@k, mean and median rank (an image may have several
-    captions), and for models with an MLM head its accuracy on the held-out captions."""
+    captions), and for models with a text-only MLM head its accuracy on the held-out captions."""
     img_feats, captions, skipped = _embed_set(
         model, transform, evalset, sample_captions,
         batch_size=batch_size, precision=precision, progress=progress,
@@ -179,7 +179,8 @@ def zero_shot_retrieval(
     text_to_image = torch.tensor([i for i, caps in enumerate(captions) for _ in caps], dtype=torch.long)
     txt_feats = text_features(model, tokenizer, texts, precision=precision)
     metrics = retrieval_metrics(img_feats, txt_feats, text_to_image, ks)
-    if getattr(model, "mlm_head", None) is not None:
+    # An image-conditioned head needs each caption's image tokens: its accuracy is the training log's.
+    if getattr(model, "mlm_head", None) is not None and getattr(model, "mlm_fusion", None) is None:
         metrics["mlm_acc"] = heldout_mlm_accuracy(model, tokenizer, texts, precision=precision)
     return {"task": "zeroshot_retrieval", "n": len(captions), "n_texts": len(texts), "metrics": metrics,
             "skipped": skipped}

@@ -56,6 +56,8 @@ def create_model_and_transforms(
     name: str,
     *,
     mlm_head: bool = True,
+    mlm_condition: str = "none",
+    fusion_layers: int = 1,
     pretrained: str | None = None,
     **overrides: Any,
 ) -> tuple[ClipAlign, Callable, Callable]:
@@ -64,6 +66,8 @@ def create_model_and_transforms(
     Args:
         name: a name from ``list_models()``.
         mlm_head: add the masked-token head to the text tower.
+        mlm_condition: ``"image"`` conditions the masked-token head on the image (``ClipAlign``).
+        fusion_layers: fusion blocks of an image-conditioned head.
         pretrained: path to a local open_clip checkpoint (never a download tag).
         **overrides: keyword arguments for ``open_clip.create_model_and_transforms``
             (``force_image_size``, ``force_patch_dropout``, ...); ``None`` values are dropped
@@ -80,7 +84,8 @@ def create_model_and_transforms(
             name, pretrained=pretrained, pretrained_text=False, **kwargs
         )
     tokenizer = open_clip.get_tokenizer(name)
-    model = ClipAlign(clip, mlm_head=mlm_head, eot_id=tokenizer.eot_token_id)
+    model = ClipAlign(clip, mlm_head=mlm_head, eot_id=tokenizer.eot_token_id, mlm_condition=mlm_condition,
+                      fusion_layers=fusion_layers)
     return model, train_tf, eval_tf
 
 

@@ -1,9 +1,32 @@
 """BERT-style token masking for the masked-token (MLM) objective on the text tower."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 IGNORE_INDEX = -100  # label of positions that are not predicted (torch's cross-entropy default)
+MLM_TARGETS = ("any", "content")
+# Function words (and caption-template words) that ``--mlm-target content`` never masks: what is
+# left names, describes and places things.
+STOP_WORDS: tuple[str, ...] = (
+    "a", "an", "the", "of", "in", "on", "at", "to", "and", "or", "with", "is", "are", "was", "be", "it", "its",
+    "this", "that", "these", "those", "there", "here", "for", "from", "by", "as", "into", "some", "his", "her",
+    "their", "has", "have", "very", "photo", "picture", "image", "emoji", "icon", "showing", "shows",
+    ".", ",", ":", ";", "!", "?", "-", "'s",
+)
+
+
+def stop_token_ids(tokenizer: Callable[[list[str]], torch.Tensor], eot_id: int) -> torch.Tensor:
+    """The ids of the one-token ``STOP_WORDS`` under ``tokenizer`` (open_clip's BPE: all of them)."""
+    ids = tokenizer(list(STOP_WORDS))  # (S, L): start, the word's tokens, end, padding
+    words = [row[1 : int((row == eot_id).int().argmax())] for row in ids]
+    return torch.unique(torch.cat([w for w in words if len(w) == 1]))
+
+
+def content_positions(ids: torch.Tensor, eot_id: int, stop_ids: torch.Tensor) -> torch.Tensor:
+    """Maskable positions whose token is not a stop word: (B, L) ids → (B, L) bool."""
+    return maskable_positions(ids, eot_id) & ~torch.isin(ids, stop_ids.to(ids.device))
 
 
 def maskable_positions(ids: torch.Tensor, eot_id: int) -> torch.Tensor:
@@ -33,6 +56,7 @@ def mask_tokens(
     random_high: int,
     rate: float = 0.15,
     generator: torch.Generator | None = None,
+    stop_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose ``rate`` of each caption's tokens to predict, BERT-style (80/10/10).
 
@@ -48,12 +72,17 @@ def mask_tokens(
             first special-token id so that no special token is ever inserted.
         rate: fraction of maskable tokens to choose.
         generator: source of randomness (for reproducible masks).
+        stop_ids: if given, choose only tokens that are not among these ids (``content_positions``;
+            a caption made only of stop words falls back to all its tokens).
 
     Returns:
         ``(masked_ids, labels)``, both (B, L): ``labels`` holds the original id at chosen
         positions and ``IGNORE_INDEX`` elsewhere.
     """
     maskable = maskable_positions(ids, eot_id)
+    if stop_ids is not None:
+        content = content_positions(ids, eot_id, stop_ids)
+        maskable = torch.where(content.any(dim=1, keepdim=True), content, maskable)
     u = torch.rand(ids.shape, generator=generator, device=ids.device)
     chosen = maskable & (u < rate)
 

@@ -1,4 +1,5 @@
-"""The dual encoder: an open_clip CLIP model plus a masked-token (MLM) head on its text tower."""
+"""The dual encoder: an open_clip CLIP model plus a masked-token (MLM) head on its text tower,
+optionally conditioned on the image (``clipalign.fusion``)."""
 from __future__ import annotations
 
 import torch
@@ -6,7 +7,10 @@ import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 from torch import nn
 
+from clipalign.fusion import ImageFusion, image_features_and_tokens, image_token_width
 from clipalign.masking import IGNORE_INDEX
+
+MLM_CONDITIONS = ("none", "image")
 
 
 class MlmHead(nn.Module):
@@ -100,14 +104,29 @@ class ClipAlign(nn.Module):
         clip: an open_clip ``CLIP`` or ``CustomTextCLIP`` model.
         mlm_head: add the masked-token prediction head to the text tower.
         eot_id: the tokenizer's end-of-text id.
+        mlm_condition: ``"none"``: the masked caption is predicted from text alone; ``"image"``:
+            its token states cross-attend to the image tower's tokens first (``ImageFusion``).
+        fusion_layers: fusion blocks for ``mlm_condition="image"``.
     """
 
-    def __init__(self, clip: nn.Module, *, mlm_head: bool = True, eot_id: int = 49407):
+    def __init__(self, clip: nn.Module, *, mlm_head: bool = True, eot_id: int = 49407, mlm_condition: str = "none",
+                 fusion_layers: int = 1):
         super().__init__()
+        if mlm_condition not in MLM_CONDITIONS:
+            raise ValueError(f"unknown MLM condition {mlm_condition!r} (one of {', '.join(MLM_CONDITIONS)})")
+        if mlm_condition != "none" and not mlm_head:
+            raise ValueError("an image-conditioned MLM needs the MLM head")
         self.clip = clip
         self.eot_id = eot_id
-        emb = _text_tower(clip).token_embedding
+        tower = _text_tower(clip)
+        emb = tower.token_embedding
         self.mlm_head = MlmHead(emb.embedding_dim, emb.num_embeddings) if mlm_head else None
+        self.mlm_fusion = None
+        if mlm_condition == "image":
+            heads = tower.transformer.resblocks[0].attn.num_heads
+            embed_dim = getattr(clip.visual, "output_dim", None) or emb.embedding_dim
+            self.mlm_fusion = ImageFusion(emb.embedding_dim, image_token_width(clip.visual, embed_dim),
+                                          layers=fusion_layers, heads=heads)
 
     @property
     def vocab_size(self) -> int:
@@ -131,6 +150,11 @@ class ClipAlign(nn.Module):
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """(B, 3, H, W) → (B, D)."""
         return self.clip.encode_image(image, normalize=normalize)
+
+    def encode_image_and_tokens(self, image: torch.Tensor, normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """One image-tower pass: ``(encode_image(image) (B, D), tokens (B, N, C))`` for the fusion."""
+        features, tokens = image_features_and_tokens(self.clip.visual, image)
+        return (F.normalize(features, dim=-1) if normalize else features), tokens
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """(B, L) token ids (no mask ids) → (B, D), with open_clip's causal text tower; L may
@@ -171,12 +195,14 @@ class ClipAlign(nn.Module):
         mask = mask.masked_fill(pad[:, None, None, :], float("-inf"))
         return mask.expand(batch, heads, length, length).reshape(batch * heads, length, length)
 
-    def mlm_logits(self, masked_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def mlm_logits(self, masked_ids: torch.Tensor, labels: torch.Tensor,
+                   image_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits at the masked positions only.
 
         Args:
             masked_ids: (B, L) ids from ``mask_tokens``.
             labels: (B, L) original ids at chosen positions, ``IGNORE_INDEX`` elsewhere.
+            image_tokens: (B, N, C) from ``encode_image_and_tokens``, for an image-conditioned MLM.
 
         Returns:
             ``(logits, targets)``: (M, V) and (M,), M = number of chosen positions.
@@ -184,6 +210,10 @@ class ClipAlign(nn.Module):
         if self.mlm_head is None:
             raise RuntimeError("this model was built without an MLM head")
         hidden = self.encode_text_tokens(masked_ids)  # (B, L, W)
+        if self.mlm_fusion is not None:
+            if image_tokens is None:
+                raise ValueError("this model's MLM is image-conditioned: pass the image tokens")
+            hidden = self.mlm_fusion(hidden, image_tokens)
         chosen = labels != IGNORE_INDEX
         weight = _text_tower(self.clip).token_embedding.weight
         return self.mlm_head(hidden[chosen], weight), labels[chosen]
@@ -194,22 +224,27 @@ class ClipAlign(nn.Module):
         text: torch.Tensor | None = None,
         masked_text: torch.Tensor | None = None,
         mlm_labels: torch.Tensor | None = None,
+        image_tokens: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Features for the contrastive loss and, given masked text, logits for the MLM loss.
 
         Returns:
             A dict with ``image_features`` (B, D) and ``text_features`` (B, D), both
             L2-normalised, ``logit_scale`` (scalar, already exponentiated), ``logit_bias`` for
-            models that have one (SigLIP), and with masked
-            text ``mlm_logits`` (M, V) and ``mlm_targets`` (M,).
+            models that have one (SigLIP), with ``image_tokens`` (or an image-conditioned MLM)
+            ``image_tokens`` (B, N, C) from the same image pass, and with masked text
+            ``mlm_logits`` (M, V) and ``mlm_targets`` (M,).
         """
         out: dict[str, torch.Tensor] = {"logit_scale": self.clip.logit_scale.exp()}
         if getattr(self.clip, "logit_bias", None) is not None:
             out["logit_bias"] = self.clip.logit_bias
-        if image is not None:
+        wants_tokens = image_tokens or (self.mlm_fusion is not None and masked_text is not None)
+        if image is not None and wants_tokens:
+            out["image_features"], out["image_tokens"] = self.encode_image_and_tokens(image, normalize=True)
+        elif image is not None:
             out["image_features"] = self.encode_image(image, normalize=True)
         if text is not None:
             out["text_features"] = self.encode_text(text, normalize=True)
         if masked_text is not None and mlm_labels is not None:
-            out["mlm_logits"], out["mlm_targets"] = self.mlm_logits(masked_text, mlm_labels)
+            out["mlm_logits"], out["mlm_targets"] = self.mlm_logits(masked_text, mlm_labels, out.get("image_tokens"))
         return out

@@ -15,7 +15,7 @@ from torch import nn
 
 from clipalign.image_ssl import ProjectionHead, simclr_view_transform
 from clipalign.loss import ClipLoss, MlmLoss, QueueClipLoss, SigLipLoss, SimClrLoss
-from clipalign.masking import mask_tokens
+from clipalign.masking import mask_tokens, stop_token_ids
 from clipalign.model import ClipAlign
 from clipalign.momentum import MomentumQueues
 from clipalign.precision import autocast
@@ -93,8 +93,10 @@ def build_objectives(cfg: TrainConfig, model: ClipAlign, tokenizer: Any, rank: i
     objectives = Objectives(contrastive, uses_bias=siglip)
     if cfg.mlm_weight > 0:
         objectives.mlm = MlmLoss(cfg.mlm_weight)
+        stop_ids = stop_token_ids(tokenizer, tokenizer.eot_token_id) if cfg.mlm_target == "content" else None
         objectives.masker = functools.partial(mask_tokens, mask_id=model.mask_id, eot_id=tokenizer.eot_token_id,
-                                              random_high=tokenizer.sot_token_id, rate=cfg.mlm_rate)
+                                              random_high=tokenizer.sot_token_id, rate=cfg.mlm_rate,
+                                              stop_ids=stop_ids)
     embed_dim = model.clip.text_projection.shape[1] if _has_text_projection(model) else None
     if cfg.image_ssl == "simclr":
         dim = embed_dim or model.encode_image(torch.zeros(1, 3, model.image_size, model.image_size)).shape[1]

@@ -49,6 +49,9 @@ def check_resumable(state: dict[str, Any], cfg: TrainConfig, model: ClipAlign, o
             f"the checkpoint was trained {'with' if had_head else 'without'} the MLM head; "
             f"resume with --mlm-weight {'> 0' if had_head else '0'}"
         )
+    had_fusion = any(k.startswith("mlm_fusion.") for k in state["model"])
+    if had_fusion != (model.mlm_fusion is not None):
+        raise ResumeMismatchError(f"the checkpoint was trained with --mlm-condition {'image' if had_fusion else 'none'}")
     for key, flag in (("ssl_head", "--image-ssl"), ("queues", "--queue-size")):
         if (key in state) != (key in objectives.stateful()):
             raise ResumeMismatchError(f"the checkpoint was trained {'with' if key in state else 'without'} {flag}")

@@ -71,7 +71,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         siglip = cfg.loss == "siglip"
         self.model, self.train_transform, self.eval_transform = create_model_and_transforms(
-            cfg.model, mlm_head=cfg.mlm_weight > 0, pretrained=cfg.pretrained, force_patch_dropout=cfg.patch_dropout,
+            cfg.model, mlm_head=cfg.mlm_weight > 0, mlm_condition=cfg.mlm_condition, fusion_layers=cfg.fusion_layers,
+            pretrained=cfg.pretrained, force_patch_dropout=cfg.patch_dropout,
             # SigLIP's initialisation: temperature 1/10 and a bias of -10 (few positives per batch)
             init_logit_scale=math.log(10) if siglip else None, init_logit_bias=-10.0 if siglip else None,
         )
@@ -189,7 +190,7 @@ class Trainer:
         step_features = []
         for j, mb in enumerate(micro):
             with autocast(cfg.precision, self.device.type):
-                out = model(mb["image"], mb["text"])
+                out = model(mb["image"], mb["text"], image_tokens=model.mlm_fusion is not None)
                 image, text = out["image_features"], out["text_features"]
                 step_features.append((image.detach(), text.detach()))
                 if cached is not None:
@@ -199,7 +200,8 @@ class Trainer:
                 losses = obj.contrastive_loss(image, text, out, scale_grad=j == 0)
                 if obj.mlm is not None:
                     rows = self._mlm_rows(len(mb["text"]))
-                    logits, targets = model.mlm_logits(mb["masked_text"][:rows], mb["mlm_labels"][:rows])
+                    tokens = out["image_tokens"][:rows] if "image_tokens" in out else None  # same image pass
+                    logits, targets = model.mlm_logits(mb["masked_text"][:rows], mb["mlm_labels"][:rows], tokens)
                     losses.update(obj.mlm(logits, targets, mlm_count))
                     logs["mlm_correct"] += int((logits.argmax(-1) == targets).sum())
                     logs["mlm_total"] += targets.numel()

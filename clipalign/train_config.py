@@ -15,6 +15,8 @@ from clipalign.factory import list_models
 from clipalign.formats import evalset
 from clipalign.formats.folders import RunFolder
 from clipalign.image_ssl import IMAGE_SSL
+from clipalign.masking import MLM_TARGETS
+from clipalign.model import MLM_CONDITIONS
 from clipalign.precision import PRECISIONS, resolve_precision
 
 CONTRASTIVE_LOSSES = ("clip", "siglip")
@@ -68,6 +70,13 @@ class TrainConfig:
     mlm_weight: float = _arg(0.1, "weight of the MLM loss (0: off)")
     mlm_rate: float = _arg(0.15, "fraction of caption tokens masked")
     mlm_fraction: float = _arg(1.0, "run the MLM pass on this fraction of each batch (cheaper steps)")
+    mlm_condition: str = _arg("none", "'image': the masked caption is predicted with the image in view (its token "
+                              "states cross-attend to the image tower's tokens through a training-only fusion "
+                              "head; the MLM gradient reaches both towers); 'none': from the text alone",
+                              choices=MLM_CONDITIONS, what="MLM condition")
+    fusion_layers: int = _arg(1, "cross-attention blocks of the --mlm-condition image fusion head", positive=True)
+    mlm_target: str = _arg("any", "'content': mask only words not in a fixed stop-word list (names, colours, "
+                           "places); 'any': any caption token, BERT-style", choices=MLM_TARGETS, what="MLM target")
     image_ssl: str | None = _arg(None, "add an image self-supervised objective: SimCLR on two augmented views "
                                  "(SLIP)", choices=IMAGE_SSL, what="image objective")
     image_ssl_weight: float = _arg(1.0, "weight of the image objective")
@@ -120,6 +129,8 @@ class TrainConfig:
             raise ValueError("--queue-size works with --loss clip")
         if self.queue_size < 0 or not 0 <= self.momentum < 1:
             raise ValueError("--queue-size must be >= 0 and --momentum in [0, 1)")
+        if self.mlm_weight <= 0 and (self.mlm_condition != "none" or self.mlm_target != "any"):
+            raise ValueError("--mlm-condition and --mlm-target need the MLM loss (--mlm-weight > 0)")
         if self.eval_every and not self.eval_sets:
             raise ValueError("--eval-every needs --eval-sets")
 

@@ -14,15 +14,17 @@ HELPER = str(Path(__file__).parent / "helpers" / "dist_step.py")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
-def test_two_ranks_give_the_loss_and_gradients_of_one_process(tmp_path):
-    subprocess.run([sys.executable, HELPER, str(tmp_path / "one.pt")], check=True, capture_output=True)
-    run = subprocess.run([*TORCHRUN, HELPER, str(tmp_path / "two.pt")], capture_output=True, text=True)
+@pytest.mark.parametrize("condition", ["none", "image"])  # the image-conditioned MLM head too
+def test_two_ranks_give_the_loss_and_gradients_of_one_process(tmp_path, condition):
+    subprocess.run([sys.executable, HELPER, str(tmp_path / "one.pt"), condition], check=True, capture_output=True)
+    run = subprocess.run([*TORCHRUN, HELPER, str(tmp_path / "two.pt"), condition], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert one["world_size"] == 1 and two["world_size"] == 2
     for key in ("contrastive_loss", "mlm_loss", "mlm_acc", "loss"):
         assert two["logs"][key] == pytest.approx(one["logs"][key], rel=1e-5), key
     assert one["grads"].keys() == two["grads"].keys() and len(one["grads"]) > 10
+    assert any(n.startswith("mlm_fusion.") for n in one["grads"]) == (condition == "image")
     for name, grad in one["grads"].items():
         assert torch.allclose(two["grads"][name], grad, rtol=1e-4, atol=1e-6), name
 

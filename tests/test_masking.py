@@ -63,3 +63,20 @@ def test_same_generator_seed_same_masks():
     ids = TOK(CAPTIONS)
     a, b = _mask(ids, seed=3), _mask(ids, seed=3)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_content_target_masks_no_stop_word_and_falls_back_when_there_is_none():
+    from clipalign.masking import content_positions, stop_token_ids
+
+    stop = stop_token_ids(TOK, EOT)
+    ids = TOK(["a red circle to the left of a blue star"] * 200 + ["the of a"])
+    words = {int(i) for i in TOK(["red circle left blue star"])[0, 1:6]}
+    masked, labels = mask_tokens(ids, mask_id=MASK, eot_id=EOT, random_high=SOT, rate=0.3, stop_ids=stop,
+                                 generator=torch.Generator().manual_seed(0))
+    chosen = {int(t) for t in labels[:200][labels[:200] != IGNORE_INDEX]}
+    assert chosen == words  # every content word gets masked somewhere, never "a", "the", "of", "to"
+    assert (labels[200] != IGNORE_INDEX).sum() >= 1  # only stop words: still one prediction
+    assert not content_positions(ids[200:], EOT, stop).any()
+    # the plain target draws stop words too
+    _, plain = _mask(ids[:200], rate=0.3)
+    assert {int(t) for t in plain[plain != IGNORE_INDEX]} > words

@@ -47,11 +47,13 @@ def test_split_batch_keeps_rows_in_order():
     assert len(parts) == 4 and torch.equal(torch.cat([p["b"] for p in parts]), batch["b"])
 
 
-def test_accumulated_step_equals_one_pass_over_the_whole_batch(shards, tmp_path):
+@pytest.mark.parametrize("condition", ["none", "image"])
+def test_accumulated_step_equals_one_pass_over_the_whole_batch(shards, tmp_path, condition):
     """Feature caching keeps every sample of the batch as a negative: the gradient is the same."""
     results = []
     for accum in (1, 4):
-        trainer = Trainer(_cfg(shards, tmp_path / f"a{accum}", accum_steps=accum, grad_clip=0.0, batch_size=8))
+        trainer = Trainer(_cfg(shards, tmp_path / f"a{accum}", accum_steps=accum, grad_clip=0.0, batch_size=8,
+                               mlm_condition=condition))
         logs = trainer.train_step(_batch(trainer))
         results.append((logs, _grads(trainer)))
     (logs1, g1), (logs4, g4) = results
@@ -66,7 +68,8 @@ def test_mlm_fraction_runs_the_mlm_pass_on_part_of_the_batch(shards, tmp_path, m
     trainer = Trainer(_cfg(shards, tmp_path, mlm_fraction=0.25))
     rows = []
     original = trainer.model.mlm_logits
-    monkeypatch.setattr(trainer.model, "mlm_logits", lambda ids, labels: rows.append(len(ids)) or original(ids, labels))
+    monkeypatch.setattr(trainer.model, "mlm_logits",
+                        lambda ids, labels, *tokens: rows.append(len(ids)) or original(ids, labels, *tokens))
     logs = trainer.train_step(_batch(trainer, n=8))
     assert rows == [2] and np.isfinite(logs["mlm_loss"])
 
@@ -199,3 +202,20 @@ def test_an_image_with_several_captions_trains_on_each_in_turn(shards, tmp_path)
         rows = {int(np.flatnonzero((ids == d.numpy()).all(1))[0]) for d in drawn}
         assert rows == {0, 1, 2}  # every caption gets its turn, and nothing else is drawn
         assert torch.equal(decoder({**sample, "__seed__": 7})["text"], drawn[7])  # the same seed, the same caption
+
+
+def test_image_conditioned_content_mlm_resumes_step_exact(shards, tmp_path):
+    kw = dict(steps=4, mlm_condition="image", mlm_target="content", checkpoint_every=2, keep_checkpoints=0)
+    whole = Trainer(_cfg(shards, tmp_path / "whole", **kw))
+    whole.fit()
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    ckpt.save_checkpoint(tmp_path / "resumed" / "checkpoints" / "step_00000002.pt",
+                         ckpt.load_checkpoint(tmp_path / "whole" / "checkpoints" / "step_00000002.pt"))
+    resumed = Trainer(_cfg(shards, tmp_path / "resumed", resume=True, **kw))
+    assert resumed.fit()["steps_this_run"] == 2
+    for name, p in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], p), name
+    assert any(n.startswith("mlm_fusion.") for n in whole.model.state_dict())
+    without = Trainer(_cfg(shards, tmp_path / "resumed", **{**kw, "mlm_condition": "none", "resume": True}))
+    with pytest.raises(ValueError, match="--mlm-condition image"):
+        without.fit()

@@ -1,7 +1,7 @@
 """One training step on a fixed global batch of 8, saved for comparison by tests/test_distributed.py.
 
 Run alone (one process, the whole batch) or under ``torchrun --nproc_per_node N`` (each rank
-takes its 8/N rows): ``python tests/helpers/dist_step.py OUT_FILE``.
+takes its 8/N rows): ``python tests/helpers/dist_step.py OUT_FILE [MLM_CONDITION]``.
 """
 import sys
 
@@ -12,9 +12,9 @@ from clipalign.train import TrainConfig, Trainer
 GLOBAL_BATCH = 8
 
 
-def main(out_file: str) -> None:
+def main(out_file: str, mlm_condition: str = "none") -> None:
     cfg = TrainConfig(data="", out="", model="ca-nano", batch_size=GLOBAL_BATCH, precision="fp32", grad_clip=0.0,
-                      mlm_weight=0.5, tensorboard=False)
+                      mlm_weight=0.5, mlm_condition=mlm_condition, tensorboard=False)
     trainer = Trainer(cfg)
     env = trainer.env
     g = torch.Generator().manual_seed(1234)
@@ -30,4 +30,4 @@ def main(out_file: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
