@@ -8,13 +8,13 @@ from typing import Any
 
 import numpy as np
 
+from clipalign.formats.images import DEFAULT_MAX_PIXELS
 from clipalign.formats.skips import CAPTION_TOO_LONG, EMPTY_CAPTION, PROCESSING_ERROR, UNDECODABLE_IMAGE
 from data_prep.captions import caption_problem, normalize_caption
 from data_prep.fetch import Downloader, FetchConfig, FetchError, fetch_url, read_local
 from data_prep.images import IMAGE_FORMATS, RESIZE_MODES, WHITE, RejectedImage, UndecodableImage, process_image
 from data_prep.records import Record
 
-DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb warning threshold
 
 
 @dataclass(frozen=True)

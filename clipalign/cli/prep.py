@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 def build_parser() -> argparse.ArgumentParser:
     from data_prep.fetch import DEFAULT_USER_AGENT
-    from data_prep.sample import DEFAULT_MAX_PIXELS
+    from clipalign.formats.images import DEFAULT_MAX_PIXELS
 
     p = parser("prep", "Read a manifest (.csv/.tsv/.jsonl/.parquet, each optionally .gz; image column holding local "
                "paths relative to the manifest's folder, file:// or http(s):// URLs), a COCO captions .json, or a "

@@ -10,6 +10,7 @@ from PIL import Image
 
 from clipalign.formats.skips import MISSING_IMAGE, UNDECODABLE_IMAGE, BadSample
 
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb warning threshold: prep's limit, and uploads'
 # Ordered: where a shard sample carries several image keys, the first one listed is read.
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 

@@ -22,6 +22,7 @@ EMPTY_CAPTION = "empty_caption"
 CAPTION_TOO_LONG = "caption_too_long"
 # Images: reading and decoding.
 MISSING_IMAGE = "missing_image"
+NOT_A_FILE = "not_a_file"  # a directory, FIFO or device where an image file should be
 UNREADABLE_IMAGE = "unreadable_image"
 UNDECODABLE_IMAGE = "undecodable_image"
 PROCESSING_ERROR = "processing_error"
