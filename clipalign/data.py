@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 import webdataset as wds
 
-from clipalign.formats.sample import sample_captions, sample_image, sample_text, sample_tokens
+from clipalign.formats.sample import caption_char_limit, sample_captions, sample_image, sample_text, sample_tokens
 from clipalign.formats.skips import EMPTY_CAPTION, BadSample, SkipCounter, merge_counts
 
 
@@ -71,7 +71,7 @@ class SampleDecoder:
 
     def __call__(self, sample: dict) -> dict[str, torch.Tensor]:
         tokens = decode_tokens(sample, self.context_length)  # (K, L) stored ids, or None
-        captions = sample_captions(sample) if tokens is None else None
+        captions = sample_captions(sample, caption_char_limit(self.context_length)) if tokens is None else None
         if tokens is not None and not sample_text(sample):
             raise BadSample(EMPTY_CAPTION, sample.get("__key__", ""))
         image = sample_image(sample)

@@ -14,7 +14,9 @@ when that is longer; the rest fail at once.
 from __future__ import annotations
 
 import email.utils
+import os
 import re
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from clipalign.formats.skips import (  # noqa: F401  (the download reasons, name
     CONNECTION_ERROR,
     HTTP_ERROR,
     MISSING_IMAGE,
+    NOT_A_FILE,
     NOT_AN_IMAGE,
     NOT_FOUND,
     ROBOTS_NOAI,
@@ -89,17 +92,38 @@ class FetchConfig:
 def read_local(path: Path | None, max_bytes: int | None = None) -> bytes:
     """Read a local image file.
 
+    The file is opened without blocking and checked on its open descriptor, so a FIFO never
+    hangs the run and a file swapped after a check is still caught.
+
     Raises:
-        FetchError: ``missing_image``, ``unreadable_image`` or ``too_large``.
+        FetchError: ``missing_image``, ``not_a_file`` (a directory, FIFO, socket or device),
+            ``unreadable_image`` or ``too_large``.
     """
-    if path is None or not path.is_file():
-        raise FetchError(MISSING_IMAGE, f"no such file: {path}")
+    if path is None:
+        raise FetchError(MISSING_IMAGE, "no image path")
     try:
-        if max_bytes is not None and path.stat().st_size > max_bytes:
-            raise FetchError(TOO_LARGE, f"{path.stat().st_size} bytes > {max_bytes}")
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise FetchError(MISSING_IMAGE, f"no such file: {path}") from None
     except OSError as err:
         raise FetchError(UNREADABLE_IMAGE, f"{type(err).__name__}: {err}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise FetchError(NOT_A_FILE, f"{path} is a {_file_kind(info.st_mode)}, not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise FetchError(TOO_LARGE, f"{info.st_size} bytes > {max_bytes}")
+        try:
+            return f.read()
+        except OSError as err:
+            raise FetchError(UNREADABLE_IMAGE, f"{type(err).__name__}: {err}") from None
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+             (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"))
+    return next((name for test, name in kinds if test(mode)), "special file")
 
 
 def robots_forbid(values: list[str]) -> str | None:

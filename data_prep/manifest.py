@@ -16,6 +16,7 @@ import csv
 import gzip
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -33,14 +34,39 @@ PARQUET_BATCH_ROWS = 8192
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long captions must not abort the whole manifest
 
 
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is not UTF-8
+
+
 def _strip(value: object) -> str | None:
     return None if value is None else str(value).strip()
 
 
 def _open_text(path: Path) -> IO[str]:
+    # surrogateescape: a byte that is not UTF-8 reaches the row that holds it (which becomes a
+    # bad_row) instead of aborting the whole manifest with a UnicodeDecodeError
     if path.suffix.lower() == ".gz":
-        return gzip.open(path, "rt", newline="", encoding="utf-8-sig")
-    return open(path, newline="", encoding="utf-8-sig")
+        return gzip.open(path, "rt", newline="", encoding="utf-8-sig", errors="surrogateescape")
+    return open(path, newline="", encoding="utf-8-sig", errors="surrogateescape")
+
+
+def _not_utf8(cells: Sequence[str], line: int) -> str | None:
+    """The bad-row detail of a row with a byte that is not UTF-8, else ``None``."""
+    for cell in cells:
+        if not cell.isascii() and (found := _NOT_UTF8.search(cell)):
+            return f"line {line}: byte 0x{ord(found.group()) - 0xDC00:02x} is not UTF-8"
+    return None
+
+
+def _guarded(rows: Iterator[Record], path: Path) -> Iterator[Record]:
+    """``rows``, ending in one ``bad_row`` if the file breaks off (a truncated .gz, a read error):
+    the rows before it are kept and the run goes on to write its stats."""
+    index = 0
+    try:
+        for record in rows:
+            index = record.index + 1
+            yield record
+    except (OSError, EOFError, csv.Error) as err:
+        yield Record(index, "", None, None, BAD_ROW, f"{path}: unreadable after row {index}: {err}")
 
 
 def _extra_names(columns: Sequence[str], used: Sequence[str], extra_cols: Sequence[str] | None, path: Path) -> list[str]:
@@ -85,18 +111,21 @@ def read_delimited(
     except BaseException:
         f.close()
         raise
-    return _delimited_rows(f, reader, path.parent, header.index(image_col), header.index(caption_col), extras)
+    rows = _delimited_rows(f, reader, path.parent, header.index(image_col), header.index(caption_col), extras)
+    return _guarded(rows, path)
 
 
 def _delimited_rows(
-    f: IO[str], reader: Iterator[list[str]], base: Path, i_img: int, i_cap: int, extras: list[tuple[str, int]]
+    f: IO[str], reader: Any, base: Path, i_img: int, i_cap: int, extras: list[tuple[str, int]]
 ) -> Iterator[Record]:
     with f:
         index = 0
         for row in reader:
             if not row or all(not cell.strip() for cell in row):
                 continue
-            if max(i_img, i_cap) >= len(row):
+            if (bad := _not_utf8(row, reader.line_num)) is not None:
+                yield Record(index, "", None, None, BAD_ROW, bad)
+            elif max(i_img, i_cap) >= len(row):
                 yield Record(index, "", None, None, BAD_ROW, f"row has {len(row)} fields")
             else:
                 extra = {name: row[i] for name, i in extras if i < len(row)}
@@ -122,7 +151,11 @@ def read_jsonl(
     path = Path(path)
     f = _open_text(path)
     try:
-        first = next((line for line in f if line.strip()), None)
+        first_line, first = 0, None
+        for first_line, line in enumerate(f, 1):
+            if line.strip():
+                first = line
+                break
         if first is None:
             raise ManifestError(f"{path} is empty")
         try:
@@ -137,20 +170,25 @@ def read_jsonl(
     except BaseException:
         f.close()
         raise
-    return _jsonl_rows(f, first, path.parent, image_col, caption_col, extra_cols)
+    return _guarded(_jsonl_rows(f, first, first_line, path.parent, image_col, caption_col, extra_cols), path)
 
 
 def _jsonl_rows(
-    f: IO[str], first: str, base: Path, image_col: str, caption_col: str, extra_cols: Sequence[str] | None
+    f: IO[str], first: str, first_line: int, base: Path, image_col: str, caption_col: str,
+    extra_cols: Sequence[str] | None,
 ) -> Iterator[Record]:
-    def lines() -> Iterator[str]:
-        yield first
-        yield from f
+    def lines() -> Iterator[tuple[int, str]]:
+        yield first_line, first
+        yield from enumerate(f, first_line + 1)
 
     with f:
         index = 0
-        for line in lines():
+        for number, line in lines():
             if not line.strip():
+                continue
+            if (bad := _not_utf8([line], number)) is not None:
+                yield Record(index, "", None, None, BAD_ROW, bad)
+                index += 1
                 continue
             try:
                 obj = json.loads(line)

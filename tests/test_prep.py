@@ -5,6 +5,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -282,3 +283,42 @@ def test_cli_refuses_bad_options(data, tmp_path, capsys):
                   ["--tokenize", "no-such-model"]):
         assert clipalign(["prep", str(_manifest(data)), "--out", out, *extra]) == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_a_byte_that_is_not_utf8_skips_its_row_and_the_run_finishes(data, tmp_path, kind):
+    path = _manifest(data, kind)
+    lines = path.read_bytes().splitlines(keepends=True)
+    line = 3 if kind == "csv" else 2  # row 1, after the csv's header
+    lines[line - 1] = lines[line - 1].replace(b"blue", b"bl\xffue")
+    path.write_bytes(b"".join(lines))
+    out = tmp_path / "out"
+    assert main([str(path), "--out", str(out), "--image-size", "16"]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["written"] == len(GOOD) - 1 and stats["skipped_by_reason"]["bad_row"] == 1
+    errors = {e["index"]: e for e in map(json.loads, (out / "errors.jsonl").read_text().splitlines())}
+    assert errors[1]["reason"] == "bad_row" and errors[1]["detail"] == f"line {line}: byte 0xff is not UTF-8"
+
+
+def test_a_truncated_gzip_manifest_keeps_its_rows_and_counts_the_break(data, tmp_path):
+    import gzip
+
+    rows = [("a.png", f"caption {i}") for i in range(2000)]
+    _write_manifest(data / "big.csv", rows, "csv")
+    packed = gzip.compress((data / "big.csv").read_bytes())
+    (data / "big.csv.gz").write_bytes(packed[: len(packed) // 2])
+    records = list(open_records(data / "big.csv.gz"))
+    assert records[-1].error == "bad_row" and "unreadable after row" in records[-1].detail
+    assert len(records) > 100 and all(r.error is None for r in records[:-1])
+
+
+def test_directories_fifos_and_devices_are_not_image_files(data, tmp_path):
+    (data / "dir.png").mkdir()
+    os.mkfifo(data / "fifo.png")  # reading it would block forever
+    rows = [("a.png", "fine"), ("dir.png", "a folder"), ("fifo.png", "a pipe"), ("/dev/null", "a device")]
+    _write_manifest(data / "special.csv", rows, "csv")
+    out = tmp_path / "out"
+    assert main([str(data / "special.csv"), "--out", str(out), "--image-size", "16"]) == 0
+    errors = {e["index"]: e for e in map(json.loads, (out / "errors.jsonl").read_text().splitlines())}
+    assert {i: e["reason"] for i, e in errors.items()} == {1: "not_a_file", 2: "not_a_file", 3: "not_a_file"}
+    assert "directory" in errors[1]["detail"] and "FIFO" in errors[2]["detail"] and "device" in errors[3]["detail"]

@@ -219,3 +219,23 @@ def test_image_conditioned_content_mlm_resumes_step_exact(shards, tmp_path):
     without = Trainer(_cfg(shards, tmp_path / "resumed", **{**kw, "mlm_condition": "none", "resume": True}))
     with pytest.raises(ValueError, match="--mlm-condition image"):
         without.fit()
+
+
+def test_a_huge_caption_is_cut_before_it_is_tokenised(shards, tmp_path):
+    from clipalign.formats.sample import caption_char_limit
+
+    trainer = Trainer(_cfg(shards, tmp_path))
+    seen = []
+
+    def tokenizer(texts):
+        seen.extend(texts)
+        return trainer.tokenizer(texts)
+
+    img = io.BytesIO()
+    square_image("red", np.random.default_rng(0)).save(img, "PNG")
+    decoder = SampleDecoder(trainer.train_transform, tokenizer)
+    decoder.context_length = trainer.tokenizer.context_length
+    huge = "a blue square " + "é" * 5_000_000  # 10 MB of caption
+    out = decoder({"__key__": "k", "png": img.getvalue(), "txt": huge.encode()})
+    assert len(seen[0]) == caption_char_limit(decoder.context_length) and huge.startswith(seen[0])
+    assert torch.equal(out["text"], trainer.tokenizer([huge[:100_000]])[0])  # what the tokenizer kept anyway
