@@ -266,13 +266,19 @@ def _seeded_shuffle(bufsize: int, role: _Role) -> Callable[[Iterable], Iterator]
 
 
 def train_loader(pipeline: wds.DataPipeline, workers: int) -> wds.WebLoader:
-    """A DataLoader over the pipeline's ready-made batches (in role order, round robin)."""
+    """A DataLoader over the pipeline's ready-made batches (in role order, round robin).
+
+    Its own generator: a DataLoader draws its workers' base seed when it starts, and from the
+    global RNG that would shift every later draw of a resumed run (patch dropout's, say). The
+    streams are seeded by role (``_Role``), so the base seed decides nothing else.
+    """
     return wds.WebLoader(
         pipeline,
         batch_size=None,
         num_workers=workers,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        generator=torch.Generator().manual_seed(0),
     )
 
 

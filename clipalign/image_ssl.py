@@ -1,4 +1,5 @@
-"""Image self-supervision beside the contrastive loss: SimCLR on two augmented views (SLIP).
+"""Image self-supervision beside the contrastive loss: SimCLR on two augmented views (SLIP);
+MAE's masked-patch reconstruction lives in ``clipalign.mae``.
 
 The two views use crops, flips and brightness/contrast jitter; hue and saturation are left
 alone, because colour is part of what captions describe ("a red square").
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 from torchvision import transforms as T
 
-IMAGE_SSL = ("simclr",)
+IMAGE_SSL = ("simclr", "mae")  # mae: clipalign.mae, on the patches patch dropout hides
 
 
 def simclr_view_transform(image_size: int, mean: tuple[float, ...] | None = None,

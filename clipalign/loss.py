@@ -142,6 +142,31 @@ class SimClrLoss(nn.Module):
         return {"image_ssl_loss": self.weight * F.cross_entropy(logits, targets)}
 
 
+class MaeLoss(nn.Module):
+    """MAE's reconstruction loss: mean squared error on the dropped patches only, against each
+    patch's pixels normalised by their own mean and variance (MAE's ``norm_pix_loss``).
+
+    Args:
+        weight: multiplier in the total loss.
+
+    Shape:
+        pred: (B, N, P) predicted pixels of every patch; target: (B, N, P) the image's patches
+        (``clipalign.mae.patchify``); kept: (B, K) indices of the visible patches.
+    """
+
+    def __init__(self, weight: float = 1.0):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, kept: torch.Tensor) -> dict[str, torch.Tensor]:
+        target = target.float()
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+        dropped = torch.ones(target.shape[:2], dtype=torch.bool, device=target.device)
+        dropped[torch.arange(len(kept), device=kept.device)[:, None], kept] = False
+        per_patch = ((pred.float() - target) ** 2).mean(-1)  # (B, N)
+        return {"image_ssl_loss": self.weight * per_patch[dropped].mean()}
+
+
 def mlm_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
     """Fraction of masked positions whose top-1 prediction is the original token."""
     if targets.numel() == 0:

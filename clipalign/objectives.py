@@ -1,5 +1,5 @@
 """A run's objectives, assembled from its ``TrainConfig``: the contrastive loss, the MLM loss,
-SimCLR's head and loss and the MoCo queues, and the optimizer's parameter groups.
+SimCLR's head and loss, MAE's decoder and loss, the MoCo queues, and the optimizer's parameter groups.
 
 The losses themselves are the small modules of ``clipalign.loss``; this module only picks
 and wires them.
@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from clipalign.image_ssl import ProjectionHead, simclr_view_transform
-from clipalign.loss import ClipLoss, MlmLoss, QueueClipLoss, SigLipLoss, SimClrLoss
+from clipalign.loss import ClipLoss, MaeLoss, MlmLoss, QueueClipLoss, SigLipLoss, SimClrLoss
+from clipalign.mae import MaeDecoder, RecordingPatchDropout, install_recording_dropout, mae_decoder_for
 from clipalign.masking import mask_tokens, stop_token_ids
 from clipalign.model import ClipAlign
 from clipalign.momentum import MomentumQueues
@@ -36,6 +37,9 @@ class Objectives:
         view_transform: SimCLR's augmentation, a PIL image to one random (3, H, W) view (the
             loader draws two per image), else ``None``.
         queues: the MoCo feature queues (``queue_size`` > 0), else ``None``.
+        mae_decoder, mae, patch_dropout: MAE's decoder and loss and the patch dropout that
+            records the visible patches (``image_ssl="mae"``), else ``None``.
+        patch: the ViT's patch side, for MAE's pixel targets.
     """
 
     contrastive: nn.Module
@@ -46,6 +50,10 @@ class Objectives:
     ssl: SimClrLoss | None = None
     view_transform: Callable[..., torch.Tensor] | None = None
     queues: MomentumQueues | None = None
+    mae_decoder: MaeDecoder | None = None
+    mae: MaeLoss | None = None
+    patch_dropout: RecordingPatchDropout | None = None
+    patch: int = 0
 
     def contrastive_loss(self, image: torch.Tensor, text: torch.Tensor, out: dict[str, torch.Tensor],
                          scale_grad: bool = True) -> dict[str, torch.Tensor]:
@@ -76,7 +84,12 @@ class Objectives:
 
     def stateful(self) -> dict[str, nn.Module]:
         """The modules whose state a checkpoint keeps, by their key in it."""
-        return {key: m for key, m in (("ssl_head", self.ssl_head), ("queues", self.queues)) if m is not None}
+        modules = (("ssl_head", self.ssl_head), ("queues", self.queues), ("mae_decoder", self.mae_decoder))
+        return {key: m for key, m in modules if m is not None}
+
+    def trained_heads(self) -> list[nn.Module]:
+        """The modules besides the model whose parameters the optimizer updates."""
+        return [m for m in (self.ssl_head, self.mae_decoder) if m is not None]
 
 
 def build_objectives(cfg: TrainConfig, model: ClipAlign, tokenizer: Any, rank: int = 0, world_size: int = 1,
@@ -105,6 +118,11 @@ def build_objectives(cfg: TrainConfig, model: ClipAlign, tokenizer: Any, rank: i
         visual = model.clip.visual
         objectives.view_transform = simclr_view_transform(model.image_size, getattr(visual, "image_mean", None),
                                                           getattr(visual, "image_std", None))
+    if cfg.image_ssl == "mae":
+        objectives.patch_dropout = install_recording_dropout(model.clip.visual, cfg.patch_dropout or 0.0)
+        objectives.mae_decoder = mae_decoder_for(model.clip.visual).to(device)
+        objectives.mae = MaeLoss(cfg.image_ssl_weight)
+        objectives.patch = model.clip.visual.patch_size[0]
     if cfg.queue_size:
         dim = embed_dim or model.encode_text(tokenizer(["x"])).shape[1]
         objectives.queues = MomentumQueues(model, cfg.queue_size, dim, cfg.momentum).to(device)
@@ -123,10 +141,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def optimizer_groups(model: nn.Module, objectives: Objectives, weight_decay: float) -> list[dict[str, Any]]:
-    """``param_groups`` of the model, with the parameters of SimCLR's head (if any) added to them."""
+    """``param_groups`` of the model, with the parameters of SimCLR's head or MAE's decoder added to them."""
     groups = param_groups(model, weight_decay)
-    if objectives.ssl_head is not None:
-        extra = param_groups(objectives.ssl_head, weight_decay)
+    for head in objectives.trained_heads():
+        extra = param_groups(head, weight_decay)
         groups = [{**g, "params": g["params"] + e["params"]} for g, e in zip(groups, extra)]
     return groups
 

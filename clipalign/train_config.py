@@ -77,8 +77,9 @@ class TrainConfig:
     fusion_layers: int = _arg(1, "cross-attention blocks of the --mlm-condition image fusion head", positive=True)
     mlm_target: str = _arg("any", "'content': mask only words not in a fixed stop-word list (names, colours, "
                            "places); 'any': any caption token, BERT-style", choices=MLM_TARGETS, what="MLM target")
-    image_ssl: str | None = _arg(None, "add an image self-supervised objective: SimCLR on two augmented views "
-                                 "(SLIP)", choices=IMAGE_SSL, what="image objective")
+    image_ssl: str | None = _arg(None, "add an image self-supervised objective: 'simclr', SimCLR on two "
+                                 "augmented views (SLIP); 'mae', reconstruct the patches --patch-dropout hid "
+                                 "from the same ViT pass (MAE)", choices=IMAGE_SSL, what="image objective")
     image_ssl_weight: float = _arg(1.0, "weight of the image objective")
     ssl_temperature: float = _arg(0.1, "SimCLR temperature")
     queue_size: int = _arg(0, "MoCo-style queue of this many past image/text features used as extra negatives "
@@ -129,6 +130,8 @@ class TrainConfig:
             raise ValueError("--queue-size works with --loss clip")
         if self.queue_size < 0 or not 0 <= self.momentum < 1:
             raise ValueError("--queue-size must be >= 0 and --momentum in [0, 1)")
+        if self.image_ssl == "mae" and not (self.patch_dropout or 0) > 0:
+            raise ValueError("--image-ssl mae needs --patch-dropout (e.g. 0.5): the dropped patches are its targets")
         if self.mlm_weight <= 0 and (self.mlm_condition != "none" or self.mlm_target != "any"):
             raise ValueError("--mlm-condition and --mlm-target need the MLM loss (--mlm-weight > 0)")
         if self.eval_every and not self.eval_sets:

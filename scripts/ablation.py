@@ -30,6 +30,10 @@ VARIANTS: dict[str, list[str]] = {
     "+ mlm content": ["--mlm-target", "content"],
     "+ mlm image": ["--mlm-condition", "image"],
     "+ mlm image content": ["--mlm-condition", "image", "--mlm-target", "content"],
+    "contrastive + simclr": ["--mlm-weight", "0", "--image-ssl", "simclr", "--image-ssl-weight", "0.5"],
+    # ViT towers only: MAE reconstructs the patches FLIP's patch dropout hid from the same pass
+    "contrastive + flip": ["--mlm-weight", "0", "--patch-dropout", "0.5"],
+    "contrastive + flip + mae": ["--mlm-weight", "0", "--patch-dropout", "0.5", "--image-ssl", "mae"],
     "+ mlm + simclr": ["--image-ssl", "simclr", "--image-ssl-weight", "0.5"],
     "+ mlm + queue": ["--queue-size", "1024", "--momentum", "0.99"],
     "contrastive + queue": ["--mlm-weight", "0", "--queue-size", "1024", "--momentum", "0.99"],
