@@ -11,9 +11,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from clipalign.formats.images import DEFAULT_MAX_PIXELS
 from clipalign.formats.skips import BAD_ROW, EMPTY_CAPTION, MISSING_IMAGE, UNDECODABLE_IMAGE
 from data_prep.evalsets import write_classification_set, write_retrieval_set
-from data_prep.images import UndecodableImage, process_image
+from data_prep.images import RejectedImage, UndecodableImage, process_image
 from data_prep.labelled import open_labelled
 from data_prep.manifest import open_records
 
@@ -23,10 +24,13 @@ def _encoded_images(items: Iterable[tuple[Path, object]], skipped: Counter, *, i
     for path, payload in items:
         try:
             data = Path(path).read_bytes()
-            encoded = process_image(data, size=image_size, resize_mode=resize_mode, fmt=image_format, quality=quality)
+            encoded = process_image(data, size=image_size, resize_mode=resize_mode, fmt=image_format, quality=quality,
+                                    max_pixels=DEFAULT_MAX_PIXELS)
             yield encoded.data, payload
         except FileNotFoundError:
             skipped[MISSING_IMAGE] += 1
+        except RejectedImage as err:  # too many pixels to decode: skipped like prep's training images
+            skipped[err.reason] += 1
         except (OSError, UndecodableImage):
             skipped[UNDECODABLE_IMAGE] += 1
 

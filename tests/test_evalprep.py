@@ -139,3 +139,14 @@ def test_blank_class_name_line_and_duplicate_set_names(folder, tmp_path, capsys)
     assert main(["eval", "--checkpoint", str(tmp_path / "m.pt"), "--data", str(out), str(other), "--json",
                  "--no-progress"]) == 0
     assert set(json.loads(capsys.readouterr().out)["results"]) == {"a/val", "b/val"}
+
+
+def test_an_image_over_the_pixel_limit_is_skipped_in_an_eval_set(folder, tmp_path, capsys):
+    from clipalign.formats.images import DEFAULT_MAX_PIXELS
+
+    side = int(DEFAULT_MAX_PIXELS ** 0.5) + 100  # a few hundred KB of PNG, 90 Mpx once decoded
+    Image.new("L", (side, side)).save(folder / "dog" / "huge.png")
+    out = tmp_path / "wds_pets"
+    assert main(["prep", str(folder), "--out", str(out), "--eval-set", "classification", "--image-size", "32"]) == 0
+    assert "image_too_large: 1" in capsys.readouterr().out
+    assert load_eval_set(out).classnames == ["cat", "dog"]
