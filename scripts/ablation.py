@@ -47,6 +47,8 @@ SHOWN = {"zeroshot_classification": ("acc1",),
 
 def _run(name: str, seed: int, args: argparse.Namespace) -> dict:
     run = Path(args.out) / f"{name.replace(' ', '').replace('+', '_')}_s{seed}"
+    if (run / "result.json").is_file():  # a re-run of the ablation keeps the runs it finished
+        return json.loads((run / "result.json").read_text())
     train = [sys.executable, "-m", "clipalign", "train", "--data", args.data, "--out", str(run), "--model", args.model,
              "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--warmup", "30",
              "--seed", str(seed), "--workers", str(args.workers), "--precision", args.precision, "--no-progress",

@@ -11,7 +11,8 @@ so data-loader waits count; both trainers log every step). Rows:
 - open_clip_train (installed open_clip_torch, through ``scripts/run_open_clip_train.py``) in
   fp32 and ``amp_bf16``, and ``amp_bf16`` with the math attention kernels;
 - clipalign in fp32 and bf16 with MLM off (the like-for-like rows), then the cost of each
-  objective: MLM on, MLM on a fraction of the batch, SimCLR, the MoCo queue.
+  objective: MLM on, MLM on a fraction of the batch, image-conditioned MLM, patch dropout with
+  and without MAE on the dropped patches, SimCLR, the MoCo queue.
 
 Model FLOPs utilisation: FLOPs of one training step counted by
 ``torch.utils.flop_counter.FlopCounterMode`` on a batch of these shards (open_clip's row:
@@ -59,6 +60,10 @@ ROWS = [
     Row("clipalign bf16, MLM off", "clipalign", "bf16", ["--mlm-weight", "0"]),
     Row("clipalign bf16, MLM on (default)", "clipalign", "bf16", []),
     Row("clipalign bf16, MLM on half the batch", "clipalign", "bf16", ["--mlm-fraction", "0.5"]),
+    Row("clipalign bf16, MLM on, image-conditioned", "clipalign", "bf16", ["--mlm-condition", "image"]),
+    Row("clipalign bf16, MLM off, patch dropout 0.5", "clipalign", "bf16", ["--mlm-weight", "0", "--patch-dropout", "0.5"]),
+    Row("clipalign bf16, MLM off, patch dropout 0.5 + MAE", "clipalign", "bf16",
+        ["--mlm-weight", "0", "--patch-dropout", "0.5", "--image-ssl", "mae"]),
     Row("clipalign bf16, MLM off, SimCLR", "clipalign", "bf16", ["--mlm-weight", "0", "--image-ssl", "simclr"]),
     Row("clipalign bf16, MLM off, MoCo queue 4096", "clipalign", "bf16", ["--mlm-weight", "0", "--queue-size", "4096"]),
 ]
