@@ -49,7 +49,8 @@ def class_embeddings(
 
 
 def expand_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given, and the image files found (recursively, sorted) in folders."""
+    """Files as given, and the image files found (recursively, sorted) in folders. A given path that
+    is not a regular file (a FIFO, a device) is kept: reading it counts it as ``not_a_file``."""
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():

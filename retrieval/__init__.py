@@ -5,10 +5,12 @@ owns what an embeddings and an index folder hold), never ``data_prep`` or the CL
 
 * ``sources``  -- where images come from: shards (with member offsets) or an image folder, as units.
 * ``embed``    -- units → resumable chunked embedding files (the embeddings folder).
-* ``identity`` -- a model's identity (name + weights hash), checked between embeddings, index and queries.
+* ``identity`` -- a model's identity (name + weights hash), checked between embeddings, index and queries,
+  and a file's (size + sha256), checked between an index's info and its files.
 * ``choose``, ``tune`` -- the automatic index choice and the search-parameter tuning.
 * ``index``    -- FAISS indexes + metadata on disk, loaded memory-mapped.
 * ``build``    -- whole index folders: from embeddings, in one step from shards, or appended to.
+* ``atomic_folder`` -- a folder written in a temporary sibling and swapped into place whole.
 * ``query_encoder`` -- the traced text tower that answers text queries without open_clip.
 * ``engine``   -- a query engine over an index folder; ``server``, ``page``, ``html``, ``thumbs``: the web side.
 """

@@ -3,7 +3,9 @@ appended to.
 
 Each function here writes the whole index folder (``clipalign.formats.folders.IndexFolder``):
 the FAISS files, the metadata, the model copy, the fast text-query path and, last and once,
-the folder's info. A folder without its info is not an index.
+the folder's info. A folder without its info is not an index. Every write goes into a
+temporary sibling swapped into place whole (``retrieval.atomic_folder``): a killed build or
+add leaves the previous complete index.
 """
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ from typing import Any, Callable
 
 from clipalign.formats.atomic import replace_file
 from clipalign.formats.folders import EmbeddingsFolder, IndexFolder
+from retrieval.atomic_folder import replaced_folder
 from retrieval.embed import embed_folder, load_embeddings, summary
+from retrieval.identity import ModelMismatch
 from retrieval.index import SearchIndex, add_to_index, build_indexes, load_index, write_index
 from retrieval.query_encoder import export_text_query_of
 
@@ -35,7 +39,8 @@ def build_index_folder(embeddings: str | os.PathLike, out: str | os.PathLike, *,
 
     Raises:
         FileNotFoundError: not an embeddings folder, or it has no model copy.
-        ValueError: unfinished embeddings, fewer than 2 vectors, or no index within the budget.
+        ValueError: unfinished embeddings, fewer than 2 vectors, no index within the budget, or
+            ``out`` is a folder of something else.
     """
     source = EmbeddingsFolder(embeddings)
     vectors, rows, emb_info = load_embeddings(source.root)
@@ -43,24 +48,32 @@ def build_index_folder(embeddings: str | os.PathLike, out: str | os.PathLike, *,
         raise ValueError(f"{source.root} holds {len(rows)} vectors; an index needs at least 2")
     indexes, stats = build_indexes(vectors, len(rows), kind=kind, max_memory=max_memory,
                                    target_recall=target_recall, seed=seed)
-    folder = IndexFolder(out)
-    # queries are embedded with the vectors' own model
-    replace_file(folder.model, lambda tmp: shutil.copyfile(source.model, tmp))
-    fast = export_text_query_of(folder.model, folder.root)
-    info: dict[str, Any] = {"model": emb_info["model"]["name"], "model_identity": emb_info["model"],
-                            "embeddings": str(source.root.resolve()) if record_embeddings else None,
-                            "skipped": summary(source.root)["skipped"]}
-    if fast:
-        info["text_query"] = fast
-    index = write_index(folder.root, indexes, stats, rows, info)
-    return index, len(rows)
+    with replaced_folder(out, IndexFolder(out).info.name) as tmp:
+        folder = IndexFolder(tmp)
+        # queries are embedded with the vectors' own model
+        replace_file(folder.model, lambda t: shutil.copyfile(source.model, t))
+        fast, identity = export_text_query_of(folder.model, folder.root)
+        named = emb_info["model"]
+        if any(identity[f] != named.get(f) for f in ("name", "weights_sha256")):  # the weights, not their label
+            raise ModelMismatch(f"{source.model} holds model {identity['name']!r} "
+                                f"(weights {identity['weights_sha256']}), not the {named.get('name')!r} (weights {named.get('weights_sha256')}) that "
+                                f"{source.info} names")
+        # "embeddings" records where the vectors came from; no query ever opens it
+        info: dict[str, Any] = {"model": emb_info["model"]["name"], "model_identity": emb_info["model"],
+                                "embeddings": str(source.root.resolve()) if record_embeddings else None,
+                                "skipped": summary(source.root)["skipped"]}
+        if fast:
+            info["text_query"] = fast
+        write_index(folder.root, indexes, stats, rows, info)
+    return load_index(out), len(rows)
 
 
-def add_to_index_folder(embeddings: str | os.PathLike, out: str | os.PathLike) -> tuple[SearchIndex, int]:
+def add_to_index_folder(embeddings: str | os.PathLike, out: str | os.PathLike) -> tuple[SearchIndex, int, int]:
     """Append a complete embeddings folder to the index folder ``out``, made with the same model.
+    Rows whose key ``out`` already holds are skipped: adding twice adds once.
 
     Returns:
-        ``(the grown index, the number of vectors added)``.
+        ``(the grown index, the number of vectors added, the number skipped as already indexed)``.
 
     Raises:
         FileNotFoundError: ``out`` or ``embeddings`` is not such a folder.
@@ -70,13 +83,13 @@ def add_to_index_folder(embeddings: str | os.PathLike, out: str | os.PathLike) -
     vectors, rows, emb_info = load_embeddings(embeddings)
     old = load_index(out, mmap=True)
     old.check_model(emb_info["model"], emb_info["dim"])
-    index = add_to_index(out, {t: vectors[t] for t in old.indexes if t in vectors}, rows)
-    return index, len(rows)
+    index, skipped = add_to_index(out, {t: vectors[t] for t in old.indexes if t in vectors}, rows)
+    return index, len(rows) - skipped, skipped
 
 
 def index_images(checkpoint: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
                  add: bool = False, batch_size: int = 256, precision: str = "fp32",
-                 progress: Callable[..., Any] | None = None, **index_options: Any) -> tuple[SearchIndex, int]:
+                 progress: Callable[..., Any] | None = None, **index_options: Any) -> tuple[SearchIndex, int, int]:
     """Embed the images (and captions) at ``data`` with ``checkpoint`` into a temporary
     embeddings folder (float32), then build the index folder ``out`` from it, or with ``add``
     append to it.
@@ -87,7 +100,8 @@ def index_images(checkpoint: str | os.PathLike, data: str | os.PathLike, out: st
             ``build_index_folder`` (unused with ``add``).
 
     Returns:
-        ``(the index, the number of vectors this call put in)``.
+        ``(the index, the number of vectors this call put in, the number skipped as already
+        indexed)`` (none skipped without ``add``).
 
     Raises:
         FileNotFoundError, KeyError, ValueError: as ``embed_folder`` and ``build_index_folder``
@@ -100,4 +114,4 @@ def index_images(checkpoint: str | os.PathLike, data: str | os.PathLike, out: st
             raise ValueError(f"no decodable images in {data}")
         if add:
             return add_to_index_folder(Path(tmp), out)
-        return build_index_folder(Path(tmp), out, record_embeddings=False, **index_options)
+        return (*build_index_folder(Path(tmp), out, record_embeddings=False, **index_options), 0)

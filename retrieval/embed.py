@@ -6,7 +6,8 @@ the vectors (queries need them) and, per unit: the (n, D) L2-normalised image ve
 caption vectors (when captions are embedded), n metadata rows (key, caption, source, shard,
 offset, size) and a ``done`` record written last (the unit is complete: count, skipped).
 
-A killed run resumes at the first unit without its ``done`` record.
+A killed run resumes at the first unit without its ``done`` record. Captions are cut to
+``caption_char_limit`` before they are tokenised or stored.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 from clipalign.embedding import image_features, text_features
 from clipalign.formats.atomic import replace_file, write_json
 from clipalign.formats.folders import EmbeddingsFolder
+from clipalign.formats.sample import caption_char_limit, cut_caption
 from clipalign.formats.skips import SkipCounter
 from clipalign.model import ClipAlign
 from retrieval.sources import Unit, folder_units, shard_units, unit_items
@@ -69,9 +71,14 @@ def _save_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
 def embed_unit(model: ClipAlign, transform: Callable, tokenizer: Callable, unit: Unit, *, captions: bool,
                batch_size: int, precision: str, on_batch: Callable[[int], None] | None = None
                ) -> tuple[np.ndarray, np.ndarray | None, list[dict[str, Any]], dict[str, int]]:
-    """Embed one unit. Returns ``(image (n, D), caption (n, D) or None, rows, skipped counts)``, float32."""
+    """Embed one unit. Returns ``(image (n, D), caption (n, D) or None, rows, skipped counts)``, float32.
+
+    Each row's caption is cut to ``caption_char_limit`` (what is embedded is what is stored).
+    """
     counter = SkipCounter()
-    items = ((item.image, item.row) for item in unit_items(unit, counter))
+    limit = caption_char_limit(int(getattr(tokenizer, "context_length", 77)))
+    items = ((item.image, item.row | {"caption": cut_caption(item.row["caption"], limit)})
+             for item in unit_items(unit, counter))
     feats, rows = image_features(model, transform, items, batch_size=batch_size, precision=precision,
                                  on_batch=on_batch)
     image = feats.numpy()
@@ -138,7 +145,7 @@ def embed_folder(checkpoint: str | os.PathLike, data: str | os.PathLike, out: st
 
     units = resolve_units(data, per_chunk)
     model, transform, tokenizer, meta = load_model(checkpoint)
-    identity = meta.get("model_identity") or model_identity(meta["model_name"], model.state_dict())
+    identity = model_identity(meta["model_name"], model.state_dict())  # the weights', not what the file claims
     bar = progress(desc="embedding", unit="img") if progress else None
     try:
         totals = embed_collection(model, transform, tokenizer, units, out, identity=identity, captions=captions,

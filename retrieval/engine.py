@@ -1,23 +1,120 @@
 """A loaded index plus what embeds its queries: text or image in, ranked hits out.
 
-Shared by ``clipalign search`` and ``clipalign serve``. Text queries use the index's traced
-text tower when it has one (``retrieval.query_encoder``); the full model is built only for
-image queries, or when no fast path exists. Model calls run under a lock, so one engine may
-serve many threads.
+Shared by ``clipalign search`` and ``clipalign serve``, and the one place their bounds live:
+``k``, the length of a text query, the pixels of a query image and how many images decode
+at once. Text queries use the index's traced text tower when it has one
+(``retrieval.query_encoder``); the full model is built only for image queries, or when no
+fast path exists. Either way the model is checked against the index's model identity. Model
+calls run under a lock, so one engine may serve many threads, and the texts of concurrent
+queries are encoded together (``Batcher``).
 """
 from __future__ import annotations
 
-import io
+import contextlib
 import os
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from clipalign.formats.folders import IndexFolder
-from retrieval.index import SearchIndex, load_index
+from clipalign.formats.images import DEFAULT_MAX_PIXELS, decode_image, read_image
+from retrieval.identity import check_digest
+from retrieval.index import FILES, SearchIndex, load_index
 
 OVER = {"images": "image", "captions": "caption"}
+MAX_K = 100  # hits a query may ask for
+MAX_TEXT = 1000  # characters of a text query
+MAX_DECODES = 2  # images decoded at once (one a core here): each may take ~3 bytes a pixel
+DECODE_WAIT_S = 2.0  # how long a query image waits for a decode slot before it is turned away
+TEXT_BATCH = 256  # texts of one caller (a queries file) embedded and searched together
+TEXT_BATCH_MAX = 64  # texts of concurrent callers encoded in one call
+
+
+class Busy(RuntimeError):
+    """Every decode slot stayed taken for the whole wait (a server answers 503)."""
+
+
+class _Slot:
+    def __init__(self, texts: list[str]):
+        self.texts, self.done = texts, False
+        self.result: np.ndarray | None = None
+        self.error: BaseException | None = None
+
+
+class Batcher:
+    """``texts -> (Q, D)`` through ``encode``, with the texts of concurrent callers encoded together.
+
+    No thread of its own: the first caller encodes at once; callers that arrive meanwhile wait,
+    and when it is done one of them encodes everything that is waiting (up to ``max_batch``
+    texts) in one call. A lone query waits for nothing; under load one forward pass serves many
+    (16 queries cost ~4 times one, not 16 times), and the model lock changes hands once per
+    batch instead of once per query.
+    """
+
+    def __init__(self, encode: Callable[[list[str]], np.ndarray], max_batch: int = 64):
+        self._encode, self.max_batch = encode, max_batch
+        self._cv = threading.Condition(threading.Lock())
+        self._pending: list[_Slot] = []
+        self._busy = False
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        slot = _Slot(texts)
+        with self._cv:
+            self._pending.append(slot)
+            while not slot.done:
+                if self._busy:
+                    self._cv.wait()
+                    continue
+                batch, n = [], 0
+                while self._pending and (not batch or n + len(self._pending[0].texts) <= self.max_batch):
+                    n += len(self._pending[0].texts)
+                    batch.append(self._pending.pop(0))
+                self._busy = True
+                self._cv.release()
+                try:
+                    self._run(batch)
+                finally:
+                    self._cv.acquire()
+                    self._busy = False
+                    self._cv.notify_all()
+        if slot.error is not None:
+            raise slot.error
+        return slot.result
+
+    def _run(self, batch: list[_Slot]) -> None:
+        try:
+            feats = self._encode([t for s in batch for t in s.texts])
+            start = 0
+            for s in batch:
+                s.result, start = feats[start:start + len(s.texts)], start + len(s.texts)
+        except Exception as exn:
+            if len(batch) == 1:
+                batch[0].error = exn
+            else:  # one caller's texts must not fail the others': each alone
+                for s in batch:
+                    self._run([s])
+        finally:
+            for s in batch:
+                if s.result is None and s.error is None:  # the encoder was interrupted (KeyboardInterrupt)
+                    s.error = RuntimeError("the query batch was interrupted")
+                s.done = True
+
+
+def check_k(k: int) -> int:
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"k must be between 1 and {MAX_K}")
+    return k
+
+
+def check_texts(texts: list[str]) -> list[str]:
+    """The queries, stripped; ``ValueError`` for an empty one or one over ``MAX_TEXT`` characters."""
+    stripped = [t.strip() for t in texts]
+    if not stripped or not all(stripped):
+        raise ValueError("give a non-empty text query")
+    if any(len(t) > MAX_TEXT for t in stripped):
+        raise ValueError(f"text queries are limited to {MAX_TEXT} characters")
+    return stripped
 
 
 class QueryEngine:
@@ -28,14 +125,35 @@ class QueryEngine:
         load_model: builds ``(model, transform, tokenizer)`` and checks it against the index
             (called at most once, on first need).
         text_query: optional fast ``texts -> (Q, D)`` encoder made from the index's own model.
+        max_decodes: query images decoded at once; ``max_pixels``: the largest one decoded.
+        text_batch: the most texts of concurrent queries encoded in one call (1: each alone).
     """
 
     def __init__(self, index: SearchIndex, load_model: Callable[[], tuple[Any, Callable, Callable]],
-                 text_query: Callable[[list[str]], np.ndarray] | None = None):
+                 text_query: Callable[[list[str]], np.ndarray] | None = None, *,
+                 max_decodes: int = MAX_DECODES, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 decode_wait_s: float = DECODE_WAIT_S, text_batch: int = TEXT_BATCH_MAX):
         self.index = index
         self._load_model, self._text_query = load_model, text_query
         self._full: tuple[Any, Callable, Callable] | None = None
         self._lock = threading.Lock()
+        self._texts = Batcher(self._embed_texts, text_batch)
+        self._decodes = threading.BoundedSemaphore(max_decodes)
+        self.max_pixels, self.decode_wait_s = max_pixels, decode_wait_s
+
+    @contextlib.contextmanager
+    def decode_slot(self, wait_s: float | None = None) -> Iterator[None]:
+        """Hold one of the ``max_decodes`` slots while an image is decoded and embedded.
+
+        Raises:
+            Busy: no slot came free within ``wait_s`` (default ``decode_wait_s``) seconds.
+        """
+        if not self._decodes.acquire(timeout=self.decode_wait_s if wait_s is None else wait_s):
+            raise Busy("too many images are being decoded at once; try again shortly")
+        try:
+            yield
+        finally:
+            self._decodes.release()
 
     def full_model(self) -> tuple[Any, Callable, Callable]:
         """``(model, transform, tokenizer)``, built on first use."""
@@ -45,7 +163,10 @@ class QueryEngine:
             return self._full
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
-        """(Q, D) normalised features of ``texts``."""
+        """(Q, D) normalised features of ``texts``, encoded together with concurrent callers' (``Batcher``)."""
+        return self._texts(texts)
+
+    def _embed_texts(self, texts: list[str]) -> np.ndarray:
         if self._text_query is not None:
             with self._lock:
                 feats = self._text_query(texts)
@@ -67,33 +188,73 @@ class QueryEngine:
             return model.encode_image(batch, normalize=True).float().numpy()
 
     def search_texts(self, texts: list[str], k: int, over: str = "images") -> list[list[dict[str, Any]]]:
-        return self.index.search(self.embed_texts(texts), k, target=OVER[over])
+        """Hits of each text, ``TEXT_BATCH`` texts at a time; ``ValueError`` for a bad query or ``k``."""
+        texts, k = check_texts(texts), check_k(k)
+        return [hits for start in range(0, len(texts), TEXT_BATCH)
+                for hits in self.index.search(self.embed_texts(texts[start:start + TEXT_BATCH]), k, target=OVER[over])]
 
     def search_images(self, images: list[Any], k: int, over: str = "images") -> list[list[dict[str, Any]]]:
+        k = check_k(k)
         return self.index.search(self.embed_images(images), k, target=OVER[over])
 
     def search_image_bytes(self, data: bytes, k: int, over: str = "images") -> list[list[dict[str, Any]]]:
-        """Like ``search_images`` for one encoded image; raises ``ValueError`` if it cannot be decoded."""
-        from PIL import Image
+        """Like ``search_images`` for one encoded image, its size checked before it is decoded.
 
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                image = img.convert("RGB")
-        except Exception as exn:  # PIL raises many types for bad bytes
-            raise ValueError(f"cannot decode the image ({type(exn).__name__})") from None
-        return self.search_images([image], k, over)
+        Raises:
+            ValueError: a bad ``k``; ``BadSample`` (a ValueError) when the image is undecodable
+                or has more than ``max_pixels`` pixels.
+            Busy: every decode slot stayed taken.
+        """
+        check_k(k)
+        with self.decode_slot():
+            image = decode_image(data, "the query image", max_pixels=self.max_pixels)
+            return self.search_images([image], k, over)
+
+    def search_image_file(self, path: str | os.PathLike, k: int, over: str = "images") -> list[list[dict[str, Any]]]:
+        """``search_image_bytes`` for an image file; ``BadSample`` (a ValueError) also when
+        ``path`` is missing or not a regular file."""
+        check_k(k)
+        with self.decode_slot():
+            image = read_image(path, max_pixels=self.max_pixels)
+            return self.search_images([image], k, over)
+
+
+def _fast_text_query(index: SearchIndex, layout: IndexFolder) -> Callable[[list[str]], np.ndarray] | None:
+    """The folder's traced text tower, once it is shown to be the file the info records, traced
+    from the index's own model; None where the folder has none, or an older folder does not
+    record it (text queries then take the full model, checked like image queries).
+
+    Raises:
+        ValueError: the file is not the one recorded; ``ModelMismatch``: it was traced from another model.
+    """
+    from retrieval.query_encoder import load_text_query
+
+    fast = index.info.get("text_query")
+    recorded = index.info.get(FILES, {}).get(layout.text_query.name)
+    if not fast or recorded is None or not fast.get("model_identity") or not layout.text_query.is_file():
+        return None
+    index.check_model(fast["model_identity"], index.dim)
+    data = layout.text_query.read_bytes()
+    check_digest(layout.text_query, recorded, layout.info.name, data=data)
+    try:
+        return load_text_query(layout.root, fast, data)
+    except Exception:  # a tower this torch cannot load: fall back to the full model
+        return None
 
 
 def open_engine(folder: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
-                mmap: bool | None = None, eager: bool = False) -> QueryEngine:
+                mmap: bool | None = None, eager: bool = False, **limits: Any) -> QueryEngine:
     """Load an index folder and what embeds its queries, refusing a model that does not match.
 
     Args:
-        checkpoint: query with this model instead of the index's own (always built, and checked).
+        checkpoint: query with this model instead of the index's own (always built, and checked):
+            the one way to query with weights from outside the folder.
         eager: build the full model now (a server wants its errors and its cost at start-up).
+        limits: ``max_decodes``, ``max_pixels``, ``decode_wait_s``, ``text_batch`` of the ``QueryEngine``.
 
     Raises:
-        FileNotFoundError, ValueError: unreadable folder; ``ModelMismatch`` for a foreign model.
+        FileNotFoundError, ValueError: unreadable folder, or files other than the info records;
+            ``ModelMismatch`` for a foreign model.
     """
     index = load_index(folder, mmap=mmap)
     layout = IndexFolder(folder)
@@ -102,22 +263,15 @@ def open_engine(folder: str | os.PathLike, checkpoint: str | os.PathLike | None 
         from clipalign.checkpoint import load_model
         from retrieval.identity import model_identity
 
-        # the folder's own copy (older folders also named it in their info, always as this same file)
+        if checkpoint is None and layout.model.is_file():  # the folder's own copy, the file its info records
+            check_digest(layout.model, index.info.get(FILES, {}).get(layout.model.name), layout.info.name)
         model, transform, tokenizer, meta = load_model(checkpoint or layout.model)
-        identity = meta.get("model_identity") or model_identity(meta["model_name"], model.state_dict())
-        index.check_model(identity, int(model.clip.visual.output_dim))
+        # from the weights themselves, never from what the file says of them
+        index.check_model(model_identity(meta["model_name"], model.state_dict()), int(model.clip.visual.output_dim))
         return model, transform, tokenizer
 
-    text_query = None
-    fast = index.info.get("text_query")
-    if checkpoint is None and fast and layout.text_query.is_file():
-        from retrieval.query_encoder import load_text_query
-
-        try:
-            text_query = load_text_query(layout.root, fast)
-        except Exception:  # a stale or unloadable file: fall back to the full model
-            text_query = None
-    engine = QueryEngine(index, build, text_query)
+    text_query = _fast_text_query(index, layout) if checkpoint is None else None
+    engine = QueryEngine(index, build, text_query, **limits)
     if eager or checkpoint is not None or text_query is None:
         engine.full_model()
     return engine

@@ -1,7 +1,10 @@
-"""Model identity: the name and a hash of the weights, so an index is only queried by its own model."""
+"""Identities: a model's (its name and a hash of its weights), so an index is only queried by its own
+model, and a file's (its size and sha256), so an index folder's files are the ones its info records."""
 from __future__ import annotations
 
 import hashlib
+import io
+import os
 from typing import Any, Mapping
 
 
@@ -35,3 +38,46 @@ def check_model(expected: Mapping[str, Any], got: Mapping[str, Any], expected_di
             raise ModelMismatch(f"the index was built with model {expected.get('name')!r} (weights {expected.get('weights_sha256')}), "
                                 f"the query model is {got.get('name')!r} (weights {got.get('weights_sha256')}): "
                                 "search with the model the index was built with")
+
+
+# Files above this are hashed by their size and their two ends only: hashing all of a
+# multi-GB index at every load would cost seconds. A file swapped for another index's, or
+# rebuilt, differs in its size or its ends (the FAISS header, trained quantizers and first
+# codes at the front, the last codes and ids at the back) unless crafted to match them.
+HASH_WHOLE_BELOW = 256 << 20
+HASH_ENDS = 16 << 20
+WHOLE, ENDS = "all", "size and first and last 16 MiB"  # the two ways, as records name them
+
+
+def file_digest(path: str | os.PathLike | None = None, whole: bool | None = None, data: bytes | None = None
+                ) -> dict[str, Any]:
+    """``{"size", "sha256", "hashed"}`` of a file (or of its bytes ``data``, already read):
+    sha256 of all of it or (``whole=False``, and by default past ``HASH_WHOLE_BELOW`` bytes) of
+    its size and its first and last ``HASH_ENDS`` bytes."""
+    with (io.BytesIO(data) if data is not None else open(path, "rb")) as f:
+        size = f.seek(0, io.SEEK_END)
+        f.seek(0)
+        whole = size <= HASH_WHOLE_BELOW if whole is None else whole
+        h = hashlib.sha256()
+        if whole:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        else:
+            h.update(str(size).encode())
+            h.update(f.read(HASH_ENDS))
+            f.seek(max(0, size - HASH_ENDS))
+            h.update(f.read(HASH_ENDS))
+    return {"size": size, "sha256": h.hexdigest(), "hashed": WHOLE if whole else ENDS}
+
+
+def check_digest(path: str | os.PathLike, recorded: Mapping[str, Any] | None, record_name: str,
+                 shown: str | os.PathLike | None = None, data: bytes | None = None) -> None:
+    """Raise ``ValueError`` unless the file ``path`` (or its bytes ``data``, already read; named
+    ``shown`` in the message) is the one ``recorded`` describes; no record (folders written before
+    records were kept) passes."""
+    if recorded is None:
+        return
+    got = file_digest(path, recorded.get("hashed") != ENDS, data)
+    if (got["size"], got["sha256"]) != (recorded.get("size"), recorded.get("sha256")):
+        raise ValueError(f"{shown or path} is not the file {record_name} records (its size or sha256 differs): "
+                         "the folder was changed after it was written; rebuild it with 'clipalign index'")

@@ -7,6 +7,10 @@ info (dim, count, model identity, per-target index type, search parameter, measu
 latency and memory), the weights queries are embedded with and, optionally, a traced text
 tower (see ``retrieval.query_encoder``). ``retrieval.build`` writes whole folders.
 Vectors are L2-normalised, so inner product is cosine similarity.
+
+Nothing in a folder is trusted on load: the info records each file's size and sha256
+(``retrieval.identity.file_digest``) and names no file but the folder's own; a folder is
+written whole in a temporary sibling and swapped into place (``retrieval.atomic_folder``).
 """
 from __future__ import annotations
 
@@ -22,12 +26,14 @@ import numpy as np
 
 from clipalign.formats.atomic import replace_file, write_json
 from clipalign.formats.folders import IndexFolder
+from retrieval.atomic_folder import pinned_folder, recover, replaced_folder, swapped
 from retrieval.choose import IndexSpec, choose_index
-from retrieval.identity import check_model
+from retrieval.identity import check_digest, check_model, file_digest
 from retrieval.tune import exact_neighbours, measure, set_params, tune, tune_refine
 
 MMAP_ABOVE = 256 << 20  # index files larger than this are memory-mapped on load
 OPQ_ROUNDS = 8
+FILES = "files"  # the info's record of each file it describes: {file name: file_digest}
 
 
 def build_faiss(vectors: np.ndarray, spec: IndexSpec, train_ids: np.ndarray) -> faiss.Index:
@@ -130,12 +136,19 @@ class SearchIndex:
 
         Args:
             queries: (Q, D) normalised query features from the index's model.
+            k: at most this many hits; more than the index holds is all of them (FAISS
+                would allocate (Q, k) results whatever the index's size).
             target: ``"image"`` or ``"caption"``.
         """
         if target not in self.indexes:
             raise KeyError(f"this index has no {target!r} vectors (has: {', '.join(self.indexes)})")
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"query dimension {queries.shape[-1]} does not match the index's {self.dim}")
+        if k < 1:
+            raise ValueError("k must be positive")
+        k = min(k, self.indexes[target].ntotal)
+        if k == 0:
+            return [[] for _ in range(len(queries))]
         scores, ids = self.indexes[target].search(np.ascontiguousarray(queries, dtype=np.float32), k)
         out = []
         for row_s, row_i in zip(scores, ids):
@@ -171,9 +184,11 @@ def build_indexes(vectors: dict[str, np.ndarray], n_rows: int, *, kind: str = "a
 
 
 def write_index(out: str | os.PathLike, indexes: dict[str, faiss.Index], stats: dict[str, Any],
-                metadata: list[dict[str, Any]], info: dict[str, Any]) -> SearchIndex:
-    """Write the indexes, their metadata and, last, the folder's info (``info`` plus what the
-    indexes measure: dim, count, targets, per-target stats)."""
+                metadata: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
+    """Write the indexes, their metadata and, last, the folder's info into ``out``, a folder
+    being written (see ``save_index``, ``retrieval.build``): ``info`` plus what the indexes
+    measure (dim, count, targets, per-target stats) and the record of every file (a model
+    copy and text tower already there included). Returns that info."""
     folder = IndexFolder(out)
     folder.root.mkdir(parents=True, exist_ok=True)
     for name, index in indexes.items():
@@ -182,18 +197,30 @@ def write_index(out: str | os.PathLike, indexes: dict[str, faiss.Index], stats: 
     first = next(iter(indexes.values()))
     info = {**info, "dim": first.d, "count": len(metadata), "metric": "inner_product", "targets": list(indexes),
             "indexes": stats, "index_type": stats["image" if "image" in stats else next(iter(stats))]["index_type"]}
+    return _write_info(folder, info)
+
+
+def _write_info(folder: IndexFolder, info: dict[str, Any]) -> dict[str, Any]:
+    files = [folder.faiss(t) for t in info["targets"]] + [folder.metadata, folder.model, folder.text_query]
+    info = {**info, FILES: {f.name: file_digest(f) for f in files if f.is_file()}}
     write_json(folder.info, info)
-    return load_index(out, mmap=False)
+    return info
 
 
 def save_index(out: str | os.PathLike, vectors: dict[str, np.ndarray], metadata: list[dict[str, Any]],
                info: dict[str, Any], *, kind: str = "auto", max_memory: int = 4 << 30,
                target_recall: float = 0.95, seed: int = 0) -> SearchIndex:
-    """Build an index per target over its (N, D) vectors and write the folder (``build_indexes``,
-    then ``write_index``)."""
+    """Build an index per target over its (N, D) vectors and write the folder ``out`` whole
+    (``build_indexes``, then ``write_index`` into a sibling swapped into place).
+
+    Raises:
+        ValueError: as ``build_indexes``; ``out`` is a folder of something else.
+    """
     indexes, stats = build_indexes(vectors, len(metadata), kind=kind, max_memory=max_memory,
                                    target_recall=target_recall, seed=seed)
-    return write_index(out, indexes, stats, metadata, info)
+    with replaced_folder(out, IndexFolder(out).info.name) as tmp:
+        write_index(tmp, indexes, stats, metadata, info)
+    return load_index(out, mmap=False)
 
 
 def _read_faiss(path: Path, mmap: bool | None) -> faiss.Index:
@@ -216,33 +243,93 @@ def _read_metadata(folder: IndexFolder) -> Any:
         return pa.Table.from_pylist([json.loads(line) for line in f])
 
 
+def _check_own_files(layout: IndexFolder, info: dict[str, Any]) -> None:
+    """Refuse an info that names a file to query with other than the folder's own: queries read
+    only the folder's files (a model from elsewhere is passed explicitly: ``--checkpoint``)."""
+    named = {"checkpoint": (info.get("checkpoint"), layout.model.name),  # older folders named their model copy
+             "text_query.file": ((info.get("text_query") or {}).get("file"), layout.text_query.name)}
+    for field, (value, own) in named.items():
+        if value is not None and value != own:
+            raise ValueError(f"{layout.info} names {value!r} as its {field}; an index folder is queried with its "
+                             f"own {own} only (give --checkpoint to query with another model)")
+
+
 def load_index(folder: str | os.PathLike, mmap: bool | None = None) -> SearchIndex:
     """Read an index folder, memory-mapping large index files (``mmap=None``) or as told.
 
+    Every file the info records must be the one recorded (``retrieval.identity.check_digest``).
+    The reads go through one pinned folder: a write swapped in meanwhile is never mixed in,
+    the new version is read afresh instead. A missing folder that a write killed mid-swap set
+    aside is put back first (``retrieval.atomic_folder.recover``).
+
     Raises:
         FileNotFoundError: not an index folder, naming what is missing.
-        ValueError: the files disagree with each other.
+        ValueError: the files disagree with each other or with the info's record of them.
     """
     layout = IndexFolder(folder)
     if not layout.info.is_file():
+        recover(layout.root)
+    for _ in range(2):  # a write swapped in while this read: read the new version
+        with pinned_folder(layout.root) as root:
+            try:
+                return _load_pinned(layout, IndexFolder(root), mmap)
+            except (OSError, ValueError):
+                if not swapped(root, layout.root):
+                    raise
+    with pinned_folder(layout.root) as root:
+        return _load_pinned(layout, IndexFolder(root), mmap)
+
+
+def _load_pinned(layout: IndexFolder, pinned: IndexFolder, mmap: bool | None) -> SearchIndex:
+    if not pinned.info.is_file():
         raise FileNotFoundError(f"not an index folder (no {layout.info})")
-    info = json.loads(layout.info.read_text())
+    try:
+        info = json.loads(pinned.info.read_text())
+        targets, dim = list(info["targets"]), int(info["dim"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{layout.info} is not an index's info ({type(err).__name__}: {err})") from None
+    _check_own_files(layout, info)
+    record = info.get(FILES, {})
     indexes = {}
-    for t in info["targets"]:
-        indexes[t] = _read_faiss(layout.faiss(t), mmap)
+    for t in targets:
+        if not isinstance(t, str) or os.path.basename(t) != t or t.startswith("."):
+            raise ValueError(f"{layout.info} names a target {t!r} that is not a file of the folder")
+        if not pinned.faiss(t).is_file():
+            raise FileNotFoundError(f"{layout.faiss(t)} is missing")
+        check_digest(pinned.faiss(t), record.get(pinned.faiss(t).name), layout.info.name, layout.faiss(t))
+        indexes[t] = _read_faiss(pinned.faiss(t), mmap)
         set_params(indexes[t], info.get("indexes", {}).get(t, {}).get("search_param", {}))
-    table = _read_metadata(layout)
+    if pinned.metadata.is_file():
+        check_digest(pinned.metadata, record.get(pinned.metadata.name), layout.info.name, layout.metadata)
+    elif not pinned.legacy_metadata.is_file():
+        raise FileNotFoundError(f"{layout.metadata} is missing")
+    table = _read_metadata(pinned)
     for name, index in indexes.items():
-        if index.ntotal != table.num_rows or index.d != info["dim"]:
+        if index.ntotal != table.num_rows or index.d != dim:
             raise ValueError(f"{layout.root}: {layout.faiss(name).name} does not match the metadata / {layout.info.name}")
     return SearchIndex(indexes, table, info, layout.root)
 
 
-def add_to_index(folder: str | os.PathLike, vectors: dict[str, np.ndarray], metadata: list[dict[str, Any]]) -> SearchIndex:
-    """Append vectors (one (M, D) array per target of the index) and their metadata rows.
+def sample_id(row: dict[str, Any]) -> tuple[str, str]:
+    """Which sample a metadata row describes: its key within its shard, or (a folder's image) its
+    file. A key alone repeats across collections: prep numbers each one's samples from 0, and a
+    folder's keys are paths relative to that folder."""
+    shard = row.get("shard") or ""
+    return (str(shard), str(row.get("key"))) if shard else ("", str(row.get("source") or row.get("key")))
+
+
+def add_to_index(folder: str | os.PathLike, vectors: dict[str, np.ndarray],
+                 metadata: list[dict[str, Any]]) -> tuple[SearchIndex, int]:
+    """Append vectors (one (M, D) array per target of the index) and their metadata rows,
+    skipping rows of samples the index already holds (``sample_id``): adding the same rows
+    twice (or again after a run killed past its commit) adds them once.
 
     The index keeps its trained quantizers and tuned parameter; its info records the
-    count the recall was measured at (``count_at_tuning``) beside the new ``count``.
+    count the recall was measured at (``count_at_tuning``) beside the new ``count``. The
+    grown folder is written beside the old one and swapped into place whole.
+
+    Returns:
+        ``(the grown index, the number of rows skipped as already indexed)``.
     """
     import pyarrow as pa
 
@@ -253,14 +340,23 @@ def add_to_index(folder: str | os.PathLike, vectors: dict[str, np.ndarray], meta
     for name, v in vectors.items():
         if v.shape != (m, index.dim):
             raise ValueError(f"new {name} vectors have shape {v.shape}, the index needs ({m}, {index.dim})")
-    layout = IndexFolder(folder)
-    for name, v in vectors.items():
-        index.indexes[name].add(np.ascontiguousarray(v, dtype=np.float32))
-        replace_file(layout.faiss(name), lambda tmp, ix=index.indexes[name]: faiss.write_index(ix, str(tmp)))
-    table = pa.concat_tables([index.table, pa.Table.from_pylist(metadata).cast(index.table.schema)])
-    _save_metadata(layout.metadata, table.to_pylist())
-    write_json(layout.info, {**index.info, "count": table.num_rows})
-    return load_index(folder, mmap=False)
+    columns = [c for c in ("key", "shard", "source") if c in index.table.column_names]
+    known = {sample_id(row) for row in index.table.select(columns).to_pylist()}
+    keep = [i for i, row in enumerate(metadata) if sample_id(row) not in known]
+    if not keep:
+        return index, m
+    with replaced_folder(folder, IndexFolder(folder).info.name, carry=True) as tmp:
+        layout = IndexFolder(tmp)
+        for name, v in vectors.items():
+            index.indexes[name].add(np.ascontiguousarray(v[keep], dtype=np.float32))
+            replace_file(layout.faiss(name), lambda t, ix=index.indexes[name]: faiss.write_index(ix, str(t)))
+        new = pa.Table.from_pylist([metadata[i] for i in keep]).cast(index.table.schema)
+        table = pa.concat_tables([index.table, new])
+        _save_metadata(layout.metadata, table.to_pylist())
+        layout.legacy_metadata.unlink(missing_ok=True)  # the Arrow table now holds every row
+        _write_info(layout, {**index.info, "count": table.num_rows})
+    return load_index(folder, mmap=False), m - len(keep)
 
 
-__all__ = ["SearchIndex", "add_to_index", "build_indexes", "build_target", "load_index", "save_index", "write_index"]
+__all__ = ["SearchIndex", "add_to_index", "build_indexes", "build_target", "load_index", "sample_id", "save_index",
+           "write_index"]

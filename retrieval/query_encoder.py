@@ -4,7 +4,9 @@ most of it torchvision importing ``torch._dynamo``).
 
 ``export_text_query`` writes it at index time only when the traced tower and the standalone
 tokenizer reproduce the model exactly on sample texts; otherwise (another tokenizer, a tower
-that does not trace) there is no file and queries take the full model path.
+that does not trace) there is no file and queries take the full model path. The folder's
+info records the identity of the model it was traced from and the file's sha256, both
+checked before it answers a query (``retrieval.engine``).
 """
 from __future__ import annotations
 
@@ -41,8 +43,12 @@ def _jit() -> Any:
     return torch.jit
 
 
-def export_text_query(model: Any, tokenizer: Callable, folder: str | os.PathLike) -> dict[str, Any] | None:
+def export_text_query(model: Any, tokenizer: Callable, folder: str | os.PathLike,
+                      identity: dict[str, str] | None = None) -> dict[str, Any] | None:
     """Trace ``model.encode_text(·, normalize=True)`` into the index folder ``folder``.
+
+    Args:
+        identity: the model's identity (``retrieval.identity.model_identity``), recorded with the tower.
 
     Returns:
         The ``text_query`` entry of the folder's info, or None (no fast path for this model).
@@ -77,21 +83,26 @@ def export_text_query(model: Any, tokenizer: Callable, folder: str | os.PathLike
             replace_file(path, lambda tmp: _jit().save(traced, str(tmp)))
     except Exception:  # any failure means: no fast path, never a wrong one
         return None
-    return {"file": path.name, "tokenizer": "SimpleTokenizer", "context_length": int(tokenizer.context_length)}
+    entry = {"file": path.name, "tokenizer": "SimpleTokenizer", "context_length": int(tokenizer.context_length)}
+    return entry | ({"model_identity": dict(identity)} if identity else {})
 
 
-def load_text_query(folder: str | os.PathLike, info: dict[str, Any]) -> Callable[[list[str]], np.ndarray]:
+def load_text_query(folder: str | os.PathLike, info: dict[str, Any], data: bytes | None = None
+                    ) -> Callable[[list[str]], np.ndarray]:
     """``texts -> (Q, D)`` normalised features from the files ``export_text_query`` wrote.
 
     ``info`` is the folder's ``text_query`` entry; the tower is read from the layout's own
-    file, never from a path the info names.
+    file (or from ``data``, its bytes already read and checked), never from a path the info names.
     """
+    import io
+
     import torch
 
-    tokenizer = _tokenizer_module().SimpleTokenizer(context_length=info["context_length"])
+    tokenizer = _tokenizer_module().SimpleTokenizer(context_length=int(info["context_length"]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tower = _jit().load(str(IndexFolder(folder).text_query), map_location="cpu")
+        source = io.BytesIO(data) if data is not None else str(IndexFolder(folder).text_query)
+        tower = _jit().load(source, map_location="cpu")
 
     def encode(texts: list[str]) -> np.ndarray:
         with torch.no_grad():
@@ -100,9 +111,16 @@ def load_text_query(folder: str | os.PathLike, info: dict[str, Any]) -> Callable
     return encode
 
 
-def export_text_query_of(checkpoint: str | os.PathLike, folder: str | os.PathLike) -> dict[str, Any] | None:
-    """``export_text_query`` for the model of ``checkpoint`` (an index folder's own model copy)."""
-    from clipalign.checkpoint import load_model
+def export_text_query_of(checkpoint: str | os.PathLike, folder: str | os.PathLike
+                         ) -> tuple[dict[str, Any] | None, dict[str, str]]:
+    """``export_text_query`` for the model of ``checkpoint`` (an index folder's own model copy).
 
-    model, _, tokenizer, _ = load_model(checkpoint)
-    return export_text_query(model, tokenizer, folder)
+    Returns:
+        ``(the text_query entry or None, the model's identity, computed from its weights)``.
+    """
+    from clipalign.checkpoint import load_model
+    from retrieval.identity import model_identity
+
+    model, _, tokenizer, meta = load_model(checkpoint)
+    identity = model_identity(meta["model_name"], model.state_dict())
+    return export_text_query(model, tokenizer, folder, identity), identity

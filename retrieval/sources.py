@@ -14,9 +14,11 @@ from typing import Any, Iterator
 
 from PIL import Image
 
-from clipalign.formats.images import decode_image, image_files, read_image
+from clipalign.formats.images import decode_image, image_files, is_regular_file, open_regular_file, read_image
 from clipalign.formats.sample import JSON, KEY, image_key, sample_text
 from clipalign.formats.skips import SkipCounter
+
+CAPTION_READ_LIMIT = 1 << 20  # bytes of a caption file beside an image that are read
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,13 @@ def folder_items(unit: Unit, counter: SkipCounter) -> Iterator[Item]:
             counter(exn)
             continue
         side = path.with_suffix(".txt")
-        caption = side.read_text(errors="replace").strip() if side.is_file() else ""
+        caption = ""
+        if is_regular_file(side):
+            try:
+                with open_regular_file(side) as f:  # a caption past this is cut anyway (retrieval.embed)
+                    caption = f.read(CAPTION_READ_LIMIT).decode("utf-8", errors="replace").strip()
+            except (OSError, ValueError):  # gone or swapped since the check: no caption
+                caption = ""
         yield Item(image, {"key": str(Path(rel).with_suffix("")), "caption": caption, "source": str(path),
                            "shard": "", "offset": -1, "size": path.stat().st_size})
 
@@ -119,12 +127,22 @@ def unit_items(unit: Unit, counter: SkipCounter) -> Iterator[Item]:
 
 
 def read_image_bytes(row: dict[str, Any], max_bytes: int = 32 << 20) -> bytes:
-    """The stored bytes of an indexed image, found from its metadata row only."""
+    """The stored bytes of an indexed image, found from its metadata row only.
+
+    Raises:
+        ValueError: the row says the image is over ``max_bytes``; ``BadSample`` (a ValueError)
+            when its shard or file is missing or not a regular file (a FIFO would block forever).
+        OSError: the file cannot be read.
+    """
     size = int(row["size"])
     if size > max_bytes:
         raise ValueError("image too large")
     if row.get("shard"):
-        with open(row["shard"], "rb") as f:
+        with open_regular_file(row["shard"]) as f:
             f.seek(int(row["offset"]))
             return f.read(size)
-    return Path(row["source"]).read_bytes()
+    with open_regular_file(row["source"]) as f:
+        data = f.read(max_bytes + 1)  # the file may have grown since it was indexed
+    if len(data) > max_bytes:
+        raise ValueError("image too large")
+    return data

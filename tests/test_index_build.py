@@ -64,6 +64,9 @@ def test_refine_knobs_are_stored_and_reapplied_on_load(tmp_path, vectors):
     stale = faiss.read_index(str(IndexFolder(folder).faiss("image")))  # a file whose own knobs are not the tuned ones
     faiss.ParameterSpace().set_index_parameters(stale, "nprobe=1,k_factor_rf=1")
     faiss.write_index(stale, str(IndexFolder(folder).faiss("image")))
+    info = json.loads(IndexFolder(folder).info.read_text())
+    del info["files"]  # as folders written before files were recorded: loaded unchecked
+    IndexFolder(folder).info.write_text(json.dumps(info))
     index = load_index(folder).indexes["image"]
     assert faiss.extract_index_ivf(index).nprobe == tuned["nprobe"]
     assert faiss.downcast_index(index).k_factor == tuned["k_factor_rf"]
@@ -118,8 +121,8 @@ def test_every_index_finds_the_exact_nearest_neighbour_mostly(built, vectors):
 def test_new_embeddings_are_added(tmp_path, vectors):
     folder = tmp_path / "idx"
     save_index(folder, {"image": vectors[:3000]}, _meta(3000), {"model": "toy"}, kind="ivf")
-    index = add_to_index(folder, {"image": vectors[3000:]}, _meta(1000, 3000))
-    assert index.info["count"] == N == index.indexes["image"].ntotal == index.table.num_rows
+    index, skipped = add_to_index(folder, {"image": vectors[3000:]}, _meta(1000, 3000))
+    assert skipped == 0 and index.info["count"] == N == index.indexes["image"].ntotal == index.table.num_rows
     assert index.info["indexes"]["image"]["count_at_tuning"] == 3000
     hit = load_index(folder).search(vectors[3500:3501], 1)[0][0]
     assert hit["id"] == 3500 and hit["key"] == "003500" and hit["score"] == pytest.approx(1.0, abs=1e-4)

@@ -1,5 +1,6 @@
 """embed → index → search through the CLI: queries files, HTML pages, one-step indexing, model checks."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -124,12 +125,41 @@ def test_without_the_fast_path_text_search_uses_the_full_model(index, tmp_path, 
 def test_the_index_folder_is_written_whole_with_its_info_written_once_and_last(index, tmp_path, monkeypatch):
     import os
 
-    written = []
-    real_replace = os.replace
-    monkeypatch.setattr(os, "replace", lambda src, dst: (written.append(os.path.basename(dst)), real_replace(src, dst)))
     out = IndexFolder(tmp_path / "idx")
     assert main(["index", "--embeddings", str(index.parent / "emb"), "--out", str(out.root), "--index", "flat"]) == 0
-    assert written.count(out.info.name) == 1 and written[-1] == out.info.name
-    assert {out.model.name, out.text_query.name, out.metadata.name, out.faiss("image").name} <= set(os.listdir(out.root))
+    old = json.loads(out.info.read_text())
+    written = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (written.append(Path(dst)), real_replace(src, dst)))
+    assert main(["index", "--embeddings", str(index.parent / "emb"), "--out", str(out.root), "--index", "flat"]) == 0
+    names = [p.name for p in written]
+    assert names.count(out.info.name) == 1 and names[-1] == out.info.name
+    assert all(p.parent != out.root for p in written)  # every file was written beside, in the new version
+    files = {out.model.name, out.text_query.name, out.metadata.name, out.faiss("image").name}
+    assert files <= set(os.listdir(out.root))
     info = json.loads(out.info.read_text())
-    assert info["text_query"]["file"] == out.text_query.name
+    same = {f: info["files"][f] for f in info["files"] if f != out.text_query.name}  # a trace is not byte-stable
+    assert info["text_query"]["file"] == out.text_query.name and same == {f: old["files"][f] for f in same}
+    assert set(info["files"]) == {out.model.name, out.text_query.name, out.metadata.name, out.faiss("image").name,
+                                  out.faiss("caption").name}
+    assert sorted(p.name for p in out.root.parent.iterdir()) == [out.root.name]
+
+
+def test_adding_the_same_embeddings_twice_adds_them_once(index, tmp_path, capsys):
+    import shutil
+
+    write_toy_shards(tmp_path / "b", n=12, per_shard=12, seed=1)
+    ckpt = str(IndexFolder(index).model)
+    assert main(["embed", "--checkpoint", ckpt, "--data", str(tmp_path / "b"), "--out", str(tmp_path / "emb"),
+                 "--no-progress"]) == 0
+    copy = shutil.copytree(index, tmp_path / "idx")
+    for _ in range(2):
+        assert main(["index", "--embeddings", str(tmp_path / "emb"), "--out", str(copy), "--add"]) == 0
+    err = capsys.readouterr().err
+    assert "added 12 vectors" in err and "added 0 vectors" in err and "skipped 12 already in the index" in err
+    grown = load_index(copy)
+    assert grown.info["count"] == grown.indexes["caption"].ntotal == grown.table.num_rows == 48 + 12
+    # the one-step form: embedding the same images again adds nothing either
+    assert main(["index", "--checkpoint", ckpt, "--data", str(tmp_path / "b"), "--out", str(copy), "--add",
+                 "--no-progress"]) == 0
+    assert "skipped 12" in capsys.readouterr().err and load_index(copy).info["count"] == 60

@@ -114,3 +114,40 @@ def test_an_image_folder_with_caption_files(tmp_path, model):
     _, rows, info = load_embeddings(tmp_path / "emb")
     assert [r["caption"] for r in rows] == ["a blue square", "a green square", "a red square"]
     assert rows[0]["source"].endswith("sub/blue.png") and json.loads(EmbeddingsFolder(tmp_path / "emb").info.read_text())
+
+
+def test_a_caption_is_cut_to_a_bound_the_tokenizer_never_reaches(model):
+    from clipalign.formats.sample import caption_char_limit, cut_caption
+
+    _, _, tokenizer, _ = model
+    limit = caption_char_limit(tokenizer.context_length)
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghij"), rng.integers(1, 30))) for _ in range(3000)]
+    captions = [" ".join(words), "x" * 20_000, "a" + " " * 50_000 + "red square " * 2000,
+                "&amp; " * 3000 + "a red square", "ünïcödé " * 2000]
+    for caption in captions:
+        cut = cut_caption(caption, limit)
+        assert len(cut.replace(" ", "")) <= limit < len(caption)
+        assert np.array_equal(tokenizer([cut]), tokenizer([caption]))  # what the tokenizer keeps is unchanged
+    assert cut_caption("a  red\tsquare ", limit) == "a  red\tsquare "  # short captions are left alone
+
+
+def test_a_50_mb_caption_is_cut_before_it_is_tokenised_or_stored(tmp_path, model):
+    import time
+
+    import webdataset as wds
+
+    from clipalign.formats.sample import caption_char_limit
+
+    _, _, tokenizer, _ = model
+    (tmp_path / "shards").mkdir()
+    with wds.TarWriter(str(tmp_path / "shards" / "00000.tar")) as sink:
+        sink.write({"__key__": "huge", "jpg": _jpeg(), "txt": "a red square " + "and more " * ((50 << 20) // 9)})
+        sink.write({"__key__": "small", "jpg": _jpeg(), "txt": "a red square"})
+    t0 = time.perf_counter()
+    summary = _embed(model, shard_units([str(tmp_path / "shards" / "00000.tar")]), tmp_path / "emb")
+    assert summary["count"] == 2 and time.perf_counter() - t0 < 60
+    vectors, rows, _ = load_embeddings(tmp_path / "emb")
+    assert len(rows[0]["caption"]) <= 2 * caption_char_limit(tokenizer.context_length)  # with a space a word
+    assert rows[1]["caption"] == "a red square"
+    assert rows[0]["caption"].startswith("a red square and more")

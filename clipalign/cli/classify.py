@@ -10,7 +10,8 @@ from clipalign.cli.common import CliError, existing_path, parser, read_templates
 def build_parser():
     p = parser("classify", "Zero-shot classify images (files or folders, searched recursively) against "
                "class names, with a trained checkpoint. Prints each image's top classes and "
-               "probabilities; unreadable files are counted and skipped.")
+               "probabilities; unreadable files (and anything that is not a regular file, such as "
+               "a FIFO or a device) are counted and skipped.")
     p.add_argument("images", nargs="+", help="image files and/or folders")
     p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run folder (its latest checkpoint)")
     classes = p.add_mutually_exclusive_group(required=True)
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     classifier = class_embeddings(model, tokenizer, classnames, templates or DEFAULT_TEMPLATES)
     results, skipped = classify_images(model, transform, classifier, classnames, paths, top_k=args.top_k,
                                        batch_size=args.batch_size, precision=args.precision)
+    if not results:  # e.g. a FIFO or a device given as an image: counted as not_a_file, never opened
+        raise CliError(f"none of the {len(paths)} image(s) could be read: {json.dumps(skipped)}")
     if args.json:
         print(json.dumps({"classes": classnames, "results": results, "skipped": skipped}, indent=2))
     else:

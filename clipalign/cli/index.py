@@ -23,7 +23,8 @@ def build_parser():
     p.add_argument("--index", choices=["auto", "flat", "hnsw", "ivf", "ivfsq8", "ivfpq", "ivfpqfs"], default="auto")
     p.add_argument("--max-memory", default="4G", help="memory budget of the index files together (e.g. 1G, 512M)")
     p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 to tune the search parameter to")
-    p.add_argument("--add", action="store_true", help="append the embeddings to the existing index at --out")
+    p.add_argument("--add", action="store_true", help="append the embeddings to the existing index at --out "
+                   "(rows whose key it already holds are skipped: adding twice adds once)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
@@ -50,22 +51,24 @@ def main(argv: list[str] | None = None) -> int:
     from retrieval.build import add_to_index_folder, build_index_folder, index_images
 
     options = {"kind": args.index, "max_memory": budget, "target_recall": args.target_recall, "seed": args.seed}
+    skipped = 0
     try:
         if args.checkpoint:
             from tqdm import tqdm
 
-            index, count = index_images(args.checkpoint, args.data, args.out, add=args.add, batch_size=args.batch_size,
-                                        precision=args.precision, progress=None if args.no_progress else tqdm,
-                                        **options)
+            index, count, skipped = index_images(args.checkpoint, args.data, args.out, add=args.add,
+                                                 batch_size=args.batch_size, precision=args.precision,
+                                                 progress=None if args.no_progress else tqdm, **options)
         elif args.add:
-            index, count = add_to_index_folder(args.embeddings, args.out)
+            index, count, skipped = add_to_index_folder(args.embeddings, args.out)
         else:
             index, count = build_index_folder(args.embeddings, args.out, **options)
     except (FileNotFoundError, KeyError, ValueError) as err:
-        raise CliError(str(err)) from None
+        raise CliError(str(err).strip("'\"")) from None
     out = Path(args.out)
     if args.add:
-        print(f"added {count} vectors to {out}: now {index.info['count']}", file=sys.stderr)
+        already = f" (skipped {skipped} already in the index)" if skipped else ""
+        print(f"added {count} vectors to {out}: now {index.info['count']}{already}", file=sys.stderr)
         return 0
     for target, s in index.info["indexes"].items():
         print(f"{target}: {s['factory']} {s['search_param'] or ''} recall@{s['k']} {s['recall@' + str(s['k'])]:.3f} "

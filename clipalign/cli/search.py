@@ -17,7 +17,7 @@ def build_parser():
     query.add_argument("--image", help="path of a query image")
     query.add_argument("--queries", help="file of text queries, one a line")
     p.add_argument("--index", required=True, help="index folder")
-    p.add_argument("-k", type=int, default=10, help="number of results")
+    p.add_argument("-k", type=int, default=10, help="number of results (at most 100; at most the index's size)")
     p.add_argument("--over", choices=["images", "captions"], default="images", help="what to search")
     p.add_argument("--checkpoint", default=None, help="model for the query (default: the one the index was built with)")
     p.add_argument("--json", action="store_true", help="print results as JSON (one object a line with --queries)")
@@ -33,9 +33,20 @@ def format_hits(hits: list[dict]) -> str:
 
 
 def _queries(args) -> list[str]:
+    from retrieval.engine import MAX_TEXT
+
     if args.queries is None:
-        return [args.text]
-    texts = [t.strip() for t in existing_path(args.queries, "queries file").read_text().splitlines() if t.strip()]
+        if not args.text.strip():
+            raise CliError("give a non-empty --text query")
+        if len(args.text.strip()) > MAX_TEXT:
+            raise CliError(f"text queries are limited to {MAX_TEXT} characters")
+        return [args.text.strip()]
+    lines = existing_path(args.queries, "queries file").read_text(errors="replace").splitlines()
+    long = next((n for n, t in enumerate(lines, 1) if len(t.strip()) > MAX_TEXT), None)
+    if long is not None:
+        raise CliError(f"{args.queries}: line {long} has {len(lines[long - 1].strip())} characters; "
+                       f"text queries are limited to {MAX_TEXT}")
+    texts = [t.strip() for t in lines if t.strip()]
     if not texts:
         raise CliError(f"{args.queries} holds no queries")
     return texts
@@ -60,9 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     existing_path(args.index, "index")
     if args.image:
-        existing_path(args.image, "query image")
-    if args.k <= 0:
-        raise CliError("-k must be positive")
+        from clipalign.formats.images import is_regular_file
+
+        if not is_regular_file(existing_path(args.image, "query image")):
+            raise CliError(f"query image {args.image} is not a regular file")
+    from retrieval.engine import MAX_K
+
+    if not 1 <= args.k <= MAX_K:  # as the server bounds it; more than the index holds gives all it holds
+        raise CliError(f"-k must be between 1 and {MAX_K}")
     texts = None if args.image else _queries(args)
     from retrieval.engine import open_engine
 
@@ -75,10 +91,10 @@ def main(argv: list[str] | None = None) -> int:
             all_hits = engine.search_texts(texts, args.k, args.over)
             labels = texts
         else:
-            all_hits = engine.search_image_bytes(existing_path(args.image, "query image").read_bytes(), args.k, args.over)
+            all_hits = engine.search_image_file(args.image, args.k, args.over)
             labels = [args.image]
     except (KeyError, ValueError) as err:
-        raise CliError(str(err)) from None
+        raise CliError(str(err).strip("'\"")) from None
     for label, hits in zip(labels, all_hits):
         query = {"text": label, "image": None} if texts is not None else {"text": None, "image": label}
         if args.json:

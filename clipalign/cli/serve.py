@@ -9,7 +9,9 @@ from clipalign.cli.common import CliError, existing_path, parser
 def build_parser():
     p = parser("serve", "Serve an index folder over HTTP: a search page at /, GET /search?text=...&k=..., "
                "POST /search with an image body, GET /health and thumbnails at /thumb/<row>. Binds to "
-               "127.0.0.1 unless --host says otherwise.")
+               "127.0.0.1 unless --host says otherwise. An upload over the size or pixel limit is refused "
+               "before it is decoded, a few decode at once (the rest wait, then get 503), concurrent text "
+               "queries are encoded together, and idle connections are closed (retrieval/server.py).")
     p.add_argument("--index", required=True, help="index folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")

@@ -8,6 +8,7 @@ token ids, one row per caption), ``json`` (metadata), ``cls`` (class index) or `
 from __future__ import annotations
 
 import io
+import re
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ TOKENS = "tok.npy"
 JSON = "json"
 CLASS = "cls"
 MULTIHOT = "npy"
+_WORD = re.compile(r"\S+")
 
 
 def image_key(sample: dict[str, Any]) -> str:
@@ -44,13 +46,33 @@ def sample_text(sample: dict[str, Any]) -> str:
 
 
 def caption_char_limit(context_length: int) -> int:
-    """Characters of a caption worth keeping for a tokenizer of ``context_length`` tokens.
+    """The non-space characters of a caption worth keeping for a tokenizer of ``context_length``.
 
-    open_clip's tokenizer keeps ``context_length - 2`` BPE tokens, each at least one character
-    of the cleaned text; 64 raw characters a token also covers HTML entities and whitespace
-    runs that cleaning shrinks. Cutting there first keeps a 50 MB caption from costing seconds.
+    CLIP's BPE tokenizer keeps ``context_length - 2`` tokens, and each stands for at most 24
+    characters of the cleaned text (its vocabulary's longest entry, ``blackandwhitephotography``);
+    runs of spaces, which it collapses to one, are not counted (``cut_caption``). So a caption
+    cut here still holds 64 / 24 > 2.6 times the characters its kept tokens can cover, and
+    the tokenizer keeps the same tokens as from the whole caption: the cut never changes a
+    caption the tokenizer would keep whole. (Only a caption that its cleaning shrinks by more
+    than 2.6 times could tell, e.g. thousands of HTML entities such as ``&amp;``.) It bounds
+    the tokenizer's work, which grows with a caption's length (ftfy, and BPE on a long word).
     """
-    return 64 * context_length
+    return context_length * 64
+
+
+def cut_caption(text: str, limit: int) -> str:
+    """``text`` if it is at most ``limit`` characters; else its first ``limit`` non-space
+    characters, with each run of whitespace made one space (as the tokenizer does)."""
+    if len(text) <= limit:
+        return text
+    words, kept = [], 0
+    for match in _WORD.finditer(text):  # lazily: a 50 MB caption is read only as far as the cut
+        word = match.group()[: limit - kept]
+        words.append(word)
+        kept += len(word)
+        if kept >= limit:
+            break
+    return " ".join(words)
 
 
 def sample_captions(sample: dict[str, Any], max_chars: int | None = None) -> list[str]:
@@ -59,9 +81,11 @@ def sample_captions(sample: dict[str, Any], max_chars: int | None = None) -> lis
         raise BadSample(MISSING_CAPTION, sample.get(KEY, ""))
     raw = sample[TEXT].split(b"\n")  # split before decoding: a huge caption is never decoded whole
     if max_chars is not None:
-        raw = [line[: 4 * max_chars] for line in raw]  # UTF-8: at most 4 bytes a character
+        raw = [line[: 8 * max_chars] for line in raw]  # room for max_chars characters of 4 bytes, and spaces
     lines = [line.decode("utf-8", errors="replace") for line in raw]
-    captions = [c for c in (line.strip()[:max_chars] for line in lines) if c]
+    if max_chars is not None:
+        lines = [cut_caption(line, max_chars) for line in lines]
+    captions = [c for c in (line.strip() for line in lines) if c]
     if not captions:
         raise BadSample(EMPTY_CAPTION, sample.get(KEY, ""))
     return captions
