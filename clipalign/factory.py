@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import pickle
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -52,6 +53,17 @@ def _check_pretrained(pretrained: str | None) -> None:
         raise FileNotFoundError(f"pretrained weights must be a local file: {pretrained}")
 
 
+def _pretrained_error(pretrained: str, name: str, err: Exception) -> ValueError:
+    """One line naming the ``pretrained`` file open_clip could not load into ``name``."""
+    if isinstance(err, pickle.UnpicklingError):
+        return ValueError(f"{pretrained}: refused: it holds objects other than tensors and plain types "
+                          "(weights are loaded without running code)")
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    detail = (lines[0].split(". ")[0] if lines else "")[:200]
+    return ValueError(f"{pretrained}: not open_clip weights for {name}, or truncated or corrupt "
+                      f"({type(err).__name__}{': ' + detail if detail else ''})")
+
+
 def create_model_and_transforms(
     name: str,
     *,
@@ -68,21 +80,34 @@ def create_model_and_transforms(
         mlm_head: add the masked-token head to the text tower.
         mlm_condition: ``"image"`` conditions the masked-token head on the image (``ClipAlign``).
         fusion_layers: fusion blocks of an image-conditioned head.
-        pretrained: path to a local open_clip checkpoint (never a download tag).
+        pretrained: path to a local open_clip checkpoint (never a download tag), loaded with
+            ``weights_only=True``.
         **overrides: keyword arguments for ``open_clip.create_model_and_transforms``
             (``force_image_size``, ``force_patch_dropout``, ...); ``None`` values are dropped
             so that CLI defaults never clobber a config's own values.
 
     Returns:
         ``(model, train_transform, eval_transform)``.
+
+    Raises:
+        ValueError: an unknown ``name``, or a ``pretrained`` file that does not load (one line
+            naming it).
+        FileNotFoundError: ``pretrained`` is not a local file.
     """
     get_model_config(name)
     _check_pretrained(pretrained)
     kwargs = {k: v for k, v in overrides.items() if v is not None}
     with _quiet_random_init(pretrained is None):
-        clip, train_tf, eval_tf = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, pretrained_text=False, **kwargs
-        )
+        try:
+            # weights_only: open_clip's default, stated so that the file can never run code
+            clip, train_tf, eval_tf = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, pretrained_text=False, weights_only=True, **kwargs
+            )
+        except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, AttributeError, TypeError,
+                StopIteration, ValueError) as err:
+            if pretrained is None:
+                raise
+            raise _pretrained_error(pretrained, name, err) from None
     tokenizer = open_clip.get_tokenizer(name)
     model = ClipAlign(clip, mlm_head=mlm_head, eot_id=tokenizer.eot_token_id, mlm_condition=mlm_condition,
                       fusion_layers=fusion_layers)

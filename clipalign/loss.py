@@ -142,6 +142,25 @@ class SimClrLoss(nn.Module):
         return {"image_ssl_loss": self.weight * F.cross_entropy(logits, targets)}
 
 
+class CaptionLoss(open_clip.loss.CoCaLoss):
+    """CoCa's captioning loss (open_clip's ``CoCaLoss`` without its contrastive half, which
+    clipalign's own contrastive loss provides): next-token cross-entropy, padding ignored.
+
+    Args:
+        weight: multiplier in the total loss.
+        pad_id: the tokenizer's padding id (open_clip's: 0).
+
+    Shape:
+        logits: (B, L-1, V) the decoder's predictions; labels: (B, L-1) the next tokens.
+    """
+
+    def __init__(self, weight: float = 1.0, pad_id: int = 0):
+        super().__init__(caption_loss_weight=weight, clip_loss_weight=0.0, pad_id=pad_id)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return {"caption_loss": self.caption_loss_weight * self.caption_loss(logits.float().permute(0, 2, 1), labels)}
+
+
 class MaeLoss(nn.Module):
     """MAE's reconstruction loss: mean squared error on the dropped patches only, against each
     patch's pixels normalised by their own mean and variance (MAE's ``norm_pix_loss``).

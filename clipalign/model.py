@@ -162,6 +162,26 @@ class ClipAlign(nn.Module):
         return encode_text(self.clip, text, normalize=normalize)
 
     @property
+    def captions(self) -> bool:
+        """Whether the model has a captioning decoder (open_clip's CoCa)."""
+        return getattr(self.clip, "text_decoder", None) is not None
+
+    def caption_logits(self, image_tokens: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CoCa's teacher-forced next-token predictions from one text pass.
+
+        Args:
+            image_tokens: (B, N, C) from ``encode_image_and_tokens``.
+            text: (B, L) token ids.
+
+        Returns:
+            ``(text_features (B, D) normalised, logits (B, L-1, V), labels (B, L-1))``.
+        """
+        if not self.captions:
+            raise ValueError("captioning needs a CoCa model (a config with multimodal_cfg)")
+        features, token_embs = self.clip._encode_text(text, normalize=True)
+        return features, self.clip.text_decoder(image_tokens, token_embs[:, :-1]), text[:, 1:]
+
+    @property
     def trims_text(self) -> bool:
         """Whether ``encode_text`` takes ids with the batch's common padding dropped."""
         return trims_text(self.clip)
@@ -225,6 +245,7 @@ class ClipAlign(nn.Module):
         masked_text: torch.Tensor | None = None,
         mlm_labels: torch.Tensor | None = None,
         image_tokens: bool = False,
+        caption: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Features for the contrastive loss and, given masked text, logits for the MLM loss.
 
@@ -232,18 +253,22 @@ class ClipAlign(nn.Module):
             A dict with ``image_features`` (B, D) and ``text_features`` (B, D), both
             L2-normalised, ``logit_scale`` (scalar, already exponentiated), ``logit_bias`` for
             models that have one (SigLIP), with ``image_tokens`` (or an image-conditioned MLM)
-            ``image_tokens`` (B, N, C) from the same image pass, and with masked text
-            ``mlm_logits`` (M, V) and ``mlm_targets`` (M,).
+            ``image_tokens`` (B, N, C) from the same image pass, with masked text
+            ``mlm_logits`` (M, V) and ``mlm_targets`` (M,), and with ``caption`` (CoCa)
+            ``caption_logits`` (B, L-1, V) and ``caption_labels`` (B, L-1) from the same passes.
         """
         out: dict[str, torch.Tensor] = {"logit_scale": self.clip.logit_scale.exp()}
         if getattr(self.clip, "logit_bias", None) is not None:
             out["logit_bias"] = self.clip.logit_bias
-        wants_tokens = image_tokens or (self.mlm_fusion is not None and masked_text is not None)
+        wants_tokens = image_tokens or caption or (self.mlm_fusion is not None and masked_text is not None)
         if image is not None and wants_tokens:
             out["image_features"], out["image_tokens"] = self.encode_image_and_tokens(image, normalize=True)
         elif image is not None:
             out["image_features"] = self.encode_image(image, normalize=True)
-        if text is not None:
+        if text is not None and caption:
+            out["text_features"], out["caption_logits"], out["caption_labels"] = self.caption_logits(
+                out["image_tokens"], text)
+        elif text is not None:
             out["text_features"] = self.encode_text(text, normalize=True)
         if masked_text is not None and mlm_labels is not None:
             out["mlm_logits"], out["mlm_targets"] = self.mlm_logits(masked_text, mlm_labels, out.get("image_tokens"))

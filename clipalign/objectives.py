@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from clipalign.image_ssl import ProjectionHead, simclr_view_transform
-from clipalign.loss import ClipLoss, MaeLoss, MlmLoss, QueueClipLoss, SigLipLoss, SimClrLoss
+from clipalign.loss import CaptionLoss, ClipLoss, MaeLoss, MlmLoss, QueueClipLoss, SigLipLoss, SimClrLoss
 from clipalign.mae import MaeDecoder, RecordingPatchDropout, install_recording_dropout, mae_decoder_for
 from clipalign.masking import mask_tokens, stop_token_ids
 from clipalign.model import ClipAlign
@@ -40,6 +40,7 @@ class Objectives:
         mae_decoder, mae, patch_dropout: MAE's decoder and loss and the patch dropout that
             records the visible patches (``image_ssl="mae"``), else ``None``.
         patch: the ViT's patch side, for MAE's pixel targets.
+        caption: CoCa's captioning loss (``caption_weight`` > 0), else ``None``.
     """
 
     contrastive: nn.Module
@@ -54,6 +55,7 @@ class Objectives:
     mae: MaeLoss | None = None
     patch_dropout: RecordingPatchDropout | None = None
     patch: int = 0
+    caption: CaptionLoss | None = None
 
     def contrastive_loss(self, image: torch.Tensor, text: torch.Tensor, out: dict[str, torch.Tensor],
                          scale_grad: bool = True) -> dict[str, torch.Tensor]:
@@ -118,6 +120,10 @@ def build_objectives(cfg: TrainConfig, model: ClipAlign, tokenizer: Any, rank: i
         visual = model.clip.visual
         objectives.view_transform = simclr_view_transform(model.image_size, getattr(visual, "image_mean", None),
                                                           getattr(visual, "image_std", None))
+    if cfg.caption_weight > 0:
+        if not model.captions:
+            raise ValueError(f"--caption-weight needs a model with a captioning decoder (CoCa); {cfg.model} has none")
+        objectives.caption = CaptionLoss(cfg.caption_weight, pad_id=getattr(model.clip, "pad_id", 0))
     if cfg.image_ssl == "mae":
         objectives.patch_dropout = install_recording_dropout(model.clip.visual, cfg.patch_dropout or 0.0)
         objectives.mae_decoder = mae_decoder_for(model.clip.visual).to(device)

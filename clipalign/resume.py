@@ -1,5 +1,5 @@
-"""Resuming a run from its checkpoint: whether it fits this run, the RNGs, and where the data
-stream continues."""
+"""Resuming a run from its checkpoint: what it must hold, whether it fits this run, the RNGs,
+and where the data stream continues."""
 from __future__ import annotations
 
 import random
@@ -18,22 +18,41 @@ from clipalign.train_config import TrainConfig
 # seed falls neither on a neighbouring run's seed (seed + 1, ...) nor on the seed of a restart
 # at another step, for any two seeds closer than it.
 RESEED_STRIDE = 7919
+TRAINING_STATE = ("step", "config", "optimizer", "scheduler", "rng")  # what a resume needs beside the weights
 
 
 class ResumeMismatchError(ValueError):
     """The run to resume was trained with a structurally different model."""
 
 
+def _plain_numpy_state(state: tuple) -> dict[str, Any]:
+    """NumPy's RNG state tuple as plain types: its own form holds an ndarray, which a
+    ``weights_only`` load refuses."""
+    name, key, pos, has_gauss, gauss = state
+    return {"bit_generator": str(name), "key": [int(k) for k in key], "pos": int(pos), "has_gauss": int(has_gauss),
+            "gauss": float(gauss)}
+
+
 def rng_state() -> dict[str, Any]:
-    """The torch, Python and NumPy RNG states, for a checkpoint."""
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """The torch, Python and NumPy RNG states, for a checkpoint: tensors and plain types only."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": _plain_numpy_state(np.random.get_state())}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what ``rng_state`` saved."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["bit_generator"], np.asarray(n["key"], dtype=np.uint32), n["pos"], n["has_gauss"],
+                         n["gauss"]))
+
+
+def upgrade_rng_state(state: dict[str, Any]) -> dict[str, Any]:
+    """An earlier version's ``rng_state`` (NumPy's state as its own tuple) in today's form."""
+    if isinstance(state.get("numpy"), tuple):
+        return {**state, "numpy": _plain_numpy_state(state["numpy"])}
+    return state
 
 
 def check_resumable(state: dict[str, Any], cfg: TrainConfig, model: ClipAlign, objectives: Objectives) -> None:
@@ -52,7 +71,8 @@ def check_resumable(state: dict[str, Any], cfg: TrainConfig, model: ClipAlign, o
     had_fusion = any(k.startswith("mlm_fusion.") for k in state["model"])
     if had_fusion != (model.mlm_fusion is not None):
         raise ResumeMismatchError(f"the checkpoint was trained with --mlm-condition {'image' if had_fusion else 'none'}")
-    for key, flag in (("ssl_head", "--image-ssl"), ("queues", "--queue-size")):
+    for key, flag in (("ssl_head", "--image-ssl simclr"), ("mae_decoder", "--image-ssl mae"),
+                      ("queues", "--queue-size")):
         if (key in state) != (key in objectives.stateful()):
             raise ResumeMismatchError(f"the checkpoint was trained {'with' if key in state else 'without'} {flag}")
 

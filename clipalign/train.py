@@ -192,7 +192,8 @@ class Trainer:
         step_features = []
         for j, mb in enumerate(micro):
             with autocast(cfg.precision, self.device.type):
-                out = model(mb["image"], mb["text"], image_tokens=model.mlm_fusion is not None or obj.mae is not None)
+                out = model(mb["image"], mb["text"], image_tokens=model.mlm_fusion is not None or obj.mae is not None,
+                            caption=obj.caption is not None)
                 image, text = out["image_features"], out["text_features"]
                 step_features.append((image.detach(), text.detach()))
                 if cached is not None:
@@ -207,6 +208,9 @@ class Trainer:
                     losses.update(obj.mlm(logits, targets, mlm_count))
                     logs["mlm_correct"] += int((logits.argmax(-1) == targets).sum())
                     logs["mlm_total"] += targets.numel()
+                if obj.caption is not None:
+                    caption = obj.caption(out["caption_logits"], out["caption_labels"])
+                    losses.update({k: v / len(micro) for k, v in caption.items()})
                 if obj.mae is not None:  # on the patches this very pass did not see
                     kept = obj.patch_dropout.kept
                     pred = obj.mae_decoder(out["image_tokens"], kept)

@@ -77,6 +77,8 @@ class TrainConfig:
     fusion_layers: int = _arg(1, "cross-attention blocks of the --mlm-condition image fusion head", positive=True)
     mlm_target: str = _arg("any", "'content': mask only words not in a fixed stop-word list (names, colours, "
                            "places); 'any': any caption token, BERT-style", choices=MLM_TARGETS, what="MLM target")
+    caption_weight: float = _arg(0.0, "weight of CoCa's captioning loss (GPT-style next-token prediction from the "
+                                 "image; models with a captioning decoder, e.g. ca-coca-nano; 0: off)")
     image_ssl: str | None = _arg(None, "add an image self-supervised objective: 'simclr', SimCLR on two "
                                  "augmented views (SLIP); 'mae', reconstruct the patches --patch-dropout hid "
                                  "from the same ViT pass (MAE)", choices=IMAGE_SSL, what="image objective")

@@ -34,3 +34,34 @@ def test_missing_input_is_a_one_line_error(argv, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "error" in err and "does-not-exist" in err
+
+
+def _failing(monkeypatch, error: BaseException) -> None:
+    import clipalign.cli.plot
+
+    def fail(argv):
+        raise error
+
+    monkeypatch.setattr(clipalign.cli.plot, "main", fail)
+
+
+def test_an_os_error_is_one_line_naming_the_file(monkeypatch, capsys):
+    _failing(monkeypatch, PermissionError(13, "Permission denied", "/some/out"))
+    assert main(["plot", "run"]) == 2
+    assert capsys.readouterr().err == "clipalign plot: error: /some/out: Permission denied\n"
+
+
+def test_an_unexpected_error_is_one_line_unless_debugging(monkeypatch, capsys):
+    _failing(monkeypatch, RuntimeError("it broke\n  in many lines"))
+    assert main(["plot", "run"]) == 1
+    assert capsys.readouterr().err == \
+        "clipalign plot: error: unexpected RuntimeError: it broke (set CLIPALIGN_DEBUG=1 for the traceback)\n"
+    monkeypatch.setenv("CLIPALIGN_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="it broke"):
+        main(["plot", "run"])
+
+
+def test_an_interrupt_exits_130(monkeypatch, capsys):
+    _failing(monkeypatch, KeyboardInterrupt())
+    assert main(["plot", "run"]) == 130
+    assert capsys.readouterr().err == "clipalign plot: interrupted\n"

@@ -1,0 +1,444 @@
+"""Hostile and broken inputs: no file runs code when it is loaded, and every command fails on a
+bad checkpoint or an unwritable --out with one line naming the file, exit status 2.
+
+The hostile checkpoint's pickle calls ``Path.touch(marker)`` when unpickled unsafely; every
+command runs in a process of its own and the marker must never appear. To keep the suite fast
+those processes are forked, all at once, from one that has imported clipalign already
+(``FORKER``); two run ``python -m clipalign`` from scratch, as a user does.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipalign import checkpoint as ckpt
+from clipalign.cli import main
+from clipalign.formats.folders import EmbeddingsFolder, IndexFolder, RunFolder
+from clipalign.resume import set_rng_state
+from clipalign.train import Trainer, TrainConfig
+from tests.retrieval_toy import make_index
+
+CLI = [sys.executable, "-m", "clipalign"]
+TQDM = re.compile(r"\d+%\||it/s\]|s/it\]|img/s\]|\[\d\d:\d\d")
+
+# Runs each job of the JSON list on stdin as `clipalign ARGV` in a child forked from this warm
+# process, with its own stdout/stderr files and, for a read-only job run as root, without the
+# capabilities that override permission bits (so that a read-only folder is read-only).
+# Prints {name: exit status}.
+FORKER = r"""
+import ctypes, json, os, signal, sys, time, traceback
+import clipalign.cli
+for name in clipalign.cli.COMMANDS:
+    __import__(f"clipalign.cli.{name}")
+import clipalign.evaluate, clipalign.train, data_prep.eval_source, retrieval.build, retrieval.embed, retrieval.server
+
+def drop_dac_override():
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+    class Data(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_uint32) for name in ("effective", "permitted", "inheritable")]
+    libc, header, data = ctypes.CDLL(None, use_errno=True), Header(0x20080522, 0), (Data * 2)()
+    libc.capget(ctypes.byref(header), data)
+    data[0].effective &= ~0b110  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+    data[0].permitted &= ~0b110
+    assert libc.capset(ctypes.byref(header), data) == 0, ctypes.get_errno()
+
+jobs, children = json.load(sys.stdin), {}
+sys.stdout.flush(); sys.stderr.flush()
+for job in jobs:
+    pid = os.fork()
+    if pid == 0:
+        rc = 99
+        try:
+            for fd, path in ((1, job["stdout"]), (2, job["stderr"])):
+                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+            if job["read_only"] and os.geteuid() == 0:
+                drop_dac_override()
+            rc = clipalign.cli.main(job["argv"])
+        except SystemExit as exit:
+            rc = exit.code if isinstance(exit.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush(); sys.stderr.flush()
+            os._exit(rc)
+    children[pid] = job["name"]
+status, deadline = {}, time.monotonic() + float(sys.argv[1])
+while children and time.monotonic() < deadline:
+    pid, code = os.waitpid(-1, os.WNOHANG)
+    if pid:
+        status[children.pop(pid)] = os.waitstatus_to_exitcode(code)
+    else:
+        time.sleep(0.05)
+for pid, name in children.items():  # still running: it hung (a server that never stopped)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    status[name] = "hung"
+print(json.dumps(status))
+"""
+
+
+class Touch:
+    """Pickles as ``Path.touch(marker)``: unpickling it with ``weights_only=False`` creates the marker."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+@dataclass
+class World:
+    root: Path
+    marker: Path
+    shards: Path
+    good: Path
+    evil: Path
+    index: Path
+    evil_index: Path
+    evil_embeddings: Path
+    evil_run: Path
+    images: Path
+    query: Path
+    captioned: Path
+    trunc: Path
+    plain_list: Path
+
+
+def _error_lines(stderr: str) -> list[str]:
+    """stderr without blank lines and progress bars."""
+    return [line.strip() for line in re.split(r"[\r\n]", stderr) if line.strip() and not TQDM.search(line)]
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("CLIPALIGN_DEBUG", None)
+    return env
+
+
+@dataclass
+class Result:
+    returncode: int | str
+    stderr: str
+
+
+def _run(argv: list, prefix: list[str] = ()) -> Result:
+    """``python -m clipalign ARGV`` from scratch."""
+    done = subprocess.run([*prefix, *CLI, *map(str, argv)], capture_output=True, text=True, timeout=300, env=_env())
+    return Result(done.returncode, done.stderr)
+
+
+def _forked(jobs: dict[str, dict], folder: Path, timeout: float = 240) -> dict[str, Result]:
+    """Each job (``argv``, optionally ``read_only``) in its own process forked by FORKER."""
+    folder.mkdir()
+    spec = [{"name": name, "argv": [str(a) for a in job["argv"]], "read_only": job.get("read_only", False),
+             "stdout": str(folder / f"{name}.out"), "stderr": str(folder / f"{name}.err")}
+            for name, job in jobs.items()]
+    done = subprocess.run([sys.executable, "-c", FORKER, str(timeout)], input=json.dumps(spec), capture_output=True,
+                          text=True, timeout=timeout + 120, env=_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    status = json.loads(done.stdout.strip().splitlines()[-1])
+    return {name: Result(status[name], (folder / f"{name}.err").read_text()) for name in jobs}
+
+
+def _assert_one_line(result: Result, names: str | Path, rc: int = 2) -> str:
+    lines = _error_lines(result.stderr)
+    assert result.returncode == rc and len(lines) == 1, (result.returncode, result.stderr[-3000:])
+    assert str(names) in lines[0] and "error" in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    root = tmp_path_factory.mktemp("hostile")
+    marker = root / "MARKER"
+    index = make_index(root / "retrieval", n=32)  # also writes shards, a checkpoint and embeddings
+    good = root / "retrieval" / "checkpoint.pt"
+    state = torch.load(good, weights_only=True)
+    evil = root / "evil.pt"
+    # the real weights beside the payload: a file that, unpickled unsafely, would also work
+    torch.save({**state, "payload": Touch(marker)}, evil)
+
+    evil_index = root / "evil_index"
+    shutil.copytree(index, evil_index)
+    shutil.copyfile(evil, IndexFolder(evil_index).model)
+    # a text search with the traced text tower never opens model.pt: without it, it loads the model
+    IndexFolder(evil_index).text_query.unlink(missing_ok=True)
+    evil_embeddings = root / "evil_embeddings"
+    shutil.copytree(root / "retrieval" / "emb", evil_embeddings)
+    shutil.copyfile(evil, EmbeddingsFolder(evil_embeddings).model)
+    evil_run = root / "evil_run"
+    RunFolder(evil_run).checkpoints.mkdir(parents=True)
+    shutil.copyfile(evil, RunFolder(evil_run).checkpoint(1))
+
+    images = root / "images"
+    for name, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+        (images / name).mkdir(parents=True)
+        Image.new("RGB", (32, 32), colour).save(images / name / "0.png")
+    captioned = root / "captioned"  # an image folder with captions, for prep
+    captioned.mkdir()
+    shutil.copyfile(images / "red" / "0.png", captioned / "a.png")
+    (captioned / "a.txt").write_text("a red square\n")
+    trunc = root / "truncated.pt"
+    trunc.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    plain_list = root / "list.pt"
+    torch.save([1, 2, 3], plain_list)
+    return World(root, marker, root / "retrieval" / "shards", good, evil, index, evil_index, evil_embeddings,
+                 evil_run, images, images / "red" / "0.png", captioned, trunc, plain_list)
+
+
+def _train_args(w: World, out: Path, steps: int = 1) -> list:
+    return ["train", "--data", w.shards, "--out", out, "--model", "ca-nano", "--steps", steps, "--batch-size", 8,
+            "--workers", 0, "--shuffle-buffer", 8, "--checkpoint-every", 1, "--no-progress", "--no-tensorboard",
+            "--precision", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(world) -> Path:
+    """A real two-step run: checkpoints at steps 1 and 2."""
+    out = world.root / "trained"
+    Trainer(TrainConfig(data=str(world.shards), out=str(out), model="ca-nano", steps=2, batch_size=8, workers=0,
+                        shuffle_buffer=8, checkpoint_every=1, precision="fp32", tensorboard=False)).fit()
+    return out
+
+
+def _writers(w: World, out: Path, trained_run: Path) -> dict[str, list]:
+    """Every command that writes, writing under the folder ``out``."""
+    return {
+        "export": ["export", w.good, "--out", out / "export"],
+        "eval": ["eval", "--checkpoint", w.good, "--data", w.images, "--out", out / "results.json"],
+        "train": _train_args(w, out / "run"),
+        "embed": ["embed", "--checkpoint", w.good, "--data", w.shards, "--out", out / "emb", "--no-progress"],
+        "index": ["index", "--embeddings", w.root / "retrieval" / "emb", "--out", out / "index"],
+        "search_html": ["search", "--index", w.index, "--text", "a red square", "--html", out / "page.html"],
+        "plot": ["plot", trained_run, "--out", out / "curves.png"],
+        "synth": ["synth", "--out", out / "synth", "--n", 4, "--n-eval", 2, "--workers", 1],
+        "prep": ["prep", w.captioned, "--out", out / "shards", "--workers", 1],
+        "upgrade": ["checkpoint", "upgrade", w.good, "--out", out / "new.pt", "--trust"],
+    }
+
+
+WRITERS = ["export", "eval", "train", "embed", "index", "search_html", "plot", "synth", "prep", "upgrade"]
+
+
+def _jobs(w: World, trained_run: Path) -> dict[str, tuple[dict, Path, int]]:
+    """name -> (job for ``_forked``, the file its error must name, its exit status)."""
+    ro = w.root / "read_only"
+    ro.mkdir(exist_ok=True)
+    ro.chmod(0o555)
+    fallback = w.root / "fallback"
+    shutil.copytree(trained_run, fallback)
+    last = RunFolder(fallback).checkpoint(2)
+    last.write_bytes(last.read_bytes()[:1000])  # cut short, as by a crash mid-write
+    hostile = {
+        "eval": ["eval", "--checkpoint", w.evil, "--data", w.images],
+        "eval_run_folder": ["eval", "--checkpoint", w.evil_run, "--data", w.images],
+        "classify": ["classify", w.query, "--checkpoint", w.evil, "--classes", "red,blue"],
+        "export": ["export", w.evil, "--out", w.root / "x_export"],
+        "embed": ["embed", "--checkpoint", w.evil, "--data", w.shards, "--out", w.root / "x_emb", "--no-progress"],
+        "index_checkpoint": ["index", "--checkpoint", w.evil, "--data", w.shards, "--out", w.root / "x_index",
+                             "--no-progress"],
+        "index_embeddings": ["index", "--embeddings", w.evil_embeddings, "--out", w.root / "x_index2"],
+        "train_resume": [*_train_args(w, w.evil_run, steps=2), "--resume"],
+        "search_image": ["search", "--index", w.evil_index, "--image", w.query],
+        "search_text": ["search", "--index", w.evil_index, "--text", "a red square"],
+        "serve": ["serve", "--index", w.evil_index, "--port", 0, "--quiet"],
+    }
+    in_run, in_index = RunFolder(w.evil_run).checkpoint(1), IndexFolder(w.evil_index).model
+    named = {"eval_run_folder": in_run, "train_resume": in_run, "search_image": in_index, "search_text": in_index,
+             "serve": in_index, "index_embeddings": EmbeddingsFolder(w.evil_embeddings).model}
+    jobs = {f"hostile_{k}": ({"argv": argv}, named.get(k, w.evil), 2) for k, argv in hostile.items()}
+    jobs.update({f"read_only_{k}": ({"argv": argv, "read_only": True}, ro, 2)
+                 for k, argv in _writers(w, ro, trained_run).items()})
+    jobs["truncated_latest_resume"] = ({"argv": [*_train_args(w, fallback, steps=2), "--resume"]}, last, 0)
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def results(world, trained_run) -> dict[str, tuple[Result, Path, int]]:
+    jobs = _jobs(world, trained_run)
+    full = world.root / "full"
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        # from scratch, as a user runs it: a hostile checkpoint, and a disk that fills up (writes past
+        # 2 MiB fail with EFBIG, SIGXFSZ ignored) while the first checkpoint is written
+        scratch_evil = pool.submit(_run, ["eval", "--checkpoint", world.evil, "--data", world.images])
+        full_disk = ["bash", "-c", 'trap "" XFSZ; ulimit -f 2048; exec "$@"', "bash"]
+        scratch_full = pool.submit(_run, _train_args(world, full), full_disk)
+        forked = _forked({name: job for name, (job, _, _) in jobs.items()}, world.root / "forked")
+        out = {name: (forked[name], named, rc) for name, (_, named, rc) in jobs.items()}
+        out["scratch_hostile_eval"] = (scratch_evil.result(), world.evil, 2)
+        out["full_disk_train"] = (scratch_full.result(), RunFolder(full).checkpoint(1), 2)
+    return out
+
+
+HOSTILE = ["scratch_hostile_eval", "eval", "eval_run_folder", "classify", "export", "embed", "index_checkpoint",
+           "index_embeddings", "train_resume", "search_image", "search_text", "serve"]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_a_hostile_checkpoint_never_runs_and_is_one_line(name, world, results):
+    result, named, rc = results[name if name.startswith("scratch") else f"hostile_{name}"]
+    if name == "index_embeddings":
+        # retrieval.build loads the copy of model.pt it has just made in the index's temporary folder
+        named = IndexFolder("").model.name
+    line = _assert_one_line(result, named, rc)
+    if not name.startswith(("search", "serve")):  # an index folder first checks model.pt against its info.json
+        assert "not a clipalign checkpoint" in line and "pathlib" in line, line
+    assert not world.marker.exists()
+
+
+def test_the_payload_is_real(tmp_path):
+    # what every command refuses: unpickled unsafely, this file creates its marker
+    torch.save({"payload": Touch(tmp_path / "marker")}, tmp_path / "evil.pt")
+    torch.load(tmp_path / "evil.pt", weights_only=False)
+    assert (tmp_path / "marker").exists()
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_a_read_only_out_is_one_line(name, results):
+    result, named, rc = results[f"read_only_{name}"]
+    assert "Permission denied" in _assert_one_line(result, named, rc)
+
+
+def test_a_full_disk_while_checkpointing_is_one_line(world, results):
+    result, named, rc = results["full_disk_train"]
+    assert "File too large" in _assert_one_line(result, named, rc)
+    assert not list(RunFolder(world.root / "full").checkpoints.iterdir())  # no torn file, no temporary file
+
+
+def test_resume_passes_over_a_truncated_latest_checkpoint(results):
+    result, truncated, _ = results["truncated_latest_resume"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in _error_lines(result.stderr) if "warning" in line]
+    assert len(warnings) == 1 and str(truncated) in warnings[0] and "step_00000001.pt" in warnings[0]
+    assert ckpt.load_checkpoint(truncated)["step"] == 2  # trained again from step 1, and saved whole
+
+
+# -- in-process: broken files for every command that reads a checkpoint ---------------------------
+def _checkpoint_commands(w: World, path: Path) -> dict[str, list]:
+    return {
+        "eval": ["eval", "--checkpoint", path, "--data", w.images],
+        "classify": ["classify", w.query, "--checkpoint", path, "--classes", "red,blue"],
+        "export": ["export", path, "--out", w.root / "never"],
+        "embed": ["embed", "--checkpoint", path, "--data", w.shards, "--out", w.root / "never", "--no-progress"],
+        "index": ["index", "--checkpoint", path, "--data", w.shards, "--out", w.root / "never", "--no-progress"],
+        "search": ["search", "--index", w.index, "--text", "x", "--checkpoint", path],
+        "pretrained": [*_train_args(w, w.root / "never"), "--pretrained", path],
+    }
+
+
+@pytest.mark.parametrize("command", ["eval", "classify", "export", "embed", "index", "search", "pretrained"])
+@pytest.mark.parametrize("case", ["truncated", "plain_list", "hostile"])
+def test_a_broken_checkpoint_is_one_line(command, case, world, capsys):
+    path = {"truncated": world.trunc, "plain_list": world.plain_list, "hostile": world.evil}[case]
+    assert main([str(a) for a in _checkpoint_commands(world, path)[command]]) == 2
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and str(path) in lines[0], lines
+    assert not (world.root / "never").exists() and not world.marker.exists()
+
+
+def test_the_errors_say_what_is_wrong(world):
+    with pytest.raises(ckpt.CheckpointError, match="truncated or corrupt") as err:
+        ckpt.load_checkpoint(world.trunc)
+    assert err.value.kind == ckpt.CORRUPT and err.value.path == world.trunc
+    with pytest.raises(ckpt.CheckpointError, match=r"not a clipalign checkpoint \(it holds a list\)"):
+        ckpt.load_checkpoint(world.plain_list)
+    with pytest.raises(ckpt.CheckpointError, match="would import builtins.getattr, pathlib.Path"):
+        ckpt.load_checkpoint(world.evil)
+    export = torch.load(world.good, weights_only=True)["model"]
+    torch.save({k: v for k, v in export.items() if k.startswith("clip.")}, world.root / "state_dict.pt")
+    with pytest.raises(ckpt.CheckpointError, match="plain state dict"):
+        ckpt.load_checkpoint(world.root / "state_dict.pt")
+    (world.root / "empty.pt").write_bytes(b"")
+    with pytest.raises(ckpt.CheckpointError, match="empty file"):
+        ckpt.load_checkpoint(world.root / "empty.pt")
+    (world.root / "text.pt").write_text("not a checkpoint\n")
+    with pytest.raises(ckpt.CheckpointError, match="not a file torch.save writes"):
+        ckpt.load_checkpoint(world.root / "text.pt")
+    assert not world.marker.exists()
+
+
+@pytest.mark.parametrize("command", WRITERS)
+def test_an_out_under_a_regular_file_is_one_line(command, world, trained_run, capsys):
+    blocker = world.root / "a_file"
+    blocker.write_text("")
+    assert main([str(a) for a in _writers(world, blocker, trained_run)[command]]) == 2
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and str(blocker) in lines[0], lines
+    assert "Not a directory" in lines[0] or "File exists" in lines[0], lines
+
+
+# -- checkpoints of earlier versions -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def legacy(trained_run) -> tuple[Path, dict]:
+    """A real step-1 checkpoint as an earlier clipalign wrote it: NumPy's RNG state as its own tuple."""
+    state = torch.load(ckpt.checkpoint_path(trained_run, 1), weights_only=True)
+    n = state["rng"]["numpy"]
+    old = (n["bit_generator"], np.asarray(n["key"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    path = trained_run.parent / "legacy" / "step_00000001.pt"
+    path.parent.mkdir()
+    torch.save({**state, "rng": {**state["rng"], "numpy": old}}, path)
+    return path, state
+
+
+def test_a_real_trainer_checkpoint_loads_with_weights_only(trained_run):
+    state = torch.load(ckpt.checkpoint_path(trained_run, 2), map_location="cpu", weights_only=True)
+    assert state["step"] == 2 and {"optimizer", "scheduler", "rng", "data", "config"} <= state.keys()
+
+
+def test_an_earlier_checkpoint_is_refused_with_the_way_out(legacy, capsys):
+    path, _ = legacy
+    with pytest.raises(ckpt.CheckpointError, match="earlier clipalign") as err:
+        ckpt.load_checkpoint(path)
+    assert err.value.kind == ckpt.LEGACY and f"clipalign checkpoint upgrade {path} --trust" in str(err.value)
+    assert main(["checkpoint", "upgrade", str(path)]) == 2
+    line = capsys.readouterr().err.strip()
+    assert len(line.splitlines()) == 1 and "--trust" in line and "runs any code" in line
+
+
+def test_upgrade_rewrites_it_safely_and_it_resumes_exactly(legacy, world, tmp_path, capsys):
+    path, state = legacy
+    new = tmp_path / "new.pt"
+    assert main(["checkpoint", "upgrade", str(path), "--out", str(new), "--trust"]) == 0
+    upgraded = ckpt.load_checkpoint(new)
+    assert upgraded["rng"]["numpy"] == state["rng"]["numpy"]
+    assert all(torch.equal(upgraded["model"][k], v) for k, v in state["model"].items())
+    set_rng_state(upgraded["rng"])
+    key, pos = np.random.get_state()[1:3]
+    assert key.tolist() == state["rng"]["numpy"]["key"] and pos == state["rng"]["numpy"]["pos"]
+    trainer = Trainer(TrainConfig(data=str(world.shards), out=str(tmp_path / "run"), model="ca-nano", steps=2,
+                                  batch_size=8, workers=0, shuffle_buffer=8, precision="fp32", tensorboard=False))
+    trainer.load_state_dict(upgraded)
+    assert trainer.step == 1 and torch.equal(torch.get_rng_state(), state["rng"]["torch"])
+    in_place = shutil.copyfile(path, tmp_path / "in_place.pt")  # the default
+    assert main(["checkpoint", "upgrade", str(in_place), "--trust"]) == 0
+    assert ckpt.load_checkpoint(in_place)["rng"]["numpy"] == state["rng"]["numpy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in_place.pt", "new.pt"]  # no temporary file left
+
+
+def test_load_latest_passes_over_truncated_checkpoints(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    last = ckpt.checkpoint_path(run, 2)
+    last.write_bytes(last.read_bytes()[:500])
+    with pytest.warns(UserWarning, match="step_00000002.pt is truncated or corrupt: resuming from the earlier"):
+        path, state = ckpt.load_latest(run)
+    assert path == ckpt.checkpoint_path(run, 1) and state["step"] == 1
+    first = ckpt.checkpoint_path(run, 1)
+    first.write_bytes(b"")
+    with pytest.raises(ckpt.CheckpointError, match="no earlier checkpoint of the run loads"):
+        ckpt.load_latest(run)
