@@ -71,3 +71,54 @@ def export_open_clip(checkpoint: str | Path, out_dir: str | Path, name: str | No
         "step": meta.get("step"),
         "checkpoint": meta["path"],
     }
+
+
+def export_hf(checkpoint: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """Write a run's model as a Hugging Face ``transformers.CLIPModel`` folder.
+
+    ``out_dir`` gets ``config.json``, ``model.safetensors``, and tokenizer and image-processor
+    files made from the run's own tokenizer and preprocessing, so that
+    ``CLIPModel.from_pretrained(out_dir)`` and ``pipeline("zero-shot-image-classification",
+    model=out_dir)`` load it with no download. Only the dual encoder is written.
+
+    Raises:
+        UnsupportedArchitecture: a part HF's CLIP cannot express (named in the message).
+    """
+    import json
+    import tempfile
+
+    import open_clip
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from clipalign.factory import get_model_config
+    from clipalign.hf_convert import UnsupportedArchitecture, hf_config, open_clip_to_hf
+
+    model, _, tokenizer, meta = load_model(checkpoint)
+    config = hf_config(get_model_config(meta["model_name"]))
+    state = model.clip.state_dict()
+    if "logit_bias" in state:
+        raise UnsupportedArchitecture("a SigLIP-trained logit bias (Hugging Face's CLIPModel has none)")
+    if type(tokenizer).__name__ != "SimpleTokenizer":
+        raise UnsupportedArchitecture(f"the tokenizer {type(tokenizer).__name__} (only open_clip's CLIP BPE converts)")
+    hf = CLIPModel(config)
+    hf.load_state_dict(open_clip_to_hf({k: v.detach().clone() for k, v in state.items()}))
+
+    visual = model.clip.visual
+    size = model.image_size
+    images = CLIPImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, resample=3,  # bicubic
+        image_mean=list(getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN),
+        image_std=list(getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD))
+    specials = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}  # HF's names, same ids
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab, merges = Path(tmp) / "vocab.json", Path(tmp) / "merges.txt"
+        vocab.write_text(json.dumps({specials.get(t, t): i for t, i in tokenizer.encoder.items()}), encoding="utf-8")
+        ranked = sorted(tokenizer.bpe_ranks, key=tokenizer.bpe_ranks.get)
+        merges.write_text("#version: 0.2\n" + "\n".join(" ".join(pair) for pair in ranked) + "\n", encoding="utf-8")
+        text = CLIPTokenizer(str(vocab), str(merges), model_max_length=tokenizer.context_length)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(out, safe_serialization=True)
+    CLIPProcessor(image_processor=images, tokenizer=text).save_pretrained(out)
+    return {"name": meta["model_name"], "folder": str(out), "weights": str(out / "model.safetensors"),
+            "model_name": meta["model_name"], "step": meta.get("step"), "checkpoint": meta["path"]}

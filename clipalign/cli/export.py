@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the code lines as written
     p.add_argument("run", metavar="RUN", help="checkpoint file, or a run folder (its latest checkpoint)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write NAME.json and NAME.pt into")
+    p.add_argument("--format", choices=["open_clip", "hf"], default="open_clip",
+                   help="open_clip: NAME.json + NAME.pt; hf: a transformers CLIPModel folder (config.json, "
+                        "model.safetensors, tokenizer and image-processor files) for CLIPModel.from_pretrained(DIR)")
     p.add_argument("--name", default=None,
                    help="model name for open_clip's registry and the file names (default: the run's model name)")
     return p
@@ -34,14 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     existing_path(args.run, "run")
-    from clipalign.export import export_open_clip
+    from clipalign.export import export_hf, export_open_clip
 
     try:
-        info = export_open_clip(args.run, args.out, name=args.name)
+        info = export_hf(args.run, args.out) if args.format == "hf" else export_open_clip(args.run, args.out,
+                                                                                         name=args.name)
     except (FileNotFoundError, ValueError) as err:
         raise CliError(str(err)) from None
     step = f" (step {info['step']})" if info["step"] is not None else ""
     print(f"exported {info['model_name']}{step} from {info['checkpoint']} as {info['name']!r}")
-    print(f"config:  {info['config']}")
+    if args.format == "hf":
+        print(f"folder:  {info['folder']}  (transformers.CLIPModel.from_pretrained)")
+    else:
+        print(f"config:  {info['config']}")
     print(f"weights: {info['weights']}")
     return 0
