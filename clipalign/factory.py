@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import pickle
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -49,8 +50,45 @@ def _quiet_random_init(quiet: bool) -> Iterator[None]:
 
 def _check_pretrained(pretrained: str | None) -> None:
     # open_clip would download a named tag; this project only loads local files.
-    if pretrained is not None and not Path(pretrained).is_file():
-        raise FileNotFoundError(f"pretrained weights must be a local file: {pretrained}")
+    if pretrained is not None and not Path(pretrained).is_file() and not is_hf_folder(pretrained):
+        raise FileNotFoundError(f"pretrained weights must be a local file or Hugging Face CLIPModel folder: "
+                                f"{pretrained}")
+
+
+def is_hf_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a local Hugging Face model folder (its ``config.json``)."""
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def load_hf_weights(name: str, folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The open_clip state dict of the ``transformers.CLIPModel`` in ``folder``, checked to be of
+    ``name``'s architecture (the converted configs must agree; the difference is named).
+
+    Raises:
+        ValueError: another architecture, or not a CLIPModel folder.
+    """
+    from transformers import CLIPConfig, CLIPModel
+
+    from clipalign.hf_convert import hf_config, hf_to_open_clip
+
+    try:
+        theirs = CLIPConfig.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{folder}: not a Hugging Face CLIPModel folder ({err})") from None
+    ours = hf_config(get_model_config(name))
+    fields = {"projection_dim": (ours.projection_dim, theirs.projection_dim)}
+    for part in ("text_config", "vision_config"):
+        a, b = getattr(ours, part).to_dict(), getattr(theirs, part).to_dict()
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "hidden_act",
+                    "image_size", "patch_size", "max_position_embeddings", "vocab_size"):
+            if key in a or key in b:
+                fields[f"{part}.{key}"] = (a.get(key), b.get(key))
+    differ = [f"{k} {v[1]} (model {name}: {v[0]})" for k, v in fields.items() if v[0] != v[1]]
+    if differ:
+        raise ValueError(f"{folder} is not a {name}: " + ", ".join(differ[:4]))
+    with _quiet_random_init(True):
+        model = CLIPModel.from_pretrained(folder, use_safetensors=True)  # never a pickle
+    return hf_to_open_clip(model.state_dict())
 
 
 def _pretrained_error(pretrained: str, name: str, err: Exception) -> ValueError:
@@ -80,8 +118,9 @@ def create_model_and_transforms(
         mlm_head: add the masked-token head to the text tower.
         mlm_condition: ``"image"`` conditions the masked-token head on the image (``ClipAlign``).
         fusion_layers: fusion blocks of an image-conditioned head.
-        pretrained: path to a local open_clip checkpoint (never a download tag), loaded with
-            ``weights_only=True``.
+        pretrained: a local open_clip checkpoint (never a download tag), loaded with
+            ``weights_only=True``, or a local Hugging Face ``CLIPModel`` folder of ``name``'s
+            architecture (converted by ``clipalign.hf_convert``; safetensors only).
         **overrides: keyword arguments for ``open_clip.create_model_and_transforms``
             (``force_image_size``, ``force_patch_dropout``, ...); ``None`` values are dropped
             so that CLI defaults never clobber a config's own values.
@@ -97,6 +136,9 @@ def create_model_and_transforms(
     get_model_config(name)
     _check_pretrained(pretrained)
     kwargs = {k: v for k, v in overrides.items() if v is not None}
+    hf_state = load_hf_weights(name, pretrained) if pretrained is not None and is_hf_folder(pretrained) else None
+    if hf_state is not None:
+        pretrained = None  # the converted weights are loaded below
     with _quiet_random_init(pretrained is None):
         try:
             # weights_only: open_clip's default, stated so that the file can never run code
@@ -108,6 +150,8 @@ def create_model_and_transforms(
             if pretrained is None:
                 raise
             raise _pretrained_error(pretrained, name, err) from None
+    if hf_state is not None:
+        clip.load_state_dict(hf_state)
     tokenizer = open_clip.get_tokenizer(name)
     model = ClipAlign(clip, mlm_head=mlm_head, eot_id=tokenizer.eot_token_id, mlm_condition=mlm_condition,
                       fusion_layers=fusion_layers)

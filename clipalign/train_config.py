@@ -42,7 +42,8 @@ class TrainConfig:
     data: str = _arg(help="shard folder, glob, brace pattern (a/{00000..00009}.tar)")
     out: str = _arg(help="run folder")
     model: str = _arg("ca-tiny", "model config name (see clipalign.list_models())")
-    pretrained: str | None = _arg(None, "local open_clip checkpoint to start from")
+    pretrained: str | None = _arg(None, "local open_clip checkpoint, or local Hugging Face CLIPModel folder of "
+                                  "--model's architecture, to start from")
     lock_image: bool = _arg(False, "freeze the image tower (LiT; use with --pretrained)")
     lock_text: bool = _arg(False, "freeze the text tower")
     patch_dropout: float | None = _arg(None, "fraction of image patches dropped in training (FLIP; ViT towers)")

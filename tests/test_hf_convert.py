@@ -63,3 +63,31 @@ def test_hf_to_open_clip_to_hf_is_the_identity():
 def test_what_hf_clip_cannot_express_is_named(name, what):
     with pytest.raises(UnsupportedArchitecture, match=what):
         hf_config(open_clip.get_model_config(name))
+
+
+def test_train_starts_from_a_local_hf_clip_folder(tmp_path):
+    from clipalign.factory import create_model
+    from clipalign.train import Trainer
+    from clipalign.train_config import TrainConfig
+    from toydata import write_toy_shards
+
+    torch.manual_seed(2)
+    hf = CLIPModel(hf_config(open_clip.get_model_config("ca-nano"))).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    model = create_model("ca-nano", pretrained=str(tmp_path / "hf")).eval()
+    ids = open_clip.get_tokenizer("ca-nano")(["a red circle", "x"])
+    mask = (torch.arange(ids.shape[1])[None] <= (ids == EOT).int().argmax(1)[:, None]).long()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # identical embeddings before any training
+        torch.testing.assert_close(model.encode_image(images), _features(hf.get_image_features(pixel_values=images)),
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.encode_text(ids), _features(hf.get_text_features(input_ids=ids,
+                                                                                           attention_mask=mask)),
+                                   atol=1e-5, rtol=1e-5)
+    data = write_toy_shards(tmp_path / "shards", n=32, per_shard=32)[0].rsplit("/", 1)[0]
+    summary = Trainer(TrainConfig(data=data, out=str(tmp_path / "run"), model="ca-nano", pretrained=str(tmp_path / "hf"),
+                                  steps=2, batch_size=8, warmup=1, workers=0, shuffle_buffer=8, precision="fp32",
+                                  tensorboard=False)).fit()
+    assert summary["steps_this_run"] == 2
+    with pytest.raises(ValueError, match="is not a ca-small"):
+        create_model("ca-small", pretrained=str(tmp_path / "hf"))
