@@ -26,9 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the code lines as written
     p.add_argument("run", metavar="RUN", help="checkpoint file, or a run folder (its latest checkpoint)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write NAME.json and NAME.pt into")
-    p.add_argument("--format", choices=["open_clip", "hf"], default="open_clip",
+    p.add_argument("--format", choices=["open_clip", "hf", "onnx"], default="open_clip",
                    help="open_clip: NAME.json + NAME.pt; hf: a transformers CLIPModel folder (config.json, "
-                        "model.safetensors, tokenizer and image-processor files) for CLIPModel.from_pretrained(DIR)")
+                        "model.safetensors, tokenizer and image-processor files) for CLIPModel.from_pretrained(DIR); "
+                        "onnx: image.onnx + text.onnx (dynamic batch, checked with onnxruntime) + onnx.json")
     p.add_argument("--name", default=None,
                    help="model name for open_clip's registry and the file names (default: the run's model name)")
     return p
@@ -40,12 +41,22 @@ def main(argv: list[str] | None = None) -> int:
     from clipalign.export import export_hf, export_open_clip
 
     try:
-        info = export_hf(args.run, args.out) if args.format == "hf" else export_open_clip(args.run, args.out,
-                                                                                         name=args.name)
+        if args.format == "onnx":
+            from clipalign.export_onnx import export_onnx
+
+            info = export_onnx(args.run, args.out)
+        elif args.format == "hf":
+            info = export_hf(args.run, args.out)
+        else:
+            info = export_open_clip(args.run, args.out, name=args.name)
     except (FileNotFoundError, ValueError) as err:
         raise CliError(str(err)) from None
     step = f" (step {info['step']})" if info["step"] is not None else ""
     print(f"exported {info['model_name']}{step} from {info['checkpoint']} as {info['name']!r}")
+    if args.format == "onnx":
+        diffs = ", ".join(f"{t} {v['max_abs_diff']:.1e}" for t, v in info["info"]["towers"].items())
+        print(f"folder:  {info['folder']}  (image.onnx, text.onnx; onnxruntime vs torch max abs diff: {diffs})")
+        return 0
     if args.format == "hf":
         print(f"folder:  {info['folder']}  (transformers.CLIPModel.from_pretrained)")
     else:
