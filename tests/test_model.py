@@ -6,7 +6,7 @@ from clipalign.factory import create_model, get_tokenizer, list_models
 from clipalign.masking import IGNORE_INDEX, mask_tokens
 from clipalign.model import text_length, trims_text
 
-PROJECT_MODELS = ["ca-nano", "ca-tiny", "ca-small"]
+PROJECT_MODELS = ["ca-nano", "ca-tiny", "ca-small", "ca-coca-nano"]
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +29,11 @@ def test_every_project_model_trains_one_step_without_nan(name):
     texts = tok(["a red circle", "a blue square at the top left"])
     masked, labels = mask_tokens(texts, mask_id=model.mask_id, eot_id=tok.eot_token_id, random_high=tok.sot_token_id,
                                  generator=torch.Generator().manual_seed(0))
-    out = model(torch.randn(2, 3, size, size), texts, masked, labels)
+    out = model(torch.randn(2, 3, size, size), texts, masked, labels, caption=model.captions)  # CoCa: its decoder too
     sims = out["logit_scale"] * out["image_features"] @ out["text_features"].T
     loss = F.cross_entropy(sims, torch.arange(2)) + F.cross_entropy(out["mlm_logits"], out["mlm_targets"])
+    if model.captions:
+        loss = loss + F.cross_entropy(out["caption_logits"].flatten(0, 1), out["caption_labels"].flatten())
     loss.backward()
     assert torch.isfinite(loss)
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
