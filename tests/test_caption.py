@@ -60,3 +60,19 @@ def test_clipalign_caption_prints_decoded_captions(coca_run, tmp_path):
     caption = out["results"][0]["caption"]
     assert caption and "<start_of_text>" not in caption and len(caption.split()) <= 6
     assert out["skipped"] == {"undecodable_image": 1}
+
+
+def test_a_coca_run_resumes_step_exact(tmp_path):
+    from clipalign import checkpoint as ckpt
+
+    data = write_toy_shards(tmp_path / "shards", n=32, per_shard=32)[0].rsplit("/", 1)[0]
+    kw = dict(data=data, model="ca-coca-nano", batch_size=8, steps=4, warmup=1, workers=0, shuffle_buffer=8,
+              precision="fp32", tensorboard=False, caption_weight=1.0, checkpoint_every=2, keep_checkpoints=0)
+    whole = Trainer(TrainConfig(out=str(tmp_path / "whole"), **kw))
+    whole.fit()
+    ckpt.save_checkpoint(tmp_path / "resumed" / "checkpoints" / "step_00000002.pt",
+                         ckpt.load_checkpoint(tmp_path / "whole" / "checkpoints" / "step_00000002.pt"))
+    resumed = Trainer(TrainConfig(out=str(tmp_path / "resumed"), resume=True, **kw))
+    assert resumed.fit()["steps_this_run"] == 2
+    for name, p in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], p), name
