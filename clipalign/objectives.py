@@ -15,7 +15,7 @@ from torch import nn
 
 from clipalign.image_ssl import ProjectionHead, simclr_view_transform
 from clipalign.loss import CaptionLoss, ClipLoss, MaeLoss, MlmLoss, QueueClipLoss, SigLipLoss, SimClrLoss
-from clipalign.mae import MaeDecoder, RecordingPatchDropout, install_recording_dropout, mae_decoder_for
+from clipalign.mae import MaeDecoder, RecordingPatchDropout, install_recording_dropout, mae_decoder_for, patchify
 from clipalign.masking import mask_tokens, stop_token_ids
 from clipalign.model import ClipAlign
 from clipalign.momentum import MomentumQueues
@@ -83,6 +83,28 @@ class Objectives:
         else:
             with autocast(precision, device_type):
                 self.queues.push(images, texts)
+
+    def micro_batch_losses(self, model: ClipAlign, batch: dict[str, torch.Tensor],
+                           out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The captioning, MAE and SimCLR losses of one micro-batch (a mean over its rows each).
+
+        Args:
+            batch: ``image`` (b, 3, H, W), with SimCLR ``views`` (b, 2, 3, H, W).
+            out: the model's output on it: CoCa's ``caption_logits``/``caption_labels``, and the
+                ``image_tokens`` of the pass whose dropped patches MAE reconstructs.
+        """
+        losses: dict[str, torch.Tensor] = {}
+        if self.caption is not None:
+            losses.update(self.caption(out["caption_logits"], out["caption_labels"]))
+        if self.mae is not None:  # on the patches this very pass did not see
+            kept = self.patch_dropout.kept
+            pred = self.mae_decoder(out["image_tokens"], kept)
+            losses.update(self.mae(pred, patchify(batch["image"], self.patch), kept))
+        if self.ssl is not None:
+            views = batch["views"].flatten(0, 1)  # (2b, 3, H, W): view 1 and 2 of each image
+            z = self.ssl_head(model.encode_image(views, normalize=False).float()).unflatten(0, (-1, 2))
+            losses.update(self.ssl(z[:, 0], z[:, 1]))
+        return losses
 
     def stateful(self) -> dict[str, nn.Module]:
         """The modules whose state a checkpoint keeps, by their key in it."""

@@ -22,7 +22,6 @@ from clipalign import checkpoint as ckpt
 from clipalign import distributed as D
 from clipalign.data import StreamPosition, merge_skip_counts, resolve_shards, train_loader, train_pipeline
 from clipalign.factory import create_model_and_transforms, get_tokenizer
-from clipalign.mae import patchify
 from clipalign.masking import IGNORE_INDEX
 from clipalign.model import text_length
 from clipalign.objectives import build_objectives, optimizer_groups
@@ -208,19 +207,8 @@ class Trainer:
                     losses.update(obj.mlm(logits, targets, mlm_count))
                     logs["mlm_correct"] += int((logits.argmax(-1) == targets).sum())
                     logs["mlm_total"] += targets.numel()
-                if obj.caption is not None:
-                    caption = obj.caption(out["caption_logits"], out["caption_labels"])
-                    losses.update({k: v / len(micro) for k, v in caption.items()})
-                if obj.mae is not None:  # on the patches this very pass did not see
-                    kept = obj.patch_dropout.kept
-                    pred = obj.mae_decoder(out["image_tokens"], kept)
-                    mae = obj.mae(pred, patchify(mb["image"], obj.patch), kept)
-                    losses.update({k: v / len(micro) for k, v in mae.items()})
-                if obj.ssl is not None:
-                    views = mb["views"].flatten(0, 1)  # (2b, 3, H, W): view 1 and 2 of each image
-                    z = obj.ssl_head(model.encode_image(views, normalize=False).float()).unflatten(0, (-1, 2))
-                    ssl = obj.ssl(z[:, 0], z[:, 1])
-                    losses.update({k: v / len(micro) for k, v in ssl.items()})
+                # per micro-batch means: each counts 1/K of the step's
+                losses.update({k: v / len(micro) for k, v in obj.micro_batch_losses(model, mb, out).items()})
             total = sum(v for k, v in losses.items() if k.endswith("_loss"))
             finite = D.all_ranks_agree(bool(torch.isfinite(total)), self.env)
             if not finite:

@@ -33,11 +33,12 @@ def test_a_model_without_a_decoder_is_refused(tmp_path):
 def coca_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("coca")
     data = write_toy_shards(root / "shards", n=64, per_shard=64)[0].rsplit("/", 1)[0]
-    cfg = TrainConfig(data=data, out=str(root / "run"), model="ca-coca-nano", batch_size=16, steps=30, lr=3e-3,
-                      warmup=3, workers=0, shuffle_buffer=16, precision="fp32", tensorboard=False, log_every=1,
-                      caption_weight=1.0, checkpoint_every=30)
-    trainer = Trainer(cfg)
-    trainer.fit()
+    # through the CLI in a fresh process, as a user runs it (and free of what earlier tests set)
+    subprocess.run([sys.executable, "-m", "clipalign", "train", "--data", data, "--out", str(root / "run"),
+                    "--model", "ca-coca-nano", "--batch-size", "16", "--steps", "30", "--lr", "3e-3", "--warmup", "3",
+                    "--workers", "0", "--shuffle-buffer", "16", "--precision", "fp32", "--no-tensorboard",
+                    "--log-every", "1", "--caption-weight", "1", "--checkpoint-every", "30", "--no-progress"],
+                   check=True, capture_output=True)
     rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     return root, rows
 
