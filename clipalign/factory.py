@@ -91,6 +91,20 @@ def load_hf_weights(name: str, folder: str | os.PathLike) -> dict[str, torch.Ten
     return hf_to_open_clip(model.state_dict())
 
 
+def _init_caption_decoder(clip: torch.nn.Module) -> None:
+    """Give CoCa's decoder projection the values open_clip means it to have.
+
+    open_clip 3.3 allocates ``MultimodalTransformer.text_projection`` with ``torch.empty`` and
+    never calls the decoder's ``init_parameters`` (which would fail: it reads a
+    ``self.transformer`` the class does not have), so a randomly initialised CoCa model starts
+    from whatever the allocator left there, sometimes NaN. This draws it as that method would.
+    """
+    decoder = getattr(clip, "text_decoder", None)
+    if decoder is not None and getattr(decoder, "text_projection", None) is not None:
+        with torch.no_grad():
+            torch.nn.init.normal_(decoder.text_projection, std=decoder.width ** -0.5)
+
+
 def _pretrained_error(pretrained: str, name: str, err: Exception) -> ValueError:
     """One line naming the ``pretrained`` file open_clip could not load into ``name``."""
     if isinstance(err, pickle.UnpicklingError):
@@ -150,6 +164,8 @@ def create_model_and_transforms(
             if pretrained is None:
                 raise
             raise _pretrained_error(pretrained, name, err) from None
+    if pretrained is None:
+        _init_caption_decoder(clip)
     if hf_state is not None:
         clip.load_state_dict(hf_state)
     tokenizer = open_clip.get_tokenizer(name)

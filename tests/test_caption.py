@@ -77,3 +77,20 @@ def test_a_coca_run_resumes_step_exact(tmp_path):
     assert resumed.fit()["steps_this_run"] == 2
     for name, p in whole.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[name], p), name
+
+
+def test_a_random_coca_decoder_projection_is_seeded_not_left_over_memory():
+    from clipalign.factory import create_model
+
+    def projection(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return create_model("ca-coca-nano").clip.text_decoder.text_projection.detach().clone()
+
+    first = projection(0)
+    junk = [torch.full((first.numel(),), float("nan")) for _ in range(8)]  # freed memory full of NaN
+    del junk
+    again = projection(0)
+    assert torch.isfinite(first).all()
+    assert torch.equal(first, again)
+    assert not torch.equal(first, projection(1))
+    assert abs(first.std().item() - first.shape[0] ** -0.5) < 0.2 * first.shape[0] ** -0.5
