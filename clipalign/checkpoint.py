@@ -249,10 +249,17 @@ def load_model(path: str | os.PathLike) -> tuple[ClipAlign, Callable, Callable, 
             for weights of an unknown model or that do not fit its architecture.
     """
     path = resolve_checkpoint(path)
-    state = load_checkpoint(path)
+    return build_model(path, load_checkpoint(path))
+
+
+def build_model(path: Path, state: dict[str, Any]) -> tuple[ClipAlign, Callable, Callable, dict[str, Any]]:
+    """``load_model`` for the checked checkpoint ``state`` already read from ``path``
+    (``clipalign.model_source`` registers a carried architecture in between)."""
     from clipalign.factory import create_model_and_transforms, get_model_config, get_tokenizer
 
     name, weights = state["model_name"], state["model"]
+    if ":" in name:  # open_clip would fetch an "hf-hub:" config, or read a "local-dir:" one
+        raise CheckpointError(path, f"names model {name!r}, which is not a model name (refused: nothing is fetched)")
     try:
         get_model_config(name)
     except ValueError:
