@@ -14,8 +14,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from clipalign.checkpoint import save_checkpoint
 from clipalign.formats.atomic import write_json
-from clipalign.checkpoint import load_model, save_checkpoint
+from clipalign.model_source import ModelSource, load_model_source
 
 # A name becomes a file name and an open_clip registry key: no path separators, and not
 # open_clip's "hf-hub:" / "local-dir:" schemas.
@@ -27,11 +28,13 @@ def _check_name(name: str) -> None:
         raise ValueError(f"invalid export name {name!r}: use letters, digits and . _ + - only")
 
 
-def export_open_clip(checkpoint: str | Path, out_dir: str | Path, name: str | None = None) -> dict[str, Any]:
+def export_open_clip(checkpoint: ModelSource | str | Path, out_dir: str | Path, name: str | None = None
+                     ) -> dict[str, Any]:
     """Write ``out_dir/<name>.json`` (open_clip model config) and ``out_dir/<name>.pt`` (state dict).
 
     Args:
-        checkpoint: a checkpoint file, or a run folder (its latest checkpoint).
+        checkpoint: a checkpoint file or run folder (its latest checkpoint), or a ``ModelSource``
+            (pretrained weights: a Hugging Face folder is converted to open_clip's form).
         out_dir: folder to write into (created if missing).
         name: model name under which open_clip will know the export; defaults to the run's
             model name.
@@ -48,9 +51,9 @@ def export_open_clip(checkpoint: str | Path, out_dir: str | Path, name: str | No
 
     if name is not None:
         _check_name(name)
-    # load_model rebuilds the model from the registered config and loads the weights strictly,
-    # so a config that no longer matches the checkpoint fails here, not in the user's hands.
-    model, _, _, meta = load_model(checkpoint)
+    # the model is rebuilt from the registered config and loads the weights strictly, so a
+    # config that no longer matches the checkpoint fails here, not in the user's hands.
+    model, _, _, meta = load_model_source(checkpoint)
     name = name or meta["model_name"]
     _check_name(name)
     config = get_model_config(meta["model_name"])
@@ -73,7 +76,7 @@ def export_open_clip(checkpoint: str | Path, out_dir: str | Path, name: str | No
     }
 
 
-def export_hf(checkpoint: str | Path, out_dir: str | Path) -> dict[str, Any]:
+def export_hf(checkpoint: ModelSource | str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Write a run's model as a Hugging Face ``transformers.CLIPModel`` folder.
 
     ``out_dir`` gets ``config.json``, ``model.safetensors``, and tokenizer and image-processor
@@ -93,7 +96,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> dict[str, Any]:
     from clipalign.factory import get_model_config
     from clipalign.hf_convert import UnsupportedArchitecture, hf_config, open_clip_to_hf
 
-    model, _, tokenizer, meta = load_model(checkpoint)
+    model, _, tokenizer, meta = load_model_source(checkpoint)
     config = hf_config(get_model_config(meta["model_name"]))
     state = model.clip.state_dict()
     if "logit_bias" in state:

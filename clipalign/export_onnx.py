@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from clipalign.checkpoint import load_model
 from clipalign.formats.atomic import write_json
+from clipalign.model_source import ModelSource, load_model_source
 
 OPSET = 18
 TOLERANCE = 1e-4  # max abs difference of the L2-normalised features, fp32
@@ -44,7 +44,7 @@ class _Tower(nn.Module):
         return self.model.encode_image(x, normalize=True) if self.image else self.model.clip.encode_text(x, normalize=True)
 
 
-def export_onnx(checkpoint: str | Path, out_dir: str | Path) -> dict[str, Any]:
+def export_onnx(checkpoint: ModelSource | str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Write ``out_dir/image.onnx``, ``text.onnx`` and ``onnx.json`` (opset, inputs, preprocessing,
     the measured differences from torch).
 
@@ -57,7 +57,7 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """
     import onnxruntime
 
-    model, _, tokenizer, meta = load_model(checkpoint)
+    model, _, tokenizer, meta = load_model_source(checkpoint)
     model = model.float().eval()
     size = model.image_size
     samples = {"image": torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0)),

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from clipalign.formats.atomic import replace_file
 from clipalign.formats.folders import EmbeddingsFolder, IndexFolder
+from clipalign.model_source import ModelSource
 from retrieval.atomic_folder import replaced_folder
 from retrieval.embed import embed_folder, load_embeddings, summary
 from retrieval.identity import ModelMismatch
@@ -62,6 +63,8 @@ def build_index_folder(embeddings: str | os.PathLike, out: str | os.PathLike, *,
         info: dict[str, Any] = {"model": emb_info["model"]["name"], "model_identity": emb_info["model"],
                                 "embeddings": str(source.root.resolve()) if record_embeddings else None,
                                 "skipped": summary(source.root)["skipped"]}
+        if emb_info.get("model_source") is not None:  # where the model came from: its kind, name and files
+            info["model_source"] = emb_info["model_source"]
         if fast:
             info["text_query"] = fast
         write_index(folder.root, indexes, stats, rows, info)
@@ -87,10 +90,11 @@ def add_to_index_folder(embeddings: str | os.PathLike, out: str | os.PathLike) -
     return index, len(rows) - skipped, skipped
 
 
-def index_images(checkpoint: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
+def index_images(source: ModelSource | str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
                  add: bool = False, batch_size: int = 256, precision: str = "fp32",
                  progress: Callable[..., Any] | None = None, **index_options: Any) -> tuple[SearchIndex, int, int]:
-    """Embed the images (and captions) at ``data`` with ``checkpoint`` into a temporary
+    """Embed the images (and captions) at ``data`` with the model of ``source`` (a checkpoint or
+    run folder, or pretrained weights) into a temporary
     embeddings folder (float32), then build the index folder ``out`` from it, or with ``add``
     append to it.
 
@@ -108,7 +112,7 @@ def index_images(checkpoint: str | os.PathLike, data: str | os.PathLike, out: st
             (or ``add_to_index_folder``); ValueError too when no image at ``data`` decodes.
     """
     with tempfile.TemporaryDirectory(prefix="clipalign-embed-") as tmp:
-        totals = embed_folder(checkpoint, data, tmp, captions=True, dtype="float32", batch_size=batch_size,
+        totals = embed_folder(source, data, tmp, captions=True, dtype="float32", batch_size=batch_size,
                               precision=precision, progress=progress)
         if not totals["count"]:
             raise ValueError(f"no decodable images in {data}")

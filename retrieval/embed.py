@@ -1,8 +1,8 @@
 """Embed a collection into chunked, resumable embedding files.
 
 An embeddings folder (its file names: ``clipalign.formats.folders.EmbeddingsFolder``) holds
-its info (model identity, dim, dtype, the units to embed), a copy of the weights that made
-the vectors (queries need them) and, per unit: the (n, D) L2-normalised image vectors, the
+its info (model identity, where the model came from, dim, dtype, the units to embed), a copy
+of the weights that made the vectors (queries need them) and, per unit: the (n, D) L2-normalised image vectors, the
 caption vectors (when captions are embedded), n metadata rows (key, caption, source, shard,
 offset, size) and a ``done`` record written last (the unit is complete: count, skipped).
 
@@ -26,6 +26,7 @@ from clipalign.formats.folders import EmbeddingsFolder
 from clipalign.formats.sample import caption_char_limit, cut_caption
 from clipalign.formats.skips import SkipCounter
 from clipalign.model import ClipAlign
+from clipalign.model_source import ModelSource
 from retrieval.sources import Unit, folder_units, shard_units, unit_items
 
 METADATA_COLUMNS = ("key", "caption", "source", "shard", "offset", "size")
@@ -90,12 +91,15 @@ def embed_unit(model: ClipAlign, transform: Callable, tokenizer: Callable, unit:
 
 
 def embed_collection(model: ClipAlign, transform: Callable, tokenizer: Callable, units: list[Unit],
-                     out: str | os.PathLike, *, identity: dict[str, str], captions: bool = True,
+                     out: str | os.PathLike, *, identity: dict[str, str], source: dict[str, Any] | None = None,
+                     captions: bool = True,
                      dtype: str = "float16", batch_size: int = 256, precision: str = "fp32",
                      on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Embed every unit not yet done into ``out``; returns the folder's totals (see ``summary``).
 
     Writes the vectors, metadata and ``done`` records; ``embed_folder`` adds the model copy.
+    ``source`` (``model_source_record``) is recorded as the first run found it, never compared:
+    the identity is what must match.
 
     Raises:
         ValueError: ``out`` holds embeddings of another model, source or format.
@@ -104,6 +108,8 @@ def embed_collection(model: ClipAlign, transform: Callable, tokenizer: Callable,
     dim = int(model.clip.visual.output_dim)
     info = {"model": identity, "dim": dim, "dtype": dtype, "captions": captions,
             "units": [asdict(u) | {"files": list(u.files)} for u in units]}
+    if source is not None:
+        info["model_source"] = source
     if folder.info.is_file():
         old = json.loads(folder.info.read_text())
         for field in ("model", "dim", "dtype", "captions", "units"):
@@ -124,11 +130,22 @@ def embed_collection(model: ClipAlign, transform: Callable, tokenizer: Callable,
     return summary(out)
 
 
-def embed_folder(checkpoint: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
+def model_source_record(meta: dict[str, Any]) -> dict[str, Any]:
+    """Where a model came from (``meta["source"]`` of ``load_model_source``), each file it was
+    read from with its size and sha256 (``retrieval.identity.file_digest``)."""
+    from retrieval.identity import file_digest
+
+    source = dict(meta["source"])
+    source["files"] = {path: file_digest(path) for path in source.get("files", [])}
+    return source
+
+
+def embed_folder(source: ModelSource | str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
                  captions: bool = True, dtype: str = "float16", per_chunk: int = 10_000, batch_size: int = 256,
                  precision: str = "fp32", progress: Callable[..., Any] | None = None) -> dict[str, Any]:
-    """Embed the images (and captions) at ``data`` with ``checkpoint`` into the embeddings folder
-    ``out``, resuming after its last finished unit, and copy the weights beside the vectors.
+    """Embed the images (and captions) at ``data`` with the model of ``source`` (a checkpoint or
+    run folder, or pretrained weights) into the embeddings folder ``out``, resuming after its
+    last finished unit, and copy the weights beside the vectors.
 
     Args:
         progress: a tqdm-like factory; one bar counts the images of all units.
@@ -140,24 +157,24 @@ def embed_folder(checkpoint: str | os.PathLike, data: str | os.PathLike, out: st
         FileNotFoundError: no checkpoint, or no shards and no images at ``data``.
         KeyError, ValueError: an unreadable checkpoint, or ``out`` holds other embeddings.
     """
-    from clipalign.checkpoint import load_model, save_checkpoint
+    from clipalign.checkpoint import save_checkpoint
+    from clipalign.model_source import carried_state, load_model_source
     from retrieval.identity import model_identity
 
     units = resolve_units(data, per_chunk)
-    model, transform, tokenizer, meta = load_model(checkpoint)
+    model, transform, tokenizer, meta = load_model_source(source)
     identity = model_identity(meta["model_name"], model.state_dict())  # the weights', not what the file claims
     bar = progress(desc="embedding", unit="img") if progress else None
     try:
-        totals = embed_collection(model, transform, tokenizer, units, out, identity=identity, captions=captions,
+        totals = embed_collection(model, transform, tokenizer, units, out, identity=identity,
+                                  source=model_source_record(meta), captions=captions,
                                   dtype=dtype, batch_size=batch_size, precision=precision,
                                   on_batch=bar.update if bar is not None else None)
     finally:
         if bar is not None:
             bar.close()
     # The vectors travel with the weights that made them: queries must use the same model.
-    save_checkpoint(EmbeddingsFolder(out).model, {"model_name": meta["model_name"], "step": meta.get("step"),
-                                                  "model_identity": identity, "source_checkpoint": meta["path"],
-                                                  "model": model.state_dict()})
+    save_checkpoint(EmbeddingsFolder(out).model, carried_state(model, meta, identity))
     return totals
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from clipalign.formats.folders import IndexFolder
 from clipalign.formats.images import DEFAULT_MAX_PIXELS, decode_image, read_image
+from clipalign.model_source import ModelSource
 from retrieval.identity import check_digest
 from retrieval.index import FILES, SearchIndex, load_index
 
@@ -242,13 +243,14 @@ def _fast_text_query(index: SearchIndex, layout: IndexFolder) -> Callable[[list[
         return None
 
 
-def open_engine(folder: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
+def open_engine(folder: str | os.PathLike, model: ModelSource | str | os.PathLike | None = None,
                 mmap: bool | None = None, eager: bool = False, **limits: Any) -> QueryEngine:
     """Load an index folder and what embeds its queries, refusing a model that does not match.
 
     Args:
-        checkpoint: query with this model instead of the index's own (always built, and checked):
-            the one way to query with weights from outside the folder.
+        model: query with this model (a checkpoint or run folder, or pretrained weights) instead
+            of the index's own (always built, and checked): the one way to query with weights
+            from outside the folder.
         eager: build the full model now (a server wants its errors and its cost at start-up).
         limits: ``max_decodes``, ``max_pixels``, ``decode_wait_s``, ``text_batch`` of the ``QueryEngine``.
 
@@ -260,18 +262,18 @@ def open_engine(folder: str | os.PathLike, checkpoint: str | os.PathLike | None 
     layout = IndexFolder(folder)
 
     def build() -> tuple[Any, Callable, Callable]:
-        from clipalign.checkpoint import load_model
+        from clipalign.model_source import load_model_source
         from retrieval.identity import model_identity
 
-        if checkpoint is None and layout.model.is_file():  # the folder's own copy, the file its info records
+        if model is None and layout.model.is_file():  # the folder's own copy, the file its info records
             check_digest(layout.model, index.info.get(FILES, {}).get(layout.model.name), layout.info.name)
-        model, transform, tokenizer, meta = load_model(checkpoint or layout.model)
+        built, transform, tokenizer, meta = load_model_source(layout.model if model is None else model)
         # from the weights themselves, never from what the file says of them
-        index.check_model(model_identity(meta["model_name"], model.state_dict()), int(model.clip.visual.output_dim))
-        return model, transform, tokenizer
+        index.check_model(model_identity(meta["model_name"], built.state_dict()), int(built.clip.visual.output_dim))
+        return built, transform, tokenizer
 
-    text_query = _fast_text_query(index, layout) if checkpoint is None else None
+    text_query = _fast_text_query(index, layout) if model is None else None
     engine = QueryEngine(index, build, text_query, **limits)
-    if eager or checkpoint is not None or text_query is None:
+    if eager or model is not None or text_query is None:
         engine.full_model()
     return engine

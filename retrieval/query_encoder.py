@@ -118,9 +118,9 @@ def export_text_query_of(checkpoint: str | os.PathLike, folder: str | os.PathLik
     Returns:
         ``(the text_query entry or None, the model's identity, computed from its weights)``.
     """
-    from clipalign.checkpoint import load_model
+    from clipalign.model_source import load_model_source
     from retrieval.identity import model_identity
 
-    model, _, tokenizer, meta = load_model(checkpoint)
+    model, _, tokenizer, meta = load_model_source(checkpoint)
     identity = model_identity(meta["model_name"], model.state_dict())
     return export_text_query(model, tokenizer, folder, identity), identity

@@ -4,16 +4,16 @@ from __future__ import annotations
 import json
 import sys
 
-from clipalign.cli.common import CliError, existing_path, parser, read_templates
+from clipalign.cli.common import CliError, add_model_args, existing_path, model_source_of, parser, read_templates
 
 
 def build_parser():
     p = parser("classify", "Zero-shot classify images (files or folders, searched recursively) against "
-               "class names, with a trained checkpoint. Prints each image's top classes and "
+               "class names, with a trained checkpoint or pretrained CLIP weights. Prints each image's top classes and "
                "probabilities; unreadable files (and anything that is not a regular file, such as "
                "a FIFO or a device) are counted and skipped.")
     p.add_argument("images", nargs="+", help="image files and/or folders")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run folder (its latest checkpoint)")
+    add_model_args(p)
     classes = p.add_mutually_exclusive_group(required=True)
     classes.add_argument("--classes", help="comma-separated class names, e.g. 'cat,dog,car'")
     classes.add_argument("--classes-file", help="file with one class name per line")
@@ -42,16 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     templates = read_templates(args.templates_file) if args.templates_file else None
     if args.top_k <= 0:
         raise CliError("--top-k must be positive")
-    existing_path(args.checkpoint, "checkpoint")
+    source = model_source_of(args)
 
-    from clipalign.checkpoint import load_model
     from clipalign.classify import DEFAULT_TEMPLATES, class_embeddings, classify_images, expand_images
+    from clipalign.model_source import load_model_source
 
     paths = expand_images(args.images)
     if not paths:
         raise CliError("no images found in the given paths")
     try:
-        model, transform, tokenizer, _ = load_model(args.checkpoint)
+        model, transform, tokenizer, _ = load_model_source(source)
     except (FileNotFoundError, KeyError, ValueError) as err:
         raise CliError(str(err)) from None
     classifier = class_embeddings(model, tokenizer, classnames, templates or DEFAULT_TEMPLATES)

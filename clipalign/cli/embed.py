@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import sys
 
-from clipalign.cli.common import CliError, existing_path, parser
+from clipalign.cli.common import CliError, add_model_args, model_source_of, parser
 
 
 def build_parser():
     p = parser("embed", "Embed every image of a set of WebDataset shards or of an image folder (and its caption: "
-               "the shard's .txt, or a .txt file beside the image) with a trained checkpoint. Writes one "
+               "the shard's .txt, or a .txt file beside the image) with a trained checkpoint or pretrained CLIP weights. Writes one "
                ".npy chunk of vectors and one Parquet metadata table (key, caption, source, shard, offset) per "
                "shard or per --per-chunk images, and a copy of the weights. Re-running the same command "
                "resumes after the last finished chunk; unreadable images are counted and skipped.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run folder (its latest checkpoint)")
+    add_model_args(p)
     p.add_argument("--data", required=True, help="shard folder, glob or brace pattern, or a folder of images")
     p.add_argument("--out", required=True, help="embeddings folder to write (or resume)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage type of the vectors")
@@ -26,13 +26,13 @@ def build_parser():
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    existing_path(args.checkpoint, "checkpoint")
+    source = model_source_of(args)
     from tqdm import tqdm
 
     from retrieval.embed import embed_folder
 
     try:
-        summary = embed_folder(args.checkpoint, args.data, args.out, captions=not args.no_captions, dtype=args.dtype,
+        summary = embed_folder(source, args.data, args.out, captions=not args.no_captions, dtype=args.dtype,
                                per_chunk=args.per_chunk, batch_size=args.batch_size, precision=args.precision,
                                progress=None if args.no_progress else tqdm)
     except (FileNotFoundError, KeyError, ValueError) as err:

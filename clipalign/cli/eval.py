@@ -6,15 +6,15 @@ import math
 from pathlib import Path
 
 from clipalign.formats.atomic import write_json
-from clipalign.cli.common import CliError, existing_path, parser, read_templates
+from clipalign.cli.common import CliError, add_model_args, existing_path, model_source_of, parser, read_templates
 
 
 def build_parser():
-    p = parser("eval", "Evaluate a checkpoint on evaluation sets: CLIP_benchmark wds/ sets (zero-shot "
+    p = parser("eval", "Evaluate a checkpoint or pretrained CLIP weights on evaluation sets: CLIP_benchmark wds/ sets (zero-shot "
                "classification or retrieval, by each set's dataset_type.txt), ImageFolder trees "
                "(class = sub-folder) or CSV/TSV/JSONL manifests with image and label columns "
                "(zero-shot classification). Metrics use CLIP_benchmark's names and definitions.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run folder (its latest checkpoint)")
+    add_model_args(p)
     p.add_argument("--data", required=True, nargs="+", help="wds/ set folders, ImageFolder folders or label manifests")
     p.add_argument("--templates-file", default=None,
                    help="zero-shot prompt templates, one per line with {c} for the class (default: the set's own, "
@@ -64,18 +64,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if any(k <= 0 for k in args.recall_k):
         raise CliError("--recall-k values must be positive")
-    existing_path(args.checkpoint, "checkpoint")
+    source = model_source_of(args)
     roots = [existing_path(d, "evaluation set") for d in args.data]
     from tqdm import tqdm
 
-    from clipalign.checkpoint import load_model
     from clipalign.evaluate import evaluate, probe_train_split
+    from clipalign.model_source import load_model_source
     from data_prep.eval_source import open_eval_source
 
     templates = read_templates(args.templates_file) if args.templates_file else None
     try:
         sets = [open_eval_source(r, templates=templates, image_col=args.image_col, label_col=args.label_col) for r in roots]
-        model, transform, tokenizer, meta = load_model(args.checkpoint)
+        model, transform, tokenizer, meta = load_model_source(source)
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise CliError(str(err)) from None
     results = {}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from clipalign.cli.common import CliError, existing_path, parser
+from clipalign.cli.common import CliError, add_model_args, model_source_of, parser
 
 _EPILOG = """\
 Use the export from plain open_clip (no clipalign needed):
@@ -18,13 +18,14 @@ or with CLIP_benchmark:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = parser("export", "Write a run's model for plain open_clip:\n"
+    p = parser("export", "Write a run's model (or pretrained weights: --model/--pretrained) for plain open_clip:\n"
                "  DIR/NAME.json  the open_clip model config\n"
                "  DIR/NAME.pt    the open_clip state dict only (no MLM head, optimizer or training state)\n"
                "open_clip then gives the same image and text embeddings as clipalign.")
     p.epilog = _EPILOG
     p.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the code lines as written
-    p.add_argument("run", metavar="RUN", help="checkpoint file, or a run folder (its latest checkpoint)")
+    p.add_argument("run", metavar="RUN", nargs="?", default=None,
+                   help="checkpoint file, or a run folder (its latest checkpoint); or give --model/--pretrained")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write NAME.json and NAME.pt into")
     p.add_argument("--format", choices=["open_clip", "hf", "onnx"], default="open_clip",
                    help="open_clip: NAME.json + NAME.pt; hf: a transformers CLIPModel folder (config.json, "
@@ -32,23 +33,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "onnx: image.onnx + text.onnx (dynamic batch, checked with onnxruntime) + onnx.json")
     p.add_argument("--name", default=None,
                    help="model name for open_clip's registry and the file names (default: the run's model name)")
+    add_model_args(p, checkpoint=None)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    existing_path(args.run, "run")
+    source = model_source_of(args, checkpoint=args.run)
     from clipalign.export import export_hf, export_open_clip
 
     try:
         if args.format == "onnx":
             from clipalign.export_onnx import export_onnx
 
-            info = export_onnx(args.run, args.out)
+            info = export_onnx(source, args.out)
         elif args.format == "hf":
-            info = export_hf(args.run, args.out)
+            info = export_hf(source, args.out)
         else:
-            info = export_open_clip(args.run, args.out, name=args.name)
+            info = export_open_clip(source, args.out, name=args.name)
     except (FileNotFoundError, ValueError) as err:
         raise CliError(str(err)) from None
     step = f" (step {info['step']})" if info["step"] is not None else ""

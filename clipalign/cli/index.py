@@ -4,20 +4,19 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from clipalign.cli.common import CliError, existing_path, parser
+from clipalign.cli.common import CliError, add_model_args, existing_path, model_source_of, parser
 
 
 def build_parser():
     from clipalign.formats.folders import IndexFolder
 
     p = parser("index", "Build a FAISS index folder from an embeddings folder made by 'clipalign embed' "
-               "(or, with --checkpoint and --data, embed the shards first). With --index auto the index "
+               "(or, with a model (--checkpoint, or --model and --pretrained) and --data, embed the images first). With --index auto the index "
                "type is chosen from the number of vectors and --max-memory, trained on a sample, and its "
                "search parameter tuned on held-out queries to --target-recall@10 against exact search; "
                f"measured recall, latency and memory go into {IndexFolder('').info.name}.")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--embeddings", help="embeddings folder from 'clipalign embed'")
-    src.add_argument("--checkpoint", help="one-step mode: checkpoint (or run folder) to embed --data with")
+    p.add_argument("--embeddings", help="embeddings folder from 'clipalign embed'")
+    add_model_args(p, checkpoint="one-step mode: checkpoint (or run folder) to embed --data with")
     p.add_argument("--data", help="one-step mode: shard folder, glob or brace pattern, or an image folder")
     p.add_argument("--out", required=True, help="index folder to write")
     p.add_argument("--index", choices=["auto", "flat", "hnsw", "ivf", "ivfsq8", "ivfpq", "ivfpqfs"], default="auto")
@@ -34,9 +33,11 @@ def build_parser():
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.checkpoint:
-        existing_path(args.checkpoint, "checkpoint")
-    else:
+    source = model_source_of(args, required=False)
+    if (source is None) == (args.embeddings is None):
+        raise CliError("give --embeddings EMB, or a model (--checkpoint RUN, or --model NAME --pretrained FILE, "
+                       "or --pretrained HF_FOLDER) and --data to embed: one of the two")
+    if source is None:
         existing_path(args.embeddings, "embeddings folder")
     if not 0 < args.target_recall <= 1:
         raise CliError("--target-recall must be in (0, 1]")
@@ -46,17 +47,17 @@ def main(argv: list[str] | None = None) -> int:
         budget = parse_memory(args.max_memory)
     except ValueError as err:
         raise CliError(str(err)) from None
-    if args.checkpoint and not args.data:
-        raise CliError("--checkpoint needs --data (or give --embeddings)")
+    if source is not None and not args.data:
+        raise CliError("a model needs --data to embed (or give --embeddings)")
     from retrieval.build import add_to_index_folder, build_index_folder, index_images
 
     options = {"kind": args.index, "max_memory": budget, "target_recall": args.target_recall, "seed": args.seed}
     skipped = 0
     try:
-        if args.checkpoint:
+        if source is not None:
             from tqdm import tqdm
 
-            index, count, skipped = index_images(args.checkpoint, args.data, args.out, add=args.add,
+            index, count, skipped = index_images(source, args.data, args.out, add=args.add,
                                                  batch_size=args.batch_size, precision=args.precision,
                                                  progress=None if args.no_progress else tqdm, **options)
         elif args.add:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from clipalign.cli.common import CliError, existing_path, parser
+from clipalign.cli.common import CliError, add_model_args, existing_path, model_source_of, parser
 
 
 def build_parser():
@@ -19,7 +19,7 @@ def build_parser():
     p.add_argument("--index", required=True, help="index folder")
     p.add_argument("-k", type=int, default=10, help="number of results (at most 100; at most the index's size)")
     p.add_argument("--over", choices=["images", "captions"], default="images", help="what to search")
-    p.add_argument("--checkpoint", default=None, help="model for the query (default: the one the index was built with)")
+    add_model_args(p, checkpoint="model for the queries, checked against the index's (default: the index's own copy)")
     p.add_argument("--json", action="store_true", help="print results as JSON (one object a line with --queries)")
     p.add_argument("--html", default=None, help="also write a self-contained results page with thumbnails here")
     return p
@@ -80,10 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.k <= MAX_K:  # as the server bounds it; more than the index holds gives all it holds
         raise CliError(f"-k must be between 1 and {MAX_K}")
     texts = None if args.image else _queries(args)
+    source = model_source_of(args, required=False)
     from retrieval.engine import open_engine
 
     try:
-        engine = open_engine(args.index, args.checkpoint)
+        engine = open_engine(args.index, source)
     except (FileNotFoundError, KeyError, ValueError) as err:
         raise CliError(str(err)) from None
     try:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from clipalign.cli.common import CliError, existing_path, parser
+from clipalign.cli.common import CliError, add_model_args, existing_path, model_source_of, parser
 
 
 def build_parser():
@@ -15,7 +15,7 @@ def build_parser():
     p.add_argument("--index", required=True, help="index folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
-    p.add_argument("--checkpoint", default=None, help="model for the queries (default: the index's own)")
+    add_model_args(p, checkpoint="model for the queries, checked against the index's (default: the index's own copy)")
     p.add_argument("--quiet", action="store_true", help="do not log each request")
     return p
 
@@ -23,11 +23,12 @@ def build_parser():
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     existing_path(args.index, "index")
+    source = model_source_of(args, required=False)
     from retrieval.engine import open_engine
     from retrieval.server import make_server
 
     try:
-        engine = open_engine(args.index, args.checkpoint, eager=True)
+        engine = open_engine(args.index, source, eager=True)
         server = make_server(engine, args.host, args.port, quiet=args.quiet)
     except (FileNotFoundError, KeyError, ValueError, OSError) as err:
         raise CliError(str(err)) from None
