@@ -1,7 +1,7 @@
 """BERT-style token masking for the masked-token (MLM) objective on the text tower."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -48,6 +48,21 @@ def maskable_positions(ids: torch.Tensor, eot_id: int) -> torch.Tensor:
     return (pos > 0) & (pos < eot_pos[:, None])
 
 
+def masking_ids(tokenizer: Any, mask_id: int) -> dict[str, Any]:
+    """``mask_tokens``' id arguments for ``tokenizer`` and a model's ``mask_id``.
+
+    open_clip's BPE puts its two special tokens last, so random replacements are drawn below
+    start-of-text. A Hugging Face tokenizer (``hf_text.HfTokenizer``) has its special ids
+    anywhere in the vocabulary (BERT: ``[PAD]`` 0, ``[UNK]`` 100, ``[CLS]`` 101, ...): they
+    are never chosen and never drawn.
+    """
+    ids: dict[str, Any] = {"mask_id": mask_id, "eot_id": tokenizer.eot_token_id}
+    special = getattr(tokenizer, "special_ids", None)
+    if special is None:
+        return {**ids, "random_high": tokenizer.sot_token_id}
+    return {**ids, "random_high": tokenizer.vocab_size, "special_ids": torch.tensor(special, dtype=torch.long)}
+
+
 def mask_tokens(
     ids: torch.Tensor,
     *,
@@ -57,12 +72,14 @@ def mask_tokens(
     rate: float = 0.15,
     generator: torch.Generator | None = None,
     stop_ids: torch.Tensor | None = None,
+    special_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose ``rate`` of each caption's tokens to predict, BERT-style (80/10/10).
 
     Of the chosen positions, 80 % become ``mask_id``, 10 % a random token in
-    ``[0, random_high)`` and 10 % stay unchanged. Start, end and padding tokens are never
-    chosen, and every caption with at least one real token gets at least one chosen.
+    ``[0, random_high)`` (less ``special_ids``) and 10 % stay unchanged. Start, end and
+    padding tokens are never chosen, nor are ``special_ids``, and every caption with at least
+    one real token gets at least one chosen.
 
     Args:
         ids: (B, L) token ids.
@@ -74,14 +91,18 @@ def mask_tokens(
         generator: source of randomness (for reproducible masks).
         stop_ids: if given, choose only tokens that are not among these ids (``content_positions``;
             a caption made only of stop words falls back to all its tokens).
+        special_ids: (S,) ids never chosen and never drawn as replacements (a tokenizer whose
+            special tokens sit inside ``[0, random_high)``; ``masking_ids`` gives them).
 
     Returns:
         ``(masked_ids, labels)``, both (B, L): ``labels`` holds the original id at chosen
         positions and ``IGNORE_INDEX`` elsewhere.
     """
     maskable = maskable_positions(ids, eot_id)
+    if special_ids is not None:
+        maskable &= ~torch.isin(ids, special_ids.to(ids.device))
     if stop_ids is not None:
-        content = content_positions(ids, eot_id, stop_ids)
+        content = maskable & ~torch.isin(ids, stop_ids.to(ids.device))  # content_positions, less the specials
         maskable = torch.where(content.any(dim=1, keepdim=True), content, maskable)
     u = torch.rand(ids.shape, generator=generator, device=ids.device)
     chosen = maskable & (u < rate)
@@ -93,7 +114,12 @@ def mask_tokens(
 
     labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE_INDEX))
     action = torch.rand(ids.shape, generator=generator, device=ids.device)
-    random_ids = torch.randint(0, random_high, ids.shape, generator=generator, device=ids.device)
+    if special_ids is None:
+        random_ids = torch.randint(0, random_high, ids.shape, generator=generator, device=ids.device)
+    else:
+        allowed = torch.arange(random_high, device=ids.device)
+        allowed = allowed[~torch.isin(allowed, special_ids.to(ids.device))]
+        random_ids = allowed[torch.randint(0, len(allowed), ids.shape, generator=generator, device=ids.device)]
     masked = torch.where(chosen & (action < 0.8), torch.full_like(ids, mask_id), ids)
     masked = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, masked)
     return masked, labels

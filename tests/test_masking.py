@@ -80,3 +80,37 @@ def test_content_target_masks_no_stop_word_and_falls_back_when_there_is_none():
     # the plain target draws stop words too
     _, plain = _mask(ids[:200], rate=0.3)
     assert {int(t) for t in plain[plain != IGNORE_INDEX]} > words
+
+
+def test_special_ids_inside_the_vocabulary_are_never_chosen_nor_drawn():
+    # a BERT-like layout: [PAD] 0, [UNK] 7, [CLS] 8, [SEP] 9, [MASK] 10, words elsewhere in [0, 40)
+    pad, unk, cls, sep, mask = 0, 7, 8, 9, 10
+    special = torch.tensor([pad, unk, cls, sep, mask])
+    rows = [[cls, 3, unk, 12, 30, sep, pad, pad], [cls, unk, sep, pad, pad, pad, pad, pad],
+            [cls, 1, 2, 3, 4, 5, 6, sep]]
+    ids = torch.tensor(rows * 200)
+    drawn = set()
+    for seed in range(5):
+        masked, labels = mask_tokens(ids, mask_id=mask, eot_id=sep, random_high=40, rate=0.9, special_ids=special,
+                                     generator=torch.Generator().manual_seed(seed))
+        chosen = labels != IGNORE_INDEX
+        assert not torch.isin(ids[chosen], special).any()  # [UNK] is never a target
+        assert not chosen[1::3].any()  # a caption of specials only has nothing to predict
+        replaced = masked[chosen & (masked != mask) & (masked != ids)]
+        assert not torch.isin(replaced, special).any()
+        drawn |= set(replaced.tolist())
+    assert drawn == set(range(40)) - set(special.tolist())  # the rest of the vocabulary, all of it
+
+
+def test_an_empty_special_set_draws_exactly_what_random_high_alone_draws():
+    ids = TOK(CAPTIONS * 20)
+    plain = _mask(ids, seed=1, rate=0.5)
+    none_special = mask_tokens(ids, mask_id=MASK, eot_id=EOT, random_high=SOT, rate=0.5,
+                               special_ids=torch.tensor([], dtype=torch.long), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(plain[0], none_special[0]) and torch.equal(plain[1], none_special[1])
+
+
+def test_masking_ids_of_open_clips_tokenizer_are_the_ones_training_always_used():
+    from clipalign.masking import masking_ids
+
+    assert masking_ids(TOK, MASK) == {"mask_id": MASK, "eot_id": EOT, "random_high": SOT}
