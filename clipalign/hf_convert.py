@@ -120,7 +120,10 @@ def hf_config(cfg: dict[str, Any]) -> Any:
                  "pool_type", "output_tokens", "ls_init_value", "patch_dropout", "act_kwargs", "norm_kwargs"):
         if vision.get(name) not in (None, False, 0, 0.0, "tok"):
             raise UnsupportedArchitecture(f"the image tower's {name}={vision[name]!r}")
-    for name in ("hf_model_name", "embed_cls", "pad_id", "no_causal_mask", "proj_bias", "pool_type", "ls_init_value",
+    if text.get("hf_model_name"):
+        raise UnsupportedArchitecture(f"a Hugging Face text tower ({text['hf_model_name']}; "
+                                      "Hugging Face's CLIPModel has CLIP's own text transformer only)")
+    for name in ("embed_cls", "pad_id", "no_causal_mask", "proj_bias", "pool_type", "ls_init_value",
                  "output_tokens", "act_kwargs", "norm_kwargs", "final_ln_after_pool"):
         if text.get(name) not in (None, False, 0, "argmax"):
             raise UnsupportedArchitecture(f"the text tower's {name}={text[name]!r}")

@@ -1,5 +1,6 @@
 """The dual encoder: an open_clip CLIP model plus a masked-token (MLM) head on its text tower,
-optionally conditioned on the image (``clipalign.fusion``)."""
+optionally conditioned on the image (``clipalign.fusion``). The text tower is open_clip's
+transformer or a Hugging Face encoder (``clipalign.hf_text``)."""
 from __future__ import annotations
 
 import torch
@@ -8,6 +9,7 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 
 from clipalign.fusion import ImageFusion, image_features_and_tokens, image_token_width
+from clipalign.hf_text import is_hf_tower
 from clipalign.masking import IGNORE_INDEX
 
 MLM_CONDITIONS = ("none", "image")
@@ -19,16 +21,18 @@ class MlmHead(nn.Module):
     Args:
         width: text tower width W.
         vocab_size: V, rows of the token embedding that the decoder shares.
+        learned_mask: learn the input vector of the [MASK] token (a vocabulary without one);
+            ``False`` where the tokenizer has its own.
     """
 
-    def __init__(self, width: int, vocab_size: int):
+    def __init__(self, width: int, vocab_size: int, learned_mask: bool = True):
         super().__init__()
         self.dense = nn.Linear(width, width)
         self.norm = nn.LayerNorm(width)
         self.bias = nn.Parameter(torch.zeros(vocab_size))
         # A learned input vector for the [MASK] token: open_clip's vocabulary has none, and a
         # new id above end-of-text would break its argmax pooling, so the id never reaches it.
-        self.mask_embedding = nn.Parameter(torch.randn(width) * 0.02)
+        self.mask_embedding = nn.Parameter(torch.randn(width) * 0.02) if learned_mask else None
 
     def forward(self, hidden: torch.Tensor, token_embedding: torch.Tensor) -> torch.Tensor:
         """(M, W) hidden states at masked positions, (V, W) tied decoder weight → (M, V) logits."""
@@ -42,6 +46,8 @@ _TOWER_PARTS = ("token_embedding", "positional_embedding", "transformer", "ln_fi
 def _text_tower(clip: nn.Module) -> nn.Module:
     """The module that holds open_clip's text transformer pieces (CLIP or CustomTextCLIP)."""
     tower = getattr(clip, "text", clip)
+    if is_hf_tower(clip):
+        return tower
     if not all(hasattr(tower, name) for name in _TOWER_PARTS):
         raise ValueError(f"the MLM head needs an open_clip transformer text tower; {type(tower).__name__} is not one")
     return tower
@@ -57,6 +63,17 @@ def text_length(ids: torch.Tensor, eot_id: int) -> int:
     if not bool(is_eot.any(1).all()):
         return ids.shape[1]
     return int(is_eot.int().argmax(1).max()) + 1
+
+
+def _token_embedding(clip: nn.Module) -> nn.Embedding:
+    """The text tower's (V, W) token embedding, which the MLM decoder shares."""
+    tower = _text_tower(clip)
+    return tower.transformer.get_input_embeddings() if is_hf_tower(clip) else tower.token_embedding
+
+
+def _heads(clip: nn.Module) -> int:
+    tower = _text_tower(clip)
+    return tower.config.num_attention_heads if is_hf_tower(clip) else tower.transformer.resblocks[0].attn.num_heads
 
 
 def _pool_type(tower: nn.Module) -> str | None:
@@ -101,41 +118,51 @@ class ClipAlign(nn.Module):
     """open_clip dual encoder with an optional MLM head.
 
     Args:
-        clip: an open_clip ``CLIP`` or ``CustomTextCLIP`` model.
+        clip: an open_clip ``CLIP`` or ``CustomTextCLIP`` model (its text tower open_clip's
+            transformer or a Hugging Face encoder, ``HFTextEncoder``).
         mlm_head: add the masked-token prediction head to the text tower.
         eot_id: the tokenizer's end-of-text id.
         mlm_condition: ``"none"``: the masked caption is predicted from text alone; ``"image"``:
             its token states cross-attend to the image tower's tokens first (``ImageFusion``).
         fusion_layers: fusion blocks for ``mlm_condition="image"``.
+        mask_id: the tokenizer's own [MASK] id (a Hugging Face tower's); ``None``: one past the
+            vocabulary, with a learned input vector.
+        own_mlm_head: the tower's own pretrained masked-LM head ((M, W) → (M, V) logits, its
+            decoder already tied; ``hf_text.masked_lm_head``), used instead of a fresh ``MlmHead``.
     """
 
     def __init__(self, clip: nn.Module, *, mlm_head: bool = True, eot_id: int = 49407, mlm_condition: str = "none",
-                 fusion_layers: int = 1):
+                 fusion_layers: int = 1, mask_id: int | None = None, own_mlm_head: nn.Module | None = None):
         super().__init__()
         if mlm_condition not in MLM_CONDITIONS:
             raise ValueError(f"unknown MLM condition {mlm_condition!r} (one of {', '.join(MLM_CONDITIONS)})")
         if mlm_condition != "none" and not mlm_head:
             raise ValueError("an image-conditioned MLM needs the MLM head")
+        if is_hf_tower(clip) and mlm_head and mask_id is None:
+            raise ValueError("a Hugging Face text tower's MLM needs its tokenizer's [MASK] id")
         self.clip = clip
         self.eot_id = eot_id
-        tower = _text_tower(clip)
-        emb = tower.token_embedding
-        self.mlm_head = MlmHead(emb.embedding_dim, emb.num_embeddings) if mlm_head else None
+        self._mask_id = mask_id
+        emb = _token_embedding(clip)
+        if not mlm_head:
+            self.mlm_head = None
+        else:
+            self.mlm_head = own_mlm_head or MlmHead(emb.embedding_dim, emb.num_embeddings, learned_mask=mask_id is None)
         self.mlm_fusion = None
         if mlm_condition == "image":
-            heads = tower.transformer.resblocks[0].attn.num_heads
             embed_dim = getattr(clip.visual, "output_dim", None) or emb.embedding_dim
             self.mlm_fusion = ImageFusion(emb.embedding_dim, image_token_width(clip.visual, embed_dim),
-                                          layers=fusion_layers, heads=heads)
+                                          layers=fusion_layers, heads=_heads(clip))
 
     @property
     def vocab_size(self) -> int:
-        return _text_tower(self.clip).token_embedding.num_embeddings
+        return _token_embedding(self.clip).num_embeddings
 
     @property
     def mask_id(self) -> int:
-        """Id that ``mask_tokens`` writes at masked positions: one past the vocabulary."""
-        return self.vocab_size
+        """Id that ``mask_tokens`` writes at masked positions: the tokenizer's [MASK], or where
+        it has none (open_clip's BPE) one past the vocabulary."""
+        return self.vocab_size if self._mask_id is None else self._mask_id
 
     @property
     def image_size(self) -> int:
@@ -190,9 +217,13 @@ class ClipAlign(nn.Module):
         """Bidirectional pass over (possibly masked) ids: (B, L) → (B, L, W) token states.
 
         Attention is full (no causal mask) except that no token attends to padding
-        (positions after end-of-text).
+        (positions after end-of-text; for a Hugging Face tower, its ``[PAD]`` ids, as in its
+        contrastive pass).
         """
         tower = _text_tower(self.clip)
+        if is_hf_tower(self.clip):  # an encoder that already attends both ways; [MASK] is in its vocabulary
+            attention = (ids != tower.config.pad_token_id).long()
+            return tower.transformer(input_ids=ids, attention_mask=attention).last_hidden_state
         emb = tower.token_embedding
         cast_dtype = tower.transformer.get_cast_dtype()
         is_mask = ids == self.mask_id
@@ -235,8 +266,9 @@ class ClipAlign(nn.Module):
                 raise ValueError("this model's MLM is image-conditioned: pass the image tokens")
             hidden = self.mlm_fusion(hidden, image_tokens)
         chosen = labels != IGNORE_INDEX
-        weight = _text_tower(self.clip).token_embedding.weight
-        return self.mlm_head(hidden[chosen], weight), labels[chosen]
+        if not isinstance(self.mlm_head, MlmHead):  # the tower's own head, its decoder tied already
+            return self.mlm_head(hidden[chosen]), labels[chosen]
+        return self.mlm_head(hidden[chosen], _token_embedding(self.clip).weight), labels[chosen]
 
     def forward(
         self,

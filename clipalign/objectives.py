@@ -16,7 +16,7 @@ from torch import nn
 from clipalign.image_ssl import ProjectionHead, simclr_view_transform
 from clipalign.loss import CaptionLoss, ClipLoss, MaeLoss, MlmLoss, QueueClipLoss, SigLipLoss, SimClrLoss
 from clipalign.mae import MaeDecoder, RecordingPatchDropout, install_recording_dropout, mae_decoder_for, patchify
-from clipalign.masking import mask_tokens, stop_token_ids
+from clipalign.masking import mask_tokens, masking_ids, stop_token_ids
 from clipalign.model import ClipAlign
 from clipalign.momentum import MomentumQueues
 from clipalign.precision import autocast
@@ -131,9 +131,8 @@ def build_objectives(cfg: TrainConfig, model: ClipAlign, tokenizer: Any, rank: i
     if cfg.mlm_weight > 0:
         objectives.mlm = MlmLoss(cfg.mlm_weight)
         stop_ids = stop_token_ids(tokenizer, tokenizer.eot_token_id) if cfg.mlm_target == "content" else None
-        objectives.masker = functools.partial(mask_tokens, mask_id=model.mask_id, eot_id=tokenizer.eot_token_id,
-                                              random_high=tokenizer.sot_token_id, rate=cfg.mlm_rate,
-                                              stop_ids=stop_ids)
+        objectives.masker = functools.partial(mask_tokens, **masking_ids(tokenizer, model.mask_id),
+                                              rate=cfg.mlm_rate, stop_ids=stop_ids)
     embed_dim = model.clip.text_projection.shape[1] if _has_text_projection(model) else None
     if cfg.image_ssl == "simclr":
         dim = embed_dim or model.encode_image(torch.zeros(1, 3, model.image_size, model.image_size)).shape[1]
