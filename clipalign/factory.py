@@ -1,7 +1,9 @@
 """Model registry and factory: the project's JSON configs plus every open_clip architecture.
 
 The configs in ``model_configs/`` use open_clip's schema (``embed_dim``, ``vision_cfg``,
-``text_cfg``) and are registered with open_clip, so one name works in both libraries.
+``text_cfg``) and are registered with open_clip, so one name works in both libraries. More
+configs (a text tower from a local Hugging Face folder, say) join with ``add_model_config``,
+or for every process from the folders and files in ``$CLIPALIGN_MODEL_CONFIGS``.
 """
 from __future__ import annotations
 
@@ -16,10 +18,41 @@ from typing import Any, Callable, Iterator
 import open_clip
 import torch
 
+from clipalign import hf_text
 from clipalign.model import ClipAlign
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
+CONFIG_ENV = "CLIPALIGN_MODEL_CONFIGS"
 open_clip.add_model_config(CONFIG_DIR)
+_ADDED: dict[str, Path] = {}  # name -> the config file that added it, for its relative paths
+
+
+def add_model_config(path: str | os.PathLike) -> list[str]:
+    """Register a model config file, or every ``*.json`` in a folder, under its file name.
+
+    A config's ``text_cfg.hf_model_name`` / ``hf_tokenizer_name`` may be relative to the
+    file's folder.
+
+    Returns:
+        The names added.
+
+    Raises:
+        FileNotFoundError: no such file or folder.
+        ValueError: a name that another config already has.
+    """
+    path = Path(path).resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"no model config at {path}")
+    files = sorted(path.glob("*.json")) if path.is_dir() else [path]
+    taken = set(open_clip.list_models())
+    clash = [f.stem for f in files if f.stem in taken and _ADDED.get(f.stem) != f]
+    if clash:
+        raise ValueError(f"{path}: model name {clash[0]!r} is taken (rename the config file)")
+    open_clip.add_model_config(path)
+    added = [f.stem for f in files if f.stem in open_clip.list_models()]
+    _ADDED.update({f.stem: f for f in files if f.stem in added})
+    get_tokenizer.cache_clear()  # a config added again may name another tokenizer
+    return added
 
 
 def list_models() -> list[str]:
@@ -29,11 +62,12 @@ def list_models() -> list[str]:
 
 
 def get_model_config(name: str) -> dict[str, Any]:
-    """The open_clip config dict of a registered model name."""
+    """The open_clip config dict of a registered model name (with the paths of a text tower
+    from a local Hugging Face folder made absolute)."""
     cfg = open_clip.get_model_config(name)
     if cfg is None:
         raise ValueError(f"unknown model {name!r}; see clipalign.list_models()")
-    return cfg
+    return hf_text.resolve_paths(cfg, _ADDED[name].parent) if name in _ADDED else cfg
 
 
 @contextlib.contextmanager
@@ -135,6 +169,10 @@ def create_model_and_transforms(
         pretrained: a local open_clip checkpoint (never a download tag), loaded with
             ``weights_only=True``, or a local Hugging Face ``CLIPModel`` folder of ``name``'s
             architecture (converted by ``clipalign.hf_convert``; safetensors only).
+            Where the config's text tower is a local Hugging Face folder (``hf_model_name``),
+            the tower starts from that folder's weights unless ``pretrained`` is given, and the
+            MLM uses the folder's own ``*ForMaskedLM`` head where it has one, and its
+            tokenizer's [MASK] id (``clipalign.hf_text``).
         **overrides: keyword arguments for ``open_clip.create_model_and_transforms``
             (``force_image_size``, ``force_patch_dropout``, ...); ``None`` values are dropped
             so that CLI defaults never clobber a config's own values.
@@ -147,12 +185,18 @@ def create_model_and_transforms(
             naming it).
         FileNotFoundError: ``pretrained`` is not a local file.
     """
-    get_model_config(name)
+    cfg = get_model_config(name)
     _check_pretrained(pretrained)
     kwargs = {k: v for k, v in overrides.items() if v is not None}
     hf_state = load_hf_weights(name, pretrained) if pretrained is not None and is_hf_folder(pretrained) else None
     if hf_state is not None:
         pretrained = None  # the converted weights are loaded below
+    hf_tower = hf_text.is_hf_text_config(cfg)
+    if hf_tower:
+        folder = hf_text.local_folder(cfg, name)
+        hf_weights = cfg["text_cfg"].get("hf_model_pretrained", True)  # False: the folder's architecture only
+        # the resolved path, and the folder's weights unless a checkpoint's replace them
+        kwargs["text_cfg"] = {**cfg["text_cfg"], "hf_model_pretrained": hf_weights and pretrained is None}
     with _quiet_random_init(pretrained is None):
         try:
             # weights_only: open_clip's default, stated so that the file can never run code
@@ -168,9 +212,17 @@ def create_model_and_transforms(
         _init_caption_decoder(clip)
     if hf_state is not None:
         clip.load_state_dict(hf_state)
-    tokenizer = open_clip.get_tokenizer(name)
+    tokenizer = get_tokenizer(name)
+    if not hf_tower:
+        model = ClipAlign(clip, mlm_head=mlm_head, eot_id=tokenizer.eot_token_id, mlm_condition=mlm_condition,
+                          fusion_layers=fusion_layers)
+        return model, train_tf, eval_tf
+    vocab = clip.text.transformer.get_input_embeddings().num_embeddings
+    if tokenizer.vocab_size > vocab:
+        raise ValueError(f"model {name}: its tokenizer has {tokenizer.vocab_size} ids, its text tower {vocab}")
+    head = hf_text.masked_lm_head(folder, clip.text.transformer, hf_weights) if mlm_head else None
     model = ClipAlign(clip, mlm_head=mlm_head, eot_id=tokenizer.eot_token_id, mlm_condition=mlm_condition,
-                      fusion_layers=fusion_layers)
+                      fusion_layers=fusion_layers, mask_id=tokenizer.mask_token_id, own_mlm_head=head)
     return model, train_tf, eval_tf
 
 
@@ -181,11 +233,45 @@ def create_model(name: str, **kwargs: Any) -> ClipAlign:
 
 @functools.lru_cache(maxsize=8)
 def get_tokenizer(name: str) -> Callable[..., torch.Tensor]:
-    """open_clip's tokenizer for ``name``: ``tokenizer(list[str]) -> (B, L)`` ids.
+    """``name``'s tokenizer: ``tokenizer(list[str]) -> (B, L)`` ids; open_clip's, or for a text
+    tower from a local Hugging Face folder an ``HfTokenizer`` of that folder (or ``hf_tokenizer_name``).
 
     Raises:
         ValueError: for a name neither this project nor open_clip knows (open_clip would fall
             back to a default tokenizer).
+        FileNotFoundError: the Hugging Face tokenizer is not a local folder.
     """
-    get_model_config(name)
-    return open_clip.get_tokenizer(name)
+    cfg = get_model_config(name)
+    if not hf_text.is_hf_text_config(cfg):
+        return open_clip.get_tokenizer(name)
+    text = cfg["text_cfg"]
+    return hf_text.HfTokenizer(hf_text.local_folder(cfg, name, "hf_tokenizer_name"),
+                               context_length=text.get("context_length", hf_text.DEFAULT_CONTEXT_LENGTH),
+                               **text.get("tokenizer_kwargs", {}))
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str | None:
+    """Equal for two tokenizers that give a caption the same ids (their context length aside);
+    ``None`` for a callable that is no tokenizer this function knows."""
+    if getattr(tokenizer, "fingerprint", None):  # hf_text.HfTokenizer
+        return tokenizer.fingerprint
+    if isinstance(tokenizer, open_clip.SimpleTokenizer):
+        return f"open_clip-bpe:{len(tokenizer.encoder)}"
+    inner = getattr(tokenizer, "tokenizer", None)  # open_clip's other tokenizers wrap a transformers one
+    name = getattr(inner, "name_or_path", None)
+    return f"{type(tokenizer).__name__}:{name}" if name else None
+
+
+
+def stored_tokens_fingerprint(model: str | None) -> str | None:
+    """The ``tokenizer_fingerprint`` of the tokenizer that made a shard's stored ids:
+    ``model``'s (the name ``prep --tokenize`` records), or for shards that name none open_clip's
+    BPE (the only one prep used before it recorded the name); ``None`` for an unknown model."""
+    try:
+        return tokenizer_fingerprint(get_tokenizer(model) if model is not None else open_clip.SimpleTokenizer())
+    except (ValueError, OSError):
+        return None
+
+
+for _entry in filter(None, os.environ.get(CONFIG_ENV, "").split(os.pathsep)):
+    add_model_config(_entry)
