@@ -7,6 +7,7 @@ trainer with every batch.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import random
 from dataclasses import dataclass, field
@@ -15,7 +16,8 @@ from typing import Callable, Iterable, Iterator
 import torch
 import webdataset as wds
 
-from clipalign.formats.sample import caption_char_limit, sample_captions, sample_image, sample_text, sample_tokens
+from clipalign.formats.sample import (JSON, TOKENS, caption_char_limit, sample_captions, sample_image, sample_text,
+                                     sample_tokens)
 from clipalign.formats.skips import EMPTY_CAPTION, BadSample, SkipCounter, merge_counts
 
 
@@ -45,8 +47,23 @@ def decode_tokens(sample: dict, context_length: int) -> torch.Tensor | None:
     return None if ids is None else torch.from_numpy(ids)
 
 
+def _stored_tokenizer(sample: dict) -> str | None:
+    """The model name whose tokenizer made the sample's stored ids (``prep --tokenize``'s
+    ``tokenizer`` in the metadata); ``None`` when it does not say."""
+    try:
+        meta = json.loads(sample.get(JSON, b"{}"))
+    except (ValueError, TypeError):
+        return None
+    name = meta.get("tokenizer") if isinstance(meta, dict) else None
+    return name if isinstance(name, str) else None
+
+
 class SampleDecoder:
     """Raw tar sample → ``{"image", "text"[, "views"]}``; raises ``BadSample`` on bad input.
+
+    Stored token ids (``tok.npy``) are used when they were made by a tokenizer that gives the
+    same ids as ``tokenizer`` (a text tower from Hugging Face has its own vocabulary); else the
+    caption is tokenised.
 
     Every random augmentation is drawn from a torch RNG seeded by the sample's place in the
     stream (``sample["__seed__"]``), never from the process's own RNG, so a resumed run
@@ -54,7 +71,7 @@ class SampleDecoder:
 
     Args:
         transform: PIL image → (3, H, W) tensor (open_clip's train or eval transform).
-        tokenizer: open_clip tokenizer, ``list[str] → (1, L)``.
+        tokenizer: ``list[str] → (1, L)`` ids (open_clip's, or ``hf_text.HfTokenizer``).
         view_transform: if given, also make two augmented ``views`` (2, 3, H, W) of the image
             for an image self-supervised objective.
         masker: if given, ``(1, L) ids → (masked ids, labels)`` (``mask_tokens``): the sample
@@ -68,9 +85,25 @@ class SampleDecoder:
         self.view_transform = view_transform
         self.masker = masker
         self.context_length = getattr(tokenizer, "context_length", 77)
+        self._fits: dict[str | None, bool] = {}  # the stored ids' model name -> whether they are ours
+
+    def _stored_tokens_fit(self, sample: dict) -> bool:
+        """Whether the sample's stored ids, if any, are what ``tokenizer`` gives (a plain
+        callable, unknown to ``tokenizer_fingerprint``, takes them as they are)."""
+        if TOKENS not in sample:
+            return False
+        made_by = _stored_tokenizer(sample)
+        if made_by not in self._fits:
+            # open_clip's import, only for samples with stored ids
+            from clipalign.factory import stored_tokens_fingerprint, tokenizer_fingerprint
+
+            ours = tokenizer_fingerprint(self.tokenizer)
+            self._fits[made_by] = ours is None or stored_tokens_fingerprint(made_by) == ours
+        return self._fits[made_by]
 
     def __call__(self, sample: dict) -> dict[str, torch.Tensor]:
-        tokens = decode_tokens(sample, self.context_length)  # (K, L) stored ids, or None
+        # (K, L) stored ids, or None
+        tokens = decode_tokens(sample, self.context_length) if self._stored_tokens_fit(sample) else None
         captions = sample_captions(sample, caption_char_limit(self.context_length)) if tokens is None else None
         if tokens is not None and not sample_text(sample):
             raise BadSample(EMPTY_CAPTION, sample.get("__key__", ""))
