@@ -221,12 +221,9 @@ def _architecture(source: ModelSource) -> tuple[str, dict[str, Any] | None]:
     return source.model, None
 
 
-def _weight_files(source: ModelSource) -> list[str]:
-    """The files the weights are read from (recorded, with their digests, by the folders made with them)."""
-    if source.checkpoint is not None:
-        from clipalign.checkpoint import resolve_checkpoint
-
-        return [str(resolve_checkpoint(source.checkpoint).resolve())]
+def _pretrained_files(source: ModelSource) -> list[str]:
+    """The files pretrained weights are read from (recorded, with their digests, by the folders
+    made with them)."""
     root = Path(source.pretrained).resolve()
     files = [root / "config.json", *sorted(root.glob("*.safetensors"))] if root.is_dir() else [root]
     if source.model is not None and Path(source.model).is_file():
@@ -280,11 +277,12 @@ def load_model_source(source: ModelSource | str | os.PathLike) -> tuple[ClipAlig
     source = ModelSource.of(source)
     if source.kind == CHECKPOINT:
         model, transform, tokenizer, meta = _load_checkpoint_source(source.checkpoint)
-        record = {"kind": CHECKPOINT, "model": meta["model_name"], "checkpoint": meta["path"]}
+        record = {"kind": CHECKPOINT, "model": meta["model_name"], "checkpoint": meta["path"], "files": [meta["path"]]}
     else:
         model, transform, tokenizer, meta = _load_pretrained(source)
-        record = {"kind": source.kind, "model": source.model or meta["model_name"], "pretrained": meta["path"]}
-    meta["source"] = record | {"files": _weight_files(source)}
+        record = {"kind": source.kind, "model": source.model or meta["model_name"], "pretrained": meta["path"],
+                  "files": _pretrained_files(source)}
+    meta["source"] = record
     return model, transform, tokenizer, meta
 
 

@@ -356,3 +356,22 @@ def test_a_fresh_process_rebuilds_a_derived_model_from_the_index_alone(world, in
     got = json.loads(done.stdout)["results"]
     assert [h["key"] for h in got] == [h["key"] for h in want]
     np.testing.assert_allclose([h["score"] for h in got], [h["score"] for h in want], atol=1e-5)
+
+
+def test_a_checkpoint_naming_a_hub_model_is_refused_before_anything_is_fetched(world, tmp_path, capsys):
+    from clipalign.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "c.pt", {"model_name": "hf-hub:someone/model", "model": {"w": torch.zeros(1)}})
+    assert main(["classify", str(world["images"][0]), "--classes", "a,b", "--checkpoint", str(tmp_path / "c.pt")]) == 2
+    assert "'hf-hub:someone/model', which is not a model name" in _one_error_line(capsys)
+
+
+def test_embeddings_of_a_trained_run_record_its_checkpoint_file(world, tmp_path):
+    from tests.retrieval_toy import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "c.pt")
+    assert main(["embed", "--checkpoint", str(ckpt), "--data", str(world["root"] / "images"), "--out",
+                 str(tmp_path / "emb"), "--no-progress"]) == 0
+    recorded = load_embeddings(tmp_path / "emb")[2]["model_source"]
+    assert recorded["kind"] == "checkpoint" and recorded["checkpoint"] == str(ckpt.resolve())
+    assert recorded["files"][str(ckpt.resolve())]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
