@@ -34,8 +34,9 @@ CHECKPOINT, OPEN_CLIP, HF = "checkpoint", "open_clip", "hf"  # the kinds of sour
 HF_NAME_PREFIX = "hf-clip-"
 MAX_CONFIG_BYTES = 1 << 20  # of a model config JSON (or an HF config.json) read before parsing
 _SCHEMAS = ("hf-hub:", "local-dir:")  # open_clip names that fetch a config (and weights) from elsewhere
-# Config entries with which open_clip would download a tower or a tokenizer at build time.
-_FETCHING = {"text_cfg": ("hf_model_name", "hf_tokenizer_name"), "vision_cfg": ("timm_model_pretrained",)}
+# A config entry with which open_clip would download an image tower's weights at build time (a
+# text tower's Hugging Face folder and tokenizer are clipalign.factory's: local folders only).
+_FETCHING = ("vision_cfg", "timm_model_pretrained")
 _LOCAL_ONLY = "pretrained weights must be a local file or Hugging Face CLIPModel folder"  # as clipalign.factory says
 
 
@@ -120,50 +121,43 @@ def config_digest(cfg: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def check_config(cfg: Any, where: str, base: Path | None = None) -> dict[str, Any]:
-    """``cfg`` if it is an open_clip model config that builds without a download, else
-    ``ModelSourceError`` naming ``where``. A Hugging Face tower or tokenizer it names must be a
-    local folder (as given, or relative to ``base``, the config file's folder)."""
+def check_config(cfg: Any, where: str) -> dict[str, Any]:
+    """``cfg`` if it is an open_clip model config whose image tower builds without a download,
+    else ``ModelSourceError`` naming ``where``."""
     if not isinstance(cfg, Mapping) or not all(isinstance(cfg.get(k), Mapping) for k in ("vision_cfg", "text_cfg")) \
             or not isinstance(cfg.get("embed_dim"), int):
         raise ModelSourceError(f"{where}: not an open_clip model config (embed_dim, vision_cfg and text_cfg)")
-    for tower, keys in _FETCHING.items():
-        for key in keys:
-            value = cfg[tower].get(key)
-            local = isinstance(value, str) and any(Path(root, value).is_dir() for root in (".", base) if root)
-            if value and not local:
-                raise ModelSourceError(f"{where}: its {tower}.{key}={value!r} would be downloaded "
-                                       "when the model is built, and clipalign downloads nothing")
+    tower, key = _FETCHING
+    if cfg[tower].get(key):
+        raise ModelSourceError(f"{where}: its {tower}.{key}={cfg[tower][key]!r} would be downloaded when the model "
+                               "is built, and clipalign downloads nothing")
     return dict(cfg)
 
 
-def register_config(name: str, cfg: Mapping[str, Any], where: str, base: Path | None = None) -> str:
-    """Register ``cfg`` with open_clip (``add_model_config``) as ``name``; a no-op when ``name``
-    already is this config.
+def register_config(name: str, cfg: Mapping[str, Any], where: str) -> str:
+    """Register the config ``cfg`` (a model copy's, or one derived from a Hugging Face folder) as
+    ``name`` (``clipalign.factory.add_model_config``); a no-op when ``name`` already is this config.
 
     Raises:
         ModelSourceError: ``name`` is registered with another config, or is no plain name.
     """
-    import open_clip
+    from clipalign.factory import add_model_config, get_model_config
 
-    import clipalign.factory  # noqa: F401  (the project's configs are registered before ours)
-
-    cfg = check_config(cfg, where, base)
+    cfg = check_config(cfg, where)
     if not name or name.startswith(".") or any(c in name for c in "/\\:") or name != name.strip():
         raise ModelSourceError(f"{where}: {name!r} cannot name a model")
-    known = open_clip.get_model_config(name)
+    try:
+        known = get_model_config(name)
+    except ValueError:
+        known = None
     if known is not None:
         if known != cfg:
-            raise ModelSourceError(f"{where}: its config for model {name!r} differs from the registered {name!r}: "
-                                   "rename the file")
+            raise ModelSourceError(f"{where}: its config for model {name!r} differs from the registered {name!r}")
         return name
     with tempfile.TemporaryDirectory(prefix="clipalign-config-") as tmp:
-        path = Path(tmp) / f"{name}.json"  # open_clip names a config after its file
+        path = Path(tmp) / f"{name}.json"  # a config is named after its file
         path.write_text(json.dumps(cfg))
-        open_clip.add_model_config(path)
-    # open_clip keeps what it has read; the file is no longer needed
-    if open_clip.get_model_config(name) != cfg:
-        raise ModelSourceError(f"{where}: open_clip did not register model {name!r}")
+        add_model_config(path)  # open_clip keeps what it has read: the file is no longer needed
     return name
 
 
@@ -197,7 +191,7 @@ def hf_folder_config(folder: str | os.PathLike) -> dict[str, Any]:
 
 def _architecture(source: ModelSource) -> tuple[str, dict[str, Any] | None]:
     """The registered name of ``source``'s architecture, and its config when this module registered it."""
-    from clipalign.factory import get_model_config
+    from clipalign.factory import add_model_config, get_model_config
 
     if source.model is None:  # a Hugging Face folder (ModelSource checked that one of them is given)
         if source.kind != HF:
@@ -210,8 +204,9 @@ def _architecture(source: ModelSource) -> tuple[str, dict[str, Any] | None]:
     if path.suffix == ".json" or path.is_file():
         if not path.is_file():
             raise FileNotFoundError(f"model config not found: {path}")
-        cfg = check_config(_read_json(path, "an open_clip model config"), str(path), path.parent)
-        return register_config(path.stem, cfg, str(path), path.parent), cfg
+        check_config(_read_json(path, "an open_clip model config"), str(path))
+        name = add_model_config(path)[0]  # ValueError: its name is another config's
+        return name, get_model_config(name)  # its relative paths made absolute: the config travels
     try:
         cfg = get_model_config(source.model)
     except ValueError:

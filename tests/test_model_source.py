@@ -27,7 +27,7 @@ from PIL import Image
 import clipalign.factory  # noqa: F401  (registers ca-nano with open_clip)
 from clipalign.cli import main
 from clipalign.formats.folders import EmbeddingsFolder, IndexFolder
-from clipalign.model_source import HF_NAME_PREFIX, ModelSource, ModelSourceError, load_model_source
+from clipalign.model_source import HF_NAME_PREFIX, ModelSource, load_model_source
 from retrieval.embed import load_embeddings
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
@@ -328,7 +328,7 @@ def test_a_config_json_names_an_architecture_and_a_clash_is_refused(world, tmp_p
 
     clash = tmp_path / "ca-nano.json"  # the name of another architecture
     clash.write_text(json.dumps({**open_clip.get_model_config("ca-nano"), "embed_dim": 32}))
-    with pytest.raises(ModelSourceError, match="differs from the registered 'ca-nano': rename the file"):
+    with pytest.raises(ValueError, match=r"model name 'ca-nano' is taken \(rename the config file\)"):
         load_model_source(ModelSource(model=str(clash), pretrained=str(world["root"] / "nano.pt")))
 
 
