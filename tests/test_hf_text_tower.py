@@ -251,3 +251,21 @@ def test_export_to_hf_clip_names_the_text_tower_it_cannot_express(towers):
 
     with pytest.raises(UnsupportedArchitecture, match="a Hugging Face text tower .*bert-mlm"):
         hf_config(factory.get_model_config("hf-bert-mlm-nano"))
+
+
+def test_image_conditioned_and_content_word_mlm_run_on_the_hf_tower(towers, offline):
+    from clipalign.masking import stop_token_ids
+
+    torch.manual_seed(0)
+    model = factory.create_model("hf-bert-mlm-nano", mlm_condition="image")
+    tok = factory.get_tokenizer("hf-bert-mlm-nano")
+    stop = stop_token_ids(tok, tok.eot_token_id)
+    assert {VOCAB.index(w) for w in ("a", "the", "of", "on", "photo")} <= set(stop.tolist())
+    ids = tok(["a red square on the photo", "the small blue star"])
+    masked, labels = mask_tokens(ids, **masking_ids(tok, model.mask_id), rate=0.5, stop_ids=stop,
+                                 generator=torch.Generator().manual_seed(0))
+    assert not torch.isin(ids[labels != IGNORE_INDEX], stop).any()
+    out = model(torch.randn(2, 3, 32, 32), ids, masked, labels)
+    F.cross_entropy(out["mlm_logits"], out["mlm_targets"]).backward()
+    assert model.clip.visual.conv1.weight.grad.abs().sum() > 0  # through the fusion, to the image tower
+    assert model.clip.text.transformer.embeddings.word_embeddings.weight.grad.abs().sum() > 0
