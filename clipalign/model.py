@@ -146,8 +146,10 @@ class ClipAlign(nn.Module):
         emb = _token_embedding(clip)
         if not mlm_head:
             self.mlm_head = None
+        elif own_mlm_head is not None:
+            self.mlm_head = own_mlm_head
         else:
-            self.mlm_head = own_mlm_head or MlmHead(emb.embedding_dim, emb.num_embeddings, learned_mask=mask_id is None)
+            self.mlm_head = MlmHead(emb.embedding_dim, emb.num_embeddings, learned_mask=mask_id is None)
         self.mlm_fusion = None
         if mlm_condition == "image":
             embed_dim = getattr(clip.visual, "output_dim", None) or emb.embedding_dim
