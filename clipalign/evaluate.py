@@ -16,7 +16,7 @@ from clipalign.formats import evalset as evalset_layout
 from clipalign.formats.sample import sample_captions, sample_class, sample_multihot
 from clipalign.formats.skips import BAD_ROW, SkipCounter
 from clipalign.linear_probe import linear_probe
-from clipalign.masking import mask_tokens
+from clipalign.masking import mask_tokens, masking_ids
 from clipalign.metrics import (
     average_precision,
     confusion_matrix,
@@ -196,8 +196,7 @@ def heldout_mlm_accuracy(
     hits = total = 0
     for start in range(0, len(texts), batch_size):
         ids = tokenizer(texts[start : start + batch_size])
-        masked, labels = mask_tokens(ids, mask_id=model.mask_id, eot_id=tokenizer.eot_token_id,
-                                     random_high=tokenizer.sot_token_id, generator=generator)
+        masked, labels = mask_tokens(ids, **masking_ids(tokenizer, model.mask_id), generator=generator)
         device = model_device(model)
         with autocast(precision, device.type):
             logits, targets = model.mlm_logits(masked.to(device), labels.to(device))
