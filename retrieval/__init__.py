@@ -11,6 +11,6 @@ owns what an embeddings and an index folder hold), never ``data_prep`` or the CL
 * ``index``    -- FAISS indexes + metadata on disk, loaded memory-mapped.
 * ``build``    -- whole index folders: from embeddings, in one step from shards, or appended to.
 * ``atomic_folder`` -- a folder written in a temporary sibling and swapped into place whole.
-* ``query_encoder`` -- the traced text tower that answers text queries without open_clip.
+* ``query_encoder`` -- the ONNX text tower that answers text queries without torch or open_clip.
 * ``engine``   -- a query engine over an index folder; ``server``, ``page``, ``html``, ``thumbs``: the web side.
 """

@@ -2,7 +2,7 @@
 appended to.
 
 Each function here writes the whole index folder (``clipalign.formats.folders.IndexFolder``):
-the FAISS files, the metadata, the model copy, the fast text-query path and, last and once,
+the FAISS files, the metadata, the model copy, the ONNX text tower of the fast text-query path and, last and once,
 the folder's info. A folder without its info is not an index. Every write goes into a
 temporary sibling swapped into place whole (``retrieval.atomic_folder``): a killed build or
 add leaves the previous complete index.

@@ -2,9 +2,10 @@
 
 Shared by ``clipalign search`` and ``clipalign serve``, and the one place their bounds live:
 ``k``, the length of a text query, the pixels of a query image and how many images decode
-at once. Text queries use the index's traced text tower when it has one
-(``retrieval.query_encoder``); the full model is built only for image queries, or when no
-fast path exists. Either way the model is checked against the index's model identity. Model
+at once. Text queries use the index's ONNX text tower through onnxruntime when it has one
+(``retrieval.query_encoder``: no torch import); the full model is built only for image
+queries, or when no fast path exists (no tower, no onnxruntime). Either way the model is
+checked against the index's model identity. Model
 calls run under a lock, so one engine may serve many threads, and the texts of concurrent
 queries are encoded together (``Batcher``).
 """
@@ -221,12 +222,13 @@ class QueryEngine:
 
 
 def _fast_text_query(index: SearchIndex, layout: IndexFolder) -> Callable[[list[str]], np.ndarray] | None:
-    """The folder's traced text tower, once it is shown to be the file the info records, traced
-    from the index's own model; None where the folder has none, or an older folder does not
-    record it (text queries then take the full model, checked like image queries).
+    """The folder's ONNX text tower, once it is shown to be the file the info records, exported
+    from the index's own model; None where the folder has none, an older folder does not record
+    it, or onnxruntime is missing (text queries then take the full model, checked like image
+    queries).
 
     Raises:
-        ValueError: the file is not the one recorded; ``ModelMismatch``: it was traced from another model.
+        ValueError: the file is not the one recorded; ``ModelMismatch``: it was exported from another model.
     """
     from retrieval.query_encoder import load_text_query
 
@@ -239,7 +241,7 @@ def _fast_text_query(index: SearchIndex, layout: IndexFolder) -> Callable[[list[
     check_digest(layout.text_query, recorded, layout.info.name, data=data)
     try:
         return load_text_query(layout.root, fast, data)
-    except Exception:  # a tower this torch cannot load: fall back to the full model
+    except Exception:  # no onnxruntime, or a graph it cannot run: fall back to the full model
         return None
 
 

@@ -4,8 +4,8 @@ An index folder (its file names: ``clipalign.formats.folders.IndexFolder``) hold
 index per embedded target (``image``, and ``caption`` when captions were embedded), the
 metadata table (Arrow IPC, memory-mapped on load; row i describes vector i of each), the
 info (dim, count, model identity, per-target index type, search parameter, measured recall,
-latency and memory), the weights queries are embedded with and, optionally, a traced text
-tower (see ``retrieval.query_encoder``). ``retrieval.build`` writes whole folders.
+latency and memory), the weights queries are embedded with and, optionally, the text tower
+as ONNX (see ``retrieval.query_encoder``). ``retrieval.build`` writes whole folders.
 Vectors are L2-normalised, so inner product is cosine similarity.
 
 Nothing in a folder is trusted on load: the info records each file's size and sha256
@@ -248,8 +248,9 @@ def _check_own_files(layout: IndexFolder, info: dict[str, Any]) -> None:
     only the folder's files (a model from elsewhere is passed explicitly: ``--checkpoint``)."""
     named = {"checkpoint": (info.get("checkpoint"), layout.model.name),  # older folders named their model copy
              "text_query.file": ((info.get("text_query") or {}).get("file"), layout.text_query.name)}
+    older = {"text_query.file": layout.legacy_text_query.name}  # named by older folders, never read
     for field, (value, own) in named.items():
-        if value is not None and value != own:
+        if value is not None and value not in (own, older.get(field)):
             raise ValueError(f"{layout.info} names {value!r} as its {field}; an index folder is queried with its "
                              f"own {own} only (give --checkpoint to query with another model)")
 

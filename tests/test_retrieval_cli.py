@@ -1,5 +1,6 @@
 """embed → index → search through the CLI: queries files, HTML pages, one-step indexing, model checks."""
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,25 +88,59 @@ def test_an_index_over_budget_is_refused(tmp_path, index, capsys):
     assert "raise --max-memory" in capsys.readouterr().err
 
 
-def test_text_search_takes_the_fast_path_without_open_clip(index):
-    import subprocess
-    import sys
+def _full_model_hits(index, text: str, k: int = 10) -> list[dict]:
+    """The plain reference: the query embedded by the torch model itself, then searched."""
+    import torch
 
-    code = ("import sys; from clipalign.cli import main; "
-            f"assert main(['search', '--index', {str(index)!r}, '--text', 'a red square', '--json']) == 0; "
-            "print('open_clip' in sys.modules, 'torchvision' in sys.modules, file=sys.stderr)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stderr.strip().splitlines()[-1] == "False False"
-    fast = json.loads(done.stdout)["results"]
     from retrieval.engine import open_engine
 
     engine = open_engine(index)
     model, _, tokenizer = engine.full_model()
-    import numpy as np
+    with torch.no_grad():
+        want = model.encode_text(tokenizer([text]), normalize=True).numpy()
+    return engine.index.search(want, k)[0]
 
-    want = model.encode_text(tokenizer(["a red square", "x"]), normalize=True).detach().numpy()
-    assert np.abs(engine.embed_texts(["a red square", "x"]) - want).max() < 1e-5
-    assert [h["id"] for h in fast] == [h["id"] for h in engine.index.search(want[:1], 10)[0]]
+
+def _same_hits(got: list[dict], want: list[dict]) -> bool:
+    return ([h["id"] for h in got] == [h["id"] for h in want]
+            and max(abs(g["score"] - w["score"]) for g, w in zip(got, want)) <= 1e-5)
+
+
+def test_text_search_in_a_fresh_process_imports_no_torch_and_matches_the_full_model(index):
+    import subprocess
+    import sys
+
+    assert json.loads(IndexFolder(index).info.read_text())["text_query"]["file"] == IndexFolder(index).text_query.name
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "clipalign", "search", "--index", str(index),
+                           "--text", "a red square", "--json"], capture_output=True, text=True, check=True)
+    imported = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "onnxruntime" in imported and not imported & {"torch", "open_clip", "torchvision"}
+    assert _same_hits(json.loads(done.stdout)["results"], _full_model_hits(index, "a red square"))
+
+
+def test_without_onnxruntime_text_search_takes_the_full_model(index, monkeypatch, capsys):
+    from retrieval.engine import open_engine
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime raises ImportError
+    assert open_engine(index)._text_query is None
+    assert main(["search", "--index", str(index), "--text", "a red square", "--json"]) == 0
+    assert _same_hits(json.loads(capsys.readouterr().out)["results"], _full_model_hits(index, "a red square"))
+
+
+def test_an_older_folder_with_a_torchscript_tower_takes_the_full_model(index, tmp_path, capsys):
+    import shutil
+
+    from retrieval.engine import open_engine
+
+    copy = IndexFolder(shutil.copytree(index, tmp_path / "idx"))
+    copy.text_query.rename(copy.legacy_text_query)  # as folders before the ONNX tower held it
+    info = json.loads(copy.info.read_text())
+    info["text_query"]["file"] = copy.legacy_text_query.name
+    info["files"][copy.legacy_text_query.name] = info["files"].pop(copy.text_query.name)
+    copy.info.write_text(json.dumps(info))
+    assert open_engine(copy.root)._text_query is None
+    assert main(["search", "--index", str(copy.root), "--text", "a red square", "--json"]) == 0
+    assert _same_hits(json.loads(capsys.readouterr().out)["results"], _full_model_hits(index, "a red square"))
 
 
 def test_without_the_fast_path_text_search_uses_the_full_model(index, tmp_path, capsys):
@@ -119,7 +154,7 @@ def test_without_the_fast_path_text_search_uses_the_full_model(index, tmp_path, 
     assert main(["search", "--index", str(index), "--text", "a red square", "--json"]) == 0
     fast = json.loads(capsys.readouterr().out)["results"]
     assert main(["search", "--index", str(copy), "--text", "a red square", "--json"]) == 0
-    assert [h["id"] for h in json.loads(capsys.readouterr().out)["results"]] == [h["id"] for h in fast]
+    assert _same_hits(json.loads(capsys.readouterr().out)["results"], fast)
 
 
 def test_the_index_folder_is_written_whole_with_its_info_written_once_and_last(index, tmp_path, monkeypatch):
@@ -138,8 +173,7 @@ def test_the_index_folder_is_written_whole_with_its_info_written_once_and_last(i
     files = {out.model.name, out.text_query.name, out.metadata.name, out.faiss("image").name}
     assert files <= set(os.listdir(out.root))
     info = json.loads(out.info.read_text())
-    same = {f: info["files"][f] for f in info["files"] if f != out.text_query.name}  # a trace is not byte-stable
-    assert info["text_query"]["file"] == out.text_query.name and same == {f: old["files"][f] for f in same}
+    assert info["text_query"]["file"] == out.text_query.name and info["files"] == old["files"]  # the export too is byte-stable
     assert set(info["files"]) == {out.model.name, out.text_query.name, out.metadata.name, out.faiss("image").name,
                                   out.faiss("caption").name}
     assert sorted(p.name for p in out.root.parent.iterdir()) == [out.root.name]

@@ -91,7 +91,8 @@ class EmbeddingsFolder(_Folder):
 @dataclass(frozen=True)
 class IndexFolder(_Folder):
     """``info.json``, ``metadata.arrow`` (or the older ``metadata.jsonl``), one ``<target>.faiss``
-    per embedded target (``image``, ``caption``), ``model.pt`` and the optional ``text_query.ts``."""
+    per embedded target (``image``, ``caption``), ``model.pt`` and the optional ``text_query.onnx``
+    (the text tower that answers text queries; folders before it held ``text_query.ts``)."""
 
     @property
     def info(self) -> Path:
@@ -111,6 +112,11 @@ class IndexFolder(_Folder):
 
     @property
     def text_query(self) -> Path:
+        return self.root / "text_query.onnx"
+
+    @property
+    def legacy_text_query(self) -> Path:
+        """The TorchScript text tower of older folders: named in their info, never read."""
         return self.root / "text_query.ts"
 
     def faiss(self, target: str) -> Path:
