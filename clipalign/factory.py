@@ -19,6 +19,7 @@ import open_clip
 import torch
 
 from clipalign import hf_text
+from clipalign.attention import use_fast_attention
 from clipalign.model import ClipAlign
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -212,6 +213,7 @@ def create_model_and_transforms(
         _init_caption_decoder(clip)
     if hf_state is not None:
         clip.load_state_dict(hf_state)
+    use_fast_attention(clip)  # the same weights and math, without nn.MultiheadAttention's overhead
     tokenizer = get_tokenizer(name)
     if not hf_tower:
         model = ClipAlign(clip, mlm_head=mlm_head, eot_id=tokenizer.eot_token_id, mlm_condition=mlm_condition,

@@ -62,8 +62,9 @@ class TrainConfig:
         "auto", "bf16 autocast is about 2x faster where bf16 is native (AVX-512 BF16 or AMX CPUs, GPUs) and "
         "many times slower where it is emulated; 'auto' picks bf16 only where native",
         choices=("auto", *PRECISIONS), what="precision")
-    attention: str = _arg("math", "'math' forces plain attention kernels (faster training on CPU); "
-                          "'auto' lets torch pick", choices=ATTENTION_BACKENDS, what="attention backend")
+    attention: str = _arg("math", "kernels of the attention torch runs (cross-attention in the fusion "
+                          "head and CoCa's decoder; the towers' self-attention is clipalign's own): 'math' "
+                          "forces the plain ones (faster training on CPU), 'auto' lets torch pick", choices=ATTENTION_BACKENDS, what="attention backend")
     workers: int = _arg(1, "data loader processes")
     shuffle_buffer: int = _arg(2000, "sample shuffle buffer")
     accum_steps: int = _arg(1, "split each batch into this many micro-batches (less memory; negatives stay the "
