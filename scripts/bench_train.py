@@ -40,7 +40,7 @@ import webdataset as wds
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "clipalign" / "model_configs"
-REFERENCE_BF16_CEILING = 950e9  # ../shared/MEASURED.md, bf16 matmul on a quiet day
+REFERENCE_BF16_CEILING = 950e9  # ../shared/MEASURED.md, bf16 matmul on a quiet AMD EPYC (AMX Xeons: ~3,090e9)
 
 
 @dataclass
@@ -177,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the results here")
     a = p.parse_args(argv)
     rows = [r for r in ROWS if a.only is None or any(s in r.name for s in a.only)]
+    from clipalign.machine import describe, summary_line
+
+    machine = describe()
+    print(f"machine: {summary_line(machine)}")
     ceilings = {"fp32": matmul_ceiling(torch.float32), "bf16": matmul_ceiling(torch.bfloat16)}
     print(f"matmul ceiling this run: fp32 {ceilings['fp32'] / 1e9:.0f} GFLOP/s, bf16 {ceilings['bf16'] / 1e9:.0f} GFLOP/s")
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         summary = {"model": a.model, "batch_size": a.batch_size, "steps": a.steps, "warmup": a.warmup,
                    "workers": a.workers, "ceilings_flop_s": ceilings, "reference_bf16_ceiling": REFERENCE_BF16_CEILING,
-                   "torch": torch.__version__, "rows": results, "ratios": ratios}
+                   "torch": torch.__version__, "machine": machine, "rows": results, "ratios": ratios}
         Path(a.json).write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
