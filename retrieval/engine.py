@@ -14,15 +14,16 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
 from clipalign.formats.folders import IndexFolder
-from clipalign.formats.images import DEFAULT_MAX_PIXELS, decode_image, read_image
-from clipalign.model_source import ModelSource
 from retrieval.identity import check_digest
 from retrieval.index import FILES, SearchIndex, load_index
+
+if TYPE_CHECKING:  # PIL and the model source are imported for image queries and model builds only
+    from clipalign.model_source import ModelSource
 
 OVER = {"images": "image", "captions": "caption"}
 MAX_K = 100  # hits a query may ask for
@@ -127,13 +128,14 @@ class QueryEngine:
         load_model: builds ``(model, transform, tokenizer)`` and checks it against the index
             (called at most once, on first need).
         text_query: optional fast ``texts -> (Q, D)`` encoder made from the index's own model.
-        max_decodes: query images decoded at once; ``max_pixels``: the largest one decoded.
+        max_decodes: query images decoded at once; ``max_pixels``: the largest one decoded
+            (default ``clipalign.formats.images.DEFAULT_MAX_PIXELS``).
         text_batch: the most texts of concurrent queries encoded in one call (1: each alone).
     """
 
     def __init__(self, index: SearchIndex, load_model: Callable[[], tuple[Any, Callable, Callable]],
                  text_query: Callable[[list[str]], np.ndarray] | None = None, *,
-                 max_decodes: int = MAX_DECODES, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_decodes: int = MAX_DECODES, max_pixels: int | None = None,
                  decode_wait_s: float = DECODE_WAIT_S, text_batch: int = TEXT_BATCH_MAX):
         self.index = index
         self._load_model, self._text_query = load_model, text_query
@@ -141,7 +143,16 @@ class QueryEngine:
         self._lock = threading.Lock()
         self._texts = Batcher(self._embed_texts, text_batch)
         self._decodes = threading.BoundedSemaphore(max_decodes)
-        self.max_pixels, self.decode_wait_s = max_pixels, decode_wait_s
+        self._max_pixels, self.decode_wait_s = max_pixels, decode_wait_s
+
+    @property
+    def max_pixels(self) -> int:
+        """The most pixels a query image may have; PIL is imported only once an image needs it."""
+        if self._max_pixels is None:
+            from clipalign.formats.images import DEFAULT_MAX_PIXELS
+
+            self._max_pixels = DEFAULT_MAX_PIXELS
+        return self._max_pixels
 
     @contextlib.contextmanager
     def decode_slot(self, wait_s: float | None = None) -> Iterator[None]:
@@ -207,6 +218,8 @@ class QueryEngine:
                 or has more than ``max_pixels`` pixels.
             Busy: every decode slot stayed taken.
         """
+        from clipalign.formats.images import decode_image
+
         check_k(k)
         with self.decode_slot():
             image = decode_image(data, "the query image", max_pixels=self.max_pixels)
@@ -215,6 +228,8 @@ class QueryEngine:
     def search_image_file(self, path: str | os.PathLike, k: int, over: str = "images") -> list[list[dict[str, Any]]]:
         """``search_image_bytes`` for an image file; ``BadSample`` (a ValueError) also when
         ``path`` is missing or not a regular file."""
+        from clipalign.formats.images import read_image
+
         check_k(k)
         with self.decode_slot():
             image = read_image(path, max_pixels=self.max_pixels)
