@@ -16,6 +16,7 @@ from clipalign.formats import evalset as evalset_layout
 from clipalign.formats.sample import sample_captions, sample_class, sample_multihot
 from clipalign.formats.skips import BAD_ROW, SkipCounter
 from clipalign.linear_probe import linear_probe
+from clipalign.loss import mlm_hits
 from clipalign.masking import mask_tokens, masking_ids
 from clipalign.metrics import (
     average_precision,
@@ -200,7 +201,7 @@ def heldout_mlm_accuracy(
         device = model_device(model)
         with autocast(precision, device.type):
             logits, targets = model.mlm_logits(masked.to(device), labels.to(device))
-        hits += int((logits.argmax(-1) == targets).sum())
+        hits += mlm_hits(logits, targets)
         total += targets.numel()
     return hits / total
 

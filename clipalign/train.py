@@ -22,6 +22,7 @@ from clipalign import checkpoint as ckpt
 from clipalign import distributed as D
 from clipalign.data import StreamPosition, merge_skip_counts, resolve_shards, train_loader, train_pipeline
 from clipalign.factory import create_model_and_transforms, get_tokenizer
+from clipalign.loss import mlm_hits
 from clipalign.masking import IGNORE_INDEX
 from clipalign.model import text_length
 from clipalign.objectives import build_objectives, optimizer_groups
@@ -205,7 +206,7 @@ class Trainer:
                     tokens = out["image_tokens"][:rows] if "image_tokens" in out else None  # same image pass
                     logits, targets = model.mlm_logits(mb["masked_text"][:rows], mb["mlm_labels"][:rows], tokens)
                     losses.update(obj.mlm(logits, targets, mlm_count))
-                    logs["mlm_correct"] += int((logits.argmax(-1) == targets).sum())
+                    logs["mlm_correct"] += mlm_hits(logits, targets)
                     logs["mlm_total"] += targets.numel()
                 # per micro-batch means: each counts 1/K of the step's
                 losses.update({k: v / len(micro) for k, v in obj.micro_batch_losses(model, mb, out).items()})

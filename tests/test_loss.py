@@ -140,3 +140,14 @@ def test_mlm_loss_split_over_parts_with_a_shared_count_sums_to_the_mean():
     whole = MlmLoss(0.3)(logits, targets)["mlm_loss"]
     parts = MlmLoss(0.3)(logits[:4], targets[:4], 10)["mlm_loss"] + MlmLoss(0.3)(logits[4:], targets[4:], 10)["mlm_loss"]
     assert torch.allclose(whole, parts)
+
+
+def test_mlm_hits_counts_as_argmax_does_ties_included():
+    from clipalign.loss import mlm_hits
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 4, (300, 50), generator=gen).to(torch.bfloat16)  # many tied maxima
+    targets = torch.randint(0, 50, (300,), generator=gen)
+    targets[:100] = logits[:100].float().argmax(-1)
+    assert mlm_hits(logits, targets) == int((logits.argmax(-1) == targets).sum())
+    assert mlm_hits(logits, targets) >= 100
