@@ -51,7 +51,8 @@ SHOWN = {"zeroshot_classification": ("acc1",),
 
 
 def _run(name: str, seed: int, args: argparse.Namespace) -> dict:
-    run = Path(args.out) / f"{name.replace(' ', '').replace('+', '_').replace(',', '').replace("'", '')}_s{seed}"
+    slug = name.replace(" ", "").replace("+", "_").replace(",", "").replace("'", "")  # "+ mlm" -> "_mlm"
+    run = Path(args.out) / f"{slug}_s{seed}"
     if (run / "result.json").is_file():  # a re-run of the ablation keeps the runs it finished
         return json.loads((run / "result.json").read_text())
     steps = round(args.steps * STEP_SCALE.get(name, 1.0))
