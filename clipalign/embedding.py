@@ -1,6 +1,8 @@
 """Batched inference: shard samples → images → features, and texts → features."""
 from __future__ import annotations
 
+import queue
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -44,6 +46,52 @@ def open_images(items: Iterable[tuple[Path, Any]], counter: SkipCounter) -> Iter
             yield image, payload
 
 
+def prefetched_batches(items: Iterable[tuple[Image.Image, Any]], transform: Callable, batch_size: int,
+                       depth: int = 2) -> Iterator[tuple[torch.Tensor, list[Any]]]:
+    """``(images (B, 3, H, W), payloads)`` batches of transformed ``items``, made ahead in a thread.
+
+    Reading, decoding and resizing (PIL and torch release the GIL for them) overlap the model's
+    pass over the batch before, instead of leaving the matrix units idle between batches.
+    Order is kept; an exception raised while making a batch is raised here, at that batch.
+    """
+    done = object()
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def make() -> None:
+        try:
+            images, payloads = [], []
+            for image, payload in items:
+                images.append(transform(image))
+                payloads.append(payload)
+                if len(images) == batch_size:
+                    ready.put((torch.stack(images), payloads))
+                    images, payloads = [], []
+                if stop.is_set():
+                    return
+            if images:
+                ready.put((torch.stack(images), payloads))
+            ready.put(done)
+        except BaseException as exn:  # handed to the consumer, raised in its thread
+            ready.put(exn)
+
+    worker = threading.Thread(target=make, name="clipalign-prefetch", daemon=True)
+    worker.start()
+    try:
+        while (got := ready.get()) is not done:
+            if isinstance(got, BaseException):
+                raise got
+            yield got
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                ready.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        worker.join()
+
+
 @torch.no_grad()
 def image_features(
     model: ClipAlign,
@@ -55,7 +103,7 @@ def image_features(
     progress: Callable[..., Any] | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, list[Any]]:
-    """Normalised features of ``(image, payload)`` items.
+    """Normalised features of ``(image, payload)`` items (batches made ahead: ``prefetched_batches``).
 
     Args:
         progress: a tqdm-like factory; its bar counts the images.
@@ -65,30 +113,21 @@ def image_features(
     Returns:
         ``(features (N, D) float32, payloads)`` in input order.
     """
-    feats, payloads, batch = [], [], []
+    feats, payloads = [], []
     bar = progress(unit="img") if progress else None
-
     device = model_device(model)
-
-    def flush() -> None:
-        with autocast(precision, device.type):
-            f = model.encode_image(torch.stack(batch).to(device), normalize=True)
-        feats.append(f.float().cpu())
+    try:
+        for images, batch_payloads in prefetched_batches(items, transform, batch_size):
+            with autocast(precision, device.type):
+                feats.append(model.encode_image(images.to(device), normalize=True).float().cpu())
+            payloads.extend(batch_payloads)
+            if bar is not None:
+                bar.update(len(images))
+            if on_batch is not None:
+                on_batch(len(images))
+    finally:
         if bar is not None:
-            bar.update(len(batch))
-        if on_batch is not None:
-            on_batch(len(batch))
-        batch.clear()
-
-    for image, payload in items:
-        batch.append(transform(image))
-        payloads.append(payload)
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
-    if bar is not None:
-        bar.close()
+            bar.close()
     dim = model.clip.visual.output_dim if not feats else feats[0].shape[1]
     return (torch.cat(feats) if feats else torch.empty(0, dim)), payloads
 

@@ -1,0 +1,42 @@
+"""Batched inference: batches made ahead in a thread keep order, raise where they fail, never hang."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from clipalign.embedding import prefetched_batches
+
+
+def _items(n: int, fail_at: int | None = None):
+    for i in range(n):
+        if i == fail_at:
+            raise OSError(f"item {i} unreadable")
+        yield torch.full((1, 2, 2), float(i)), {"i": i}
+
+
+def test_batches_keep_the_order_and_the_last_partial_batch():
+    batches = list(prefetched_batches(_items(10), lambda x: x * 2, batch_size=4))
+    assert [len(p) for _, p in batches] == [4, 4, 2]
+    assert [p["i"] for _, ps in batches for p in ps] == list(range(10))
+    images = torch.cat([b for b, _ in batches])
+    assert images.shape == (10, 1, 2, 2)
+    assert images[:, 0, 0, 0].tolist() == [2.0 * i for i in range(10)]
+
+
+def test_a_failure_is_raised_after_the_batches_made_before_it():
+    got = []
+    with pytest.raises(OSError, match="item 9"):
+        for _, payloads in prefetched_batches(_items(12, fail_at=9), lambda x: x, batch_size=4):
+            got.extend(p["i"] for p in payloads)
+    assert got == list(range(8))
+
+
+def test_stopping_early_ends_the_producer_thread():
+    before = threading.active_count()
+    batches = prefetched_batches(_items(1000), lambda x: x, batch_size=2, depth=1)
+    next(batches)
+    batches.close()  # the consumer stops (a break, an exception in its loop)
+    assert threading.active_count() == before
+    assert not any(t.name == "clipalign-prefetch" for t in threading.enumerate())
