@@ -14,7 +14,7 @@ from clipalign.formats.images import read_image
 from clipalign.formats.sample import sample_image
 from clipalign.formats.skips import SkipCounter
 from clipalign.model import ClipAlign
-from clipalign.precision import autocast, model_device
+from clipalign.precision import autocast, model_device, resolve_precision
 
 
 def iter_shard_samples(shards: list[str], counter: SkipCounter) -> Iterator[dict[str, Any]]:
@@ -106,6 +106,7 @@ def image_features(
     """Normalised features of ``(image, payload)`` items (batches made ahead: ``prefetched_batches``).
 
     Args:
+        precision: ``fp32``, ``bf16``, or ``auto`` (``clipalign.precision.resolve_precision``).
         progress: a tqdm-like factory; its bar counts the images.
         on_batch: called with the size of each batch once it is embedded (e.g. to count
             progress, or to stop a run between batches).
@@ -116,6 +117,7 @@ def image_features(
     feats, payloads = [], []
     bar = progress(unit="img") if progress else None
     device = model_device(model)
+    precision = resolve_precision(precision, device.type)
     try:
         for images, batch_payloads in prefetched_batches(items, transform, batch_size):
             with autocast(precision, device.type):
@@ -145,6 +147,7 @@ def text_features(
     if not texts:
         raise ValueError("no texts to embed")
     out, device = [], model_device(model)
+    precision = resolve_precision(precision, device.type)
     for start in range(0, len(texts), batch_size):
         with autocast(precision, device.type):
             ids = tokenizer(texts[start : start + batch_size]).to(device)

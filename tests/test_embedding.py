@@ -40,3 +40,21 @@ def test_stopping_early_ends_the_producer_thread():
     batches.close()  # the consumer stops (a break, an exception in its loop)
     assert threading.active_count() == before
     assert not any(t.name == "clipalign-prefetch" for t in threading.enumerate())
+
+
+def test_auto_precision_embeds_as_the_precision_it_resolves_to():
+    from clipalign.embedding import image_features
+    from clipalign.factory import create_model_and_transforms
+    from clipalign.precision import resolve_precision
+    from PIL import Image
+
+    torch.manual_seed(0)
+    model, _, transform = create_model_and_transforms("ca-nano", mlm_head=False)
+    model.eval()
+    images = [(Image.new("RGB", (40, 40), (i * 40, 255 - i * 30, 90)), i) for i in range(5)]
+    auto, _ = image_features(model, transform, images, batch_size=2, precision="auto")
+    chosen, _ = image_features(model, transform, images, batch_size=2, precision=resolve_precision("auto"))
+    other, _ = image_features(model, transform, images, batch_size=2,
+                              precision="fp32" if resolve_precision("auto") == "bf16" else "bf16")
+    assert torch.equal(auto, chosen)
+    assert not torch.equal(auto, other)

@@ -19,7 +19,9 @@ def build_parser():
     p.add_argument("--no-captions", action="store_true", help="embed images only")
     p.add_argument("--per-chunk", type=int, default=10_000, help="images per chunk for an image folder")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32",
+                   help="of the model's pass: bf16 is 2-3x faster where the CPU runs it natively (AMX, AVX-512 "
+                   "BF16), vectors within ~1e-2 of fp32's; 'auto' picks it there, else fp32")
     p.add_argument("--no-progress", action="store_true")
     return p
 
