@@ -18,7 +18,7 @@ step "2/6 prep: manifest -> WebDataset shards (bad rows are skipped, counted and
 clipalign prep "$OUT/corpus/train/manifest.csv" --out "$OUT/shards" --image-size 64 --shard-size 2000 --overwrite
 echo "errors.jsonl:"; head -n 3 "$OUT/shards/errors.jsonl"
 
-step "3/6 train: $MODEL, contrastive + masked-token loss, bf16, $STEPS steps"
+step "3/6 train: $MODEL, contrastive (InfoNCE), bf16 where native, $STEPS steps"
 clipalign train --data "$OUT/shards" --out "$OUT/run" --model "$MODEL" --steps "$STEPS" \
     --batch-size 128 --lr 2e-3 --warmup 30 --checkpoint-every 100 --resume
 

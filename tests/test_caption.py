@@ -37,7 +37,8 @@ def coca_run(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "clipalign", "train", "--data", data, "--out", str(root / "run"),
                     "--model", "ca-coca-nano", "--batch-size", "16", "--steps", "30", "--lr", "3e-3", "--warmup", "3",
                     "--workers", "0", "--shuffle-buffer", "16", "--precision", "fp32", "--no-tensorboard",
-                    "--log-every", "1", "--caption-weight", "1", "--checkpoint-every", "30", "--no-progress"],
+                    "--log-every", "1", "--caption-weight", "1", "--mlm-weight", "0.1", "--checkpoint-every", "30",
+                    "--no-progress"],
                    check=True, capture_output=True)
     rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     return root, rows

@@ -183,7 +183,7 @@ def test_a_few_trainer_steps_with_infonce_and_mlm(towers, tmp_path):
     shards = write_toy_shards(tmp_path / "shards", n=64, per_shard=32)
     cfg = TrainConfig(data=str(tmp_path / "shards"), out=str(tmp_path / "run"), model="hf-bert-mlm-nano",
                       batch_size=16, steps=3, lr=1e-3, warmup=1, workers=0, shuffle_buffer=16, log_every=1,
-                      checkpoint_every=3, precision="fp32", tensorboard=False)
+                      checkpoint_every=3, precision="fp32", tensorboard=False, mlm_weight=0.1)
     trainer = Trainer(cfg)
     tok = trainer.tokenizer
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -239,7 +239,7 @@ def test_the_cli_trains_a_config_from_clipalign_model_configs(towers, tmp_path):
     run = subprocess.run([sys.executable, "-m", "clipalign", "train", "--data", str(tmp_path / "shards"),
                           "--out", str(tmp_path / "run"), "--model", "hf-bert-mlm-nano", "--steps", "2",
                           "--batch-size", "8", "--warmup", "1", "--workers", "0", "--shuffle-buffer", "8",
-                          "--no-tensorboard", "--no-progress", "--precision", "fp32"],
+                          "--no-tensorboard", "--no-progress", "--precision", "fp32", "--mlm-weight", "0.1"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = _metrics(tmp_path / "run")

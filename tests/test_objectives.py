@@ -10,7 +10,7 @@ from clipalign.train_config import TrainConfig
 
 def _build(**kw):
     torch.manual_seed(0)
-    cfg = TrainConfig(data="", out="", model="ca-nano", **kw)
+    cfg = TrainConfig(data="", out="", model="ca-nano", **{"mlm_weight": 0.1, **kw})
     model = create_model("ca-nano", mlm_head=cfg.mlm_weight > 0)
     return model, build_objectives(cfg, model, get_tokenizer("ca-nano"))
 

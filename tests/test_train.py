@@ -21,7 +21,8 @@ def shards(tmp_path_factory):
 
 def _cfg(shards, out, **kw):
     base = dict(data=shards[0].rsplit("/", 1)[0], out=str(out), model="ca-nano", batch_size=32, lr=2e-3,
-                warmup=5, workers=0, shuffle_buffer=64, log_every=1, checkpoint_every=10, precision="fp32")
+                warmup=5, workers=0, shuffle_buffer=64, log_every=1, checkpoint_every=10, precision="fp32",
+                mlm_weight=0.1)  # these tests exercise the MLM path; the default is contrastive-only
     return TrainConfig(**{**base, **kw})
 
 

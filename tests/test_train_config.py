@@ -17,7 +17,7 @@ NON_DEFAULT = {
     "steps": (["7"], 7), "batch_size": (["8"], 8), "lr": (["0.01"], 0.01), "weight_decay": (["0.2"], 0.2),
     "betas": (["0.8", "0.9"], (0.8, 0.9)), "eps": (["1e-8"], 1e-8), "warmup": (["3"], 3),
     "grad_clip": (["0"], 0.0), "precision": (["fp32"], "fp32"), "attention": (["auto"], "auto"),
-    "workers": (["0"], 0), "shuffle_buffer": (["16"], 16), "accum_steps": (["2"], 2), "mlm_weight": (["0"], 0.0),
+    "workers": (["0"], 0), "shuffle_buffer": (["16"], 16), "accum_steps": (["2"], 2), "mlm_weight": (["0.1"], 0.1),
     "mlm_rate": (["0.3"], 0.3), "mlm_fraction": (["0.5"], 0.5), "mlm_condition": (["image"], "image"),
     "fusion_layers": (["2"], 2), "mlm_target": (["content"], "content"), "caption_weight": (["0.5"], 0.5),
     "image_ssl": (["simclr"], "simclr"),

@@ -25,7 +25,7 @@ def shards(tmp_path_factory):
 def _cfg(shards, out, **kw):
     base = dict(data=shards[0].rsplit("/", 1)[0], out=str(out), model="ca-nano", batch_size=16, lr=2e-3,
                 warmup=2, workers=0, shuffle_buffer=32, log_every=1, checkpoint_every=100, precision="fp32",
-                tensorboard=False)
+                tensorboard=False, mlm_weight=0.1)  # the MLM path is under test; the default is off
     return TrainConfig(**{**base, **kw})
 
 
