@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -40,17 +39,10 @@ SHAPES = ("square", "circle", "star", "triangle")
 
 def machine() -> dict[str, object]:
     import onnxruntime
-    import torch
 
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    lines = cpuinfo.splitlines()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
-    flags = set(next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), []))
-    return {"cpu": cpu or "unknown", "flags": sorted(flags & {"amx_tile", "amx_bf16", "amx_int8", "avx512_bf16", "avx512f"}),
-            "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
-            "load_avg_1m": round(os.getloadavg()[0], 2), "python": platform.python_version(),
-            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+    from clipalign.machine import describe
+
+    return {**describe(), "onnxruntime": onnxruntime.__version__, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
 
 
 def make_data(root: Path, model: str, n_images: int) -> tuple[Path, Path]:

@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
-import platform
 import select
 import statistics
 import subprocess
@@ -52,13 +50,9 @@ SHAPES = ("square", "circle", "star", "triangle")
 
 
 def machine() -> dict[str, object]:
-    import torch
+    from clipalign.machine import describe
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown")
-    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
-            "load_avg_1m": round(os.getloadavg()[0], 2), "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    return describe()
 
 
 def build_index(root: Path, n_images: int) -> Path:
