@@ -24,20 +24,21 @@ from pathlib import Path
 
 from clipalign.formats.folders import RunFolder
 
+MLM = ["--mlm-weight", "0.1"]  # the masked-token loss at the weight tried (the default is contrastive-only)
 VARIANTS: dict[str, list[str]] = {
     "contrastive": ["--mlm-weight", "0"],
-    "+ mlm": [],
-    "+ mlm content": ["--mlm-target", "content"],
-    "+ mlm image": ["--mlm-condition", "image"],
-    "+ mlm image content": ["--mlm-condition", "image", "--mlm-target", "content"],
+    "+ mlm": [*MLM],
+    "+ mlm content": [*MLM, "--mlm-target", "content"],
+    "+ mlm image": [*MLM, "--mlm-condition", "image"],
+    "+ mlm image content": [*MLM, "--mlm-condition", "image", "--mlm-target", "content"],
     "contrastive + simclr": ["--mlm-weight", "0", "--image-ssl", "simclr", "--image-ssl-weight", "0.5"],
     # ViT towers only: MAE reconstructs the patches FLIP's patch dropout hid from the same pass
     "contrastive + flip": ["--mlm-weight", "0", "--patch-dropout", "0.5"],
     "contrastive + flip + mae": ["--mlm-weight", "0", "--patch-dropout", "0.5", "--image-ssl", "mae"],
-    "+ mlm + simclr": ["--image-ssl", "simclr", "--image-ssl-weight", "0.5"],
-    "+ mlm + queue": ["--queue-size", "1024", "--momentum", "0.99"],
+    "+ mlm + simclr": [*MLM, "--image-ssl", "simclr", "--image-ssl-weight", "0.5"],
+    "+ mlm + queue": [*MLM, "--queue-size", "1024", "--momentum", "0.99"],
     "contrastive + queue": ["--mlm-weight", "0", "--queue-size", "1024", "--momentum", "0.99"],
-    "+ mlm + simclr + queue": ["--image-ssl", "simclr", "--image-ssl-weight", "0.5", "--queue-size", "1024",
+    "+ mlm + simclr + queue": [*MLM, "--image-ssl", "simclr", "--image-ssl-weight", "0.5", "--queue-size", "1024",
                                "--momentum", "0.99"],
     # equal wall-clock: contrastive-only given the steps its saved time buys (below)
     "contrastive, + mlm's time": ["--mlm-weight", "0"],
