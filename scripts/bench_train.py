@@ -173,10 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="data loader processes, both trainers")
     p.add_argument("--shards", type=int, default=16)
     p.add_argument("--per-shard", type=int, default=512)
-    p.add_argument("--only", nargs="*", default=None, help="run only rows whose name contains one of these")
+    p.add_argument("--only", nargs="*", default=None, help="run only these rows (exact names, or parts of names)")
     p.add_argument("--json", default=None, help="also write the results here")
     a = p.parse_args(argv)
-    rows = [r for r in ROWS if a.only is None or any(s in r.name for s in a.only)]
+    # a row's exact name picks that row; any other string, every row whose name contains it
+    names = {r.name for r in ROWS}
+    rows = [r for r in ROWS if a.only is None or r.name in a.only
+            or any(s not in names and s in r.name for s in a.only)]
     from clipalign.machine import describe, summary_line
 
     machine = describe()
