@@ -1,0 +1,114 @@
+"""The bare training step: ``Trainer.train_step`` on one fixed batch, no loader, per objective.
+
+    python scripts/bench_step.py --model ca-small --threads 1 --clock cpu
+    python scripts/bench_step.py --model ca-small --open-clip-attention   # the towers on nn.MultiheadAttention
+
+Where ``bench_train.py`` compares whole trainers, this isolates the step (model, losses,
+backward, fused AdamW) so that a change to it can be measured in minutes, and ``--profile``
+prints where the time goes. ``--clock cpu`` times the process's CPU time with torch on
+``--threads`` threads: on a shared 2-core machine, one thread timed in CPU seconds is far less
+disturbed by other work than wall time (quote it as such; ``bench_train.py`` gives wall-clock
+samples/s). Each row is the median of ``--steps`` steps after 2 warm-up steps, in a fresh
+Trainer (same seed, same batch: captions of 6–13 words, the padding the trainer drops).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+ROWS = {
+    "MLM off (default)": {},
+    "MLM on": {"mlm_weight": 0.1},
+    "MLM on, image-conditioned": {"mlm_weight": 0.1, "mlm_condition": "image"},
+    "MLM off, SimCLR": {"image_ssl": "simclr", "image_ssl_weight": 0.5},
+}
+WORDS = "a red blue green small large circle square star triangle at the top left bottom right of".split()
+
+
+def make_batch(model, tokenizer, batch_size: int, views: bool) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    captions = [" ".join(WORDS[j % len(WORDS)] for j in range(i, i + 6 + i % 8)) for i in range(batch_size)]
+    size = model.image_size
+    batch = {"image": torch.randn(batch_size, 3, size, size), "text": tokenizer(captions)}
+    if views:
+        batch["views"] = torch.randn(batch_size, 2, 3, size, size)
+    return batch
+
+
+def time_row(name: str, overrides: dict, a: argparse.Namespace) -> dict:
+    from clipalign.precision import attention_backend
+    from clipalign.train import Trainer
+    from clipalign.train_config import TrainConfig
+
+    cfg = TrainConfig(data="/nonexistent", out="/tmp/bench_step_run", model=a.model, batch_size=a.batch_size,
+                      steps=10_000, warmup=1, precision=a.precision, tensorboard=False, **overrides)
+    trainer = Trainer(cfg)
+    if a.open_clip_attention:  # undo clipalign.attention's swap: the reference row
+        for module in trainer.model.modules():
+            if type(module).__name__ == "FastMultiheadAttention":
+                module.__class__ = torch.nn.MultiheadAttention
+    batch = make_batch(trainer.model, trainer.tokenizer, a.batch_size, overrides.get("image_ssl") == "simclr")
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
+    trainer.model.train()
+    with attention_backend(cfg.attention):
+        for _ in range(2):
+            trainer.train_step(batch)
+        times = []
+        for _ in range(a.steps):
+            start = clock()
+            trainer.train_step(batch)
+            times.append(clock() - start)
+        if a.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                trainer.train_step(batch)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40))
+    step = statistics.median(times)
+    return {"name": name, "overrides": overrides, "ms_per_step": 1000 * step, "samples_per_s": a.batch_size / step}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="ca-small")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--precision", default="bf16")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per row (after 2 warm-up steps)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    p.add_argument("--clock", choices=["cpu", "wall"], default="wall")
+    p.add_argument("--only", nargs="*", choices=list(ROWS), default=list(ROWS))
+    p.add_argument("--open-clip-attention", action="store_true", help="run the towers on nn.MultiheadAttention")
+    p.add_argument("--profile", action="store_true", help="also print an operator profile of one step per row")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    from clipalign.machine import describe, summary_line
+
+    machine = describe()
+    print(f"machine: {summary_line(machine)}; clock: {a.clock}")
+    rows = []
+    for name in a.only:
+        row = time_row(name, ROWS[name], a)
+        rows.append(row)
+        ratio = row["samples_per_s"] / rows[0]["samples_per_s"]
+        print(f"{name:<32} {row['ms_per_step']:8.0f} ms/step {row['samples_per_s']:7.1f} samples/s  {ratio:5.2f}x",
+              flush=True)
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps({"args": vars(a), "machine": machine, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
