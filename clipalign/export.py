@@ -1,9 +1,9 @@
-"""Export a run's model for plain open_clip: a model config JSON plus a weights-only state dict.
+"""Export a run's model for plain open_clip: a model config JSON plus a safetensors state dict.
 
 The exported folder is self-contained for open_clip users::
 
     open_clip.add_model_config(out_dir)
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=f"{out_dir}/{name}.pt")
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=f"{out_dir}/{name}.safetensors")
 
 Only the open_clip model is written (the ``clip.`` prefix stripped): no MLM head, optimizer,
 scheduler or RNG state.
@@ -14,8 +14,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from clipalign.checkpoint import save_checkpoint
-from clipalign.formats.atomic import write_json
+from safetensors.torch import save_file
+
+from clipalign.formats.atomic import replace_file, write_json
 from clipalign.model_source import ModelSource, load_model_source
 
 # A name becomes a file name and an open_clip registry key: no path separators, and not
@@ -30,7 +31,7 @@ def _check_name(name: str) -> None:
 
 def export_open_clip(checkpoint: ModelSource | str | Path, out_dir: str | Path, name: str | None = None
                      ) -> dict[str, Any]:
-    """Write ``out_dir/<name>.json`` (open_clip model config) and ``out_dir/<name>.pt`` (state dict).
+    """Write ``out_dir/<name>.json`` (open_clip model config) and ``out_dir/<name>.safetensors`` (state dict).
 
     Args:
         checkpoint: a checkpoint file or run folder (its latest checkpoint), or a ``ModelSource``
@@ -63,8 +64,9 @@ def export_open_clip(checkpoint: ModelSource | str | Path, out_dir: str | Path, 
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config_path, weights_path = out / f"{name}.json", out / f"{name}.pt"
-    save_checkpoint(weights_path, state)
+    config_path, weights_path = out / f"{name}.json", out / f"{name}.safetensors"
+    # safetensors: tensors and nothing else, readable by any tool without unpickling
+    replace_file(weights_path, lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, str(tmp)))
     write_json(config_path, config)
     return {
         "name": name,

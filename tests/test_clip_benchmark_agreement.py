@@ -91,7 +91,7 @@ def results(tmp_path_factory) -> dict:
 
     out = root / "clip_benchmark"
     out.mkdir()
-    common = ["--model", "ca-nano", "--pretrained", str(export / "ca-nano.pt"), "--dataset_root", f"{sets}/{{dataset}}",
+    common = ["--model", "ca-nano", "--pretrained", str(export / "ca-nano.safetensors"), "--dataset_root", f"{sets}/{{dataset}}",
               "--no_amp", "--num_workers", "0", "--batch_size", "16", "--output", f"{out}/{{dataset}}.json", "--quiet"]
     runs = [
         [str(export), "eval", "--dataset", *(f"wds/{n}" for n in CLASSIFICATION), *common],

@@ -33,7 +33,7 @@ assert not unknown, f"open_clip knew {unknown} before add_model_config"
 open_clip.add_model_config(export_dir)
 out = {}
 for name in names:
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=f"{export_dir}/{name}.pt")
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=f"{export_dir}/{name}.safetensors")
     model.eval()
     pixels = torch.stack([preprocess(Image.open(p)) for p in images])
     with torch.no_grad():
@@ -70,11 +70,13 @@ def exported(run) -> Path:
 
 
 def test_export_writes_the_open_clip_config_and_only_the_clip_weights(run, exported):
-    assert sorted(p.name for p in exported.iterdir()) == ["ca-nano.json", "ca-nano.pt", "my-nano.json", "my-nano.pt"]
+    assert sorted(p.name for p in exported.iterdir()) == ["ca-nano.json", "ca-nano.safetensors", "my-nano.json", "my-nano.safetensors"]
     assert json.loads((exported / "ca-nano.json").read_text()) == get_model_config("ca-nano")
     assert (exported / "my-nano.json").read_text() == (exported / "ca-nano.json").read_text()
 
-    state = torch.load(exported / "ca-nano.pt", map_location="cpu", weights_only=True)  # plain tensors only
+    from safetensors.torch import load_file
+
+    state = load_file(exported / "ca-nano.safetensors")  # tensors only, no pickle
     model = load_model(run)[0]
     assert state.keys() == model.clip.state_dict().keys()
     assert not any(k.startswith(("clip.", "mlm_head.")) for k in state)

@@ -274,7 +274,7 @@ def test_export_turns_a_hf_folder_into_open_clip_weights_that_agree(world, tmp_p
     out = tmp_path / "oc"
     assert main(["export", *world["flags"]["hf"], "--out", str(out), "--name", "my-hf-nano"]) == 0
     open_clip.add_model_config(out / "my-hf-nano.json")
-    oc, _, preprocess = open_clip.create_model_and_transforms("my-hf-nano", pretrained=str(out / "my-hf-nano.pt"))
+    oc, _, preprocess = open_clip.create_model_and_transforms("my-hf-nano", pretrained=str(out / "my-hf-nano.safetensors"))
     ims = [Image.open(p).convert("RGB") for p in world["images"][:3]]
     with torch.no_grad():
         image = torch.nn.functional.normalize(oc.eval().encode_image(torch.stack([preprocess(i) for i in ims])), dim=-1)
