@@ -52,7 +52,6 @@ def test_fast_attention_under_bf16_autocast_is_within_bf16_of_the_plain_path():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = plain(x, x, x, need_weights=False, attn_mask=_causal(17))[0].float()
         got = fast(x, x, x, need_weights=False, attn_mask=_causal(17))[0].float()
-    assert got.dtype == want.dtype
     assert (got - want).abs().max() < 0.02 * want.abs().max()
 
 

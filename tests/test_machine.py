@@ -14,6 +14,5 @@ def test_describe_reports_this_machines_flags_and_kind():
     info = describe()
     assert set(info["flags"]) <= set(MATRIX_FLAGS)
     assert info["kind"] == cpu_kind(set(info["flags"]))
-    assert info["usable_cores"] >= 1 and info["torch_threads"] >= 1
     line = summary_line(info)
     assert info["cpu"] in line and info["kind"] in line and info["torch"] in line
