@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -25,3 +25,12 @@ def _read_shards(paths: list[Path] | list[str], decode: bool = True) -> list[dic
 def read_shards() -> Callable[..., list[dict]]:
     """``read_shards(paths, decode=True) -> [sample dict, ...]``."""
     return _read_shards
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[str]:
+    """The address (``127.0.0.1:PORT``) of a local two-node Ray cluster shared by the session's tests."""
+    from tests.ray_cluster import local_cluster
+
+    with local_cluster(Path("/tmp") / f"ray-{os.getpid()}") as address:  # short: Ray's socket paths are bounded
+        yield address

@@ -1,0 +1,68 @@
+"""Ray for the stages that scale out (``--engine ray``): imported only when a run asks for it.
+
+Local runs never import Ray, so it stays an extra (``pip install 'clipalign[ray]'``). The
+stages submit their pure, idempotent jobs (a prep shard, an embedding chunk, an index part)
+through ``ordered``, which keeps a bounded number in flight and gives results back in job
+order, so a Ray run commits what it gets exactly as the local loop does.
+"""
+from __future__ import annotations
+
+import socket
+from collections import deque
+from types import ModuleType
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+RAY_MISSING = "--engine ray needs Ray: pip install 'clipalign[ray]'"
+# A task whose worker process or node dies is run again this many times (Ray's own retry).
+MAX_RETRIES = 3
+
+J = TypeVar("J")
+
+
+def connect(address: str | None = None) -> ModuleType:
+    """The ``ray`` module, connected to the cluster at ``address`` (``host:port``, ``auto``, or
+    None: ``$RAY_ADDRESS`` if set, else a local Ray started for this process).
+
+    Raises:
+        RuntimeError: Ray is not installed (``RAY_MISSING``).
+        ConnectionError: no cluster answers at ``address``.
+    """
+    try:
+        import ray
+    except ImportError as e:
+        raise RuntimeError(RAY_MISSING) from e
+    if not ray.is_initialized():
+        if address not in (None, "auto", "local"):
+            _check_reachable(address)  # Ray itself retries a dead address for minutes
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    return ray
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConnectionError(f"--ray-address {address!r}: expected HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConnectionError(f"no Ray cluster answers at {address} ({e.strerror or e})") from e
+
+
+def ordered(submit: Callable[[J], Any], jobs: Iterable[J], in_flight: int) -> Iterator[tuple[J, Any]]:
+    """``(job, result)`` in the order of ``jobs``, with at most ``in_flight`` submitted and not yet
+    taken; ``submit(job)`` returns a Ray object ref (or None for a job with nothing to do, given
+    back as its result). A task's error is raised when its turn comes, after the earlier ones.
+    """
+    import ray
+
+    if in_flight < 1:
+        raise ValueError(f"in_flight must be >= 1, got {in_flight}")
+    pending: deque[tuple[J, Any]] = deque()
+    for job in jobs:
+        pending.append((job, submit(job)))
+        while len(pending) >= in_flight:
+            done, ref = pending.popleft()
+            yield done, None if ref is None else ray.get(ref)
+    while pending:
+        done, ref = pending.popleft()
+        yield done, None if ref is None else ray.get(ref)

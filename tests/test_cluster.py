@@ -1,0 +1,55 @@
+"""clipalign.cluster: Ray jobs in flight, bounded, their results in job order."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from clipalign.cluster import connect, ordered
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:1", "no-port"])
+def test_connect_names_a_missing_cluster_at_once(address):  # first: before this module connects
+    with pytest.raises(ConnectionError, match=address):
+        connect(address)
+
+
+@pytest.fixture(scope="module")
+def ray(ray_cluster):
+    ray = connect(ray_cluster)
+    yield ray
+    ray.shutdown()
+
+
+def test_results_in_job_order_with_a_bounded_window(ray):
+    @ray.remote
+    def square(x: int) -> tuple[int, int]:
+        return x * x, os.getpid()
+
+    submitted: list[int] = []
+
+    def submit(job: int):
+        submitted.append(job)
+        return None if job == 3 else square.remote(job)  # job 3 has nothing to do
+
+    got = []
+    for job, result in ordered(submit, range(8), in_flight=2):
+        assert len(submitted) - len(got) <= 2  # never more than the window submitted and not taken
+        got.append((job, result))
+    assert [j for j, _ in got] == list(range(8))
+    assert [r[0] if r else None for _, r in got] == [0, 1, 4, None, 16, 25, 36, 49]
+    assert len({r[1] for _, r in got if r}) == 2  # the tasks ran on both nodes' workers
+
+
+def test_a_failed_task_raises_at_its_turn(ray):
+    @ray.remote(max_retries=0)
+    def check(x: int) -> int:
+        if x == 2:
+            raise ValueError("bad job")
+        return x
+
+    seen = []
+    with pytest.raises(ray.exceptions.RayTaskError, match="bad job"):
+        for job, result in ordered(check.remote, range(5), in_flight=3):
+            seen.append(result)
+    assert seen == [0, 1]  # the jobs before it were given back first
