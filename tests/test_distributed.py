@@ -1,5 +1,6 @@
 """Data parallel training with torchrun (gloo on this CPU): two ranks = one process on the same global batch."""
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,29 @@ def test_two_ranks_give_the_loss_and_gradients_of_one_process(tmp_path, conditio
     assert any(n.startswith("mlm_fusion.") for n in one["grads"]) == (condition == "image")
     for name, grad in one["grads"].items():
         assert torch.allclose(two["grads"][name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_of_one_process_equal_one_node_of_two(tmp_path):
+    """Two torchrun agents meeting by c10d rendezvous on 127.0.0.1, as two machines would."""
+    subprocess.run([*TORCHRUN, HELPER, str(tmp_path / "one_node.pt")], check=True, capture_output=True)
+    nodes = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+             "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{_free_port()}", "--rdzv_id", "two-nodes",
+             "--local_addr", "127.0.0.1", HELPER, str(tmp_path / "two_nodes.pt")]
+    agents = [subprocess.Popen(nodes, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [agent.communicate(timeout=300)[1] for agent in agents]
+    assert [a.returncode for a in agents] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    one, two = torch.load(tmp_path / "one_node.pt"), torch.load(tmp_path / "two_nodes.pt")
+    assert one["world_size"] == two["world_size"] == 2
+    assert two["logs"] == one["logs"]
+    assert one["grads"].keys() == two["grads"].keys()
+    for name, grad in one["grads"].items():  # the same ranks and the same all-reduce: bit for bit
+        assert torch.equal(two["grads"][name], grad), name
 
 
 def test_torchrun_trains_through_the_cli_and_checkpoints_every_ranks_stream(tmp_path):
