@@ -10,7 +10,9 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from PIL import Image
@@ -39,10 +41,19 @@ def _routes(gate: threading.Event, waiting: list[int] | None = None) -> dict:
             if i >= GATE_AT:
                 if waiting is not None:
                     waiting.append(i)
-                gate.wait(20)
+                gate.wait()  # no timeout: no gated row is answered before the kill
             send(h, b"garbage" if BAD.get(i) == "corrupt" else _png(i))
         return route
     return {f"/{i}.png": image(i) for i in range(N_ROWS) if BAD.get(i) != "missing"}
+
+
+@contextmanager
+def _opened_on_exit(gate: threading.Event) -> Iterator[None]:
+    """Open ``gate`` however the block ends, so that no server thread waits on it forever."""
+    try:
+        yield
+    finally:
+        gate.set()
 
 
 def _manifest(path: Path, base: str) -> Path:
@@ -66,7 +77,7 @@ def _cli(manifest: Path, out: Path, *extra: str) -> list[str]:
 
 def test_sigkill_then_rerun_resumes(tmp_path, read_shards):
     gate, waiting = threading.Event(), []
-    with LoopbackServer(_routes(gate, waiting)) as server:
+    with LoopbackServer(_routes(gate, waiting)) as server, _opened_on_exit(gate):
         manifest = _manifest(tmp_path / "m.csv", server.base)
         out = tmp_path / "out"
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
