@@ -169,19 +169,21 @@ def test_connections_are_kept_alive(server):
 def test_threads_share_one_downloader_each_on_its_own_connection(server):
     open_now, most = [0], [0]
     lock = threading.Lock()
+    all_in = threading.Barrier(3, timeout=30)  # each request is answered once 3 are in: 3 at once, every time
 
     def route(h):
         with lock:
             open_now[0] += 1
             most[0] = max(most[0], open_now[0])
-        time.sleep(0.02)
+        all_in.wait()  # a timeout (BrokenBarrierError) means the 3 threads never had 3 requests out at once
         with lock:
             open_now[0] -= 1
         send(h, GOOD)
     server.routes["/counted.png"] = route
     before = len(server.peers)
     with Downloader() as downloader, ThreadPoolExecutor(3) as pool:
-        got = list(pool.map(lambda _: downloader.fetch(server.base + "/counted.png", FAST), range(24)))
+        patient = FetchConfig(timeout=30, retries=0, max_bytes=20_000)  # a retry would open a 4th connection
+        got = list(pool.map(lambda _: downloader.fetch(server.base + "/counted.png", patient), range(24)))
         assert len(downloader._handles) == 3
     assert got == [GOOD] * 24
     assert most[0] == 3 and len(set(server.peers[before:])) == 3  # 3 at once, on 3 kept-alive connections

@@ -225,27 +225,26 @@ def test_an_upload_that_finds_every_decode_slot_taken_gets_503_quickly(limited, 
 
 
 def test_concurrent_decodes_never_exceed_the_bound(served, small_image, monkeypatch):
-    import time
-
     import clipalign.formats.images as images  # the engine imports its decoder at the first image query
 
     engine, _ = served
     bounded = open_engine(engine.index.folder, eager=True, max_decodes=2, decode_wait_s=30)
     active, peak, lock = [0], [0], threading.Lock()
+    both_in = threading.Barrier(2, timeout=30)  # each decode waits for a second one: the bound is reached
     real = images.decode_image
 
-    def slow_decode(*args, **kwargs):
+    def paired_decode(*args, **kwargs):
         with lock:
             active[0] += 1
             peak[0] = max(peak[0], active[0])
-        time.sleep(0.05)
+        both_in.wait()  # a timeout (BrokenBarrierError) means the second slot never let one in
         try:
             return real(*args, **kwargs)
         finally:
             with lock:
                 active[0] -= 1
 
-    monkeypatch.setattr(images, "decode_image", slow_decode)
+    monkeypatch.setattr(images, "decode_image", paired_decode)
     with ThreadPoolExecutor(8) as pool:
         hits = list(pool.map(lambda _: bounded.search_image_bytes(small_image, 1)[0][0]["id"], range(16)))
     assert hits == [5] * 16 and peak[0] == 2
