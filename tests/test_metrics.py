@@ -64,8 +64,8 @@ def test_blocked_retrieval_equals_one_block():
     owner = torch.randint(0, 50, (120,), generator=g)
     one = retrieval_metrics(img, txt, owner, (1, 5, 10), block_elements=1 << 20)
     blocked = retrieval_metrics(img, txt, owner, (1, 5, 10), block_elements=7 * 120)
-    assert one == blocked
-    assert one["image_retrieval_median_rank"] >= 1 and one["text_retrieval_mean_rank"] >= 1
+    assert one == blocked  # ranks included; their values are checked on known answers below
+    assert {"image_retrieval_median_rank", "text_retrieval_mean_rank"} <= one.keys()
 
 
 def test_ranks_of_a_perfect_and_a_reversed_ranking():

@@ -99,12 +99,19 @@ def test_bad_samples_are_skipped_counted_and_listed(data, tmp_path, capsys):
     assert (stats["seen"], stats["written"], stats["skipped"], stats["shards"]) == (7, 4, 3, 1)
     assert stats["by_status"] == {"success": 4, "failed": 3}
     assert stats["skipped_by_reason"] == {"empty_caption": 1, "missing_image": 1, "undecodable_image": 1}
-    assert stats["samples_per_s"] > 0
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
     assert {e["index"]: e["reason"] for e in errors} == EXPECTED_REASONS
     assert all(e["key"] == f"{e['index']:09d}" and e["source"] == ROWS[e["index"]][0] and e["detail"] for e in errors)
     summary = capsys.readouterr().out
     assert "skipped 3 (empty_caption: 1, missing_image: 1, undecodable_image: 1)" in summary
+
+
+def test_the_rate_counts_the_samples_this_run_wrote(data, tmp_path):
+    out, config = tmp_path / "out", PrepConfig(SampleConfig(image_size=16))
+    stats = run_prep(open_records(_manifest(data)), out, config, clock=iter([10.0, 12.5]).__next__)
+    assert stats["duration_s"] == 2.5 and stats["samples_per_s"] == round(4 / 2.5, 1)
+    again = run_prep(open_records(_manifest(data)), out, config, clock=iter([0.0, 1.0]).__next__)
+    assert again["resumed_shards"] == 1 and again["written"] == 4 and again["samples_per_s"] == 0.0  # none new
 
 
 @pytest.mark.parametrize("kind", ["csv", "tsv", "jsonl", "folder"])

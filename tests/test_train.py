@@ -192,8 +192,16 @@ def test_dropping_common_padding_gives_the_same_step(shards, tmp_path, extra):
 
 def test_patch_dropout_reaches_the_vision_tower(shards, tmp_path):
     trainer = Trainer(_cfg(shards, tmp_path, steps=1, patch_dropout=0.5))
-    assert trainer.model.clip.visual.patch_dropout.prob == 0.5
-    assert _one_step(trainer)["loss"] > 0
+    visual = trainer.model.clip.visual
+    assert visual.patch_dropout.prob == 0.5
+    tokens = []  # the sequence length each pass hands the tower's transformer, (b, tokens, width)
+    hook = visual.transformer.register_forward_pre_hook(lambda _, args: tokens.append(args[0].shape[1]))
+    try:
+        _one_step(trainer)
+    finally:
+        hook.remove()
+    patches = visual.grid_size[0] * visual.grid_size[1]
+    assert tokens == [1 + patches // 2]  # the class token and half the patches, in the one training pass
 
 
 def test_cli_rerun_of_a_finished_run_says_so(shards, tmp_path, capsys):
