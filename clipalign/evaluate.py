@@ -147,7 +147,7 @@ def _probe(model: ClipAlign, transform: Callable, train: EvalSet | None, test_fe
     feats, labels, skipped = _embed_set(model, transform, train, sample_class,
                                         batch_size=batch_size, precision=precision)
     probe = linear_probe(feats, torch.tensor(labels), test_feats, test_labels, len(train.classnames))
-    return {"linear_probe": {**probe, "skipped": skipped}}  # CLIP_benchmark's lp_* keys: see cli/eval.py
+    return {"linear_probe": {**probe, "skipped": skipped}}  # CLIP_benchmark's lp_* keys: see eval_report.py
 
 
 def probe_train_split(evalset: EvalSet) -> EvalSet | None:

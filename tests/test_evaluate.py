@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -135,3 +136,34 @@ def test_multilabel_set_reports_mean_average_precision(tmp_path):
     # one at score 0 and the stable sort keeps input order, so it ranks 3rd: (1/1 + 2/3) / 2.
     assert ap["blue"] == pytest.approx((1 + 2 / 3) / 2)
     assert result["metrics"]["mean_average_precision"] == pytest.approx(sum(ap.values()) / 3)
+
+
+def test_the_eval_report_names_every_set_and_is_written_whole(tmp_path):
+    from clipalign.eval_report import eval_report, report_table
+
+    classnames = ["red", "green", "blue"]
+    for parent in ("a", "b"):  # two sets called "val": the report tells them apart by their parents
+        samples = [(_solid(c), classnames.index(c)) for c in ["red", "green", "blue", "green"]]
+        write_classification_set(tmp_path / parent / "val", samples, classnames, ["a {c} thing."])
+        write_classification_set(tmp_path / parent / "val", samples, classnames, ["a {c} thing."], split="train")
+    write_retrieval_set(tmp_path / "ret", [(_solid("red"), ["a red thing"]), (_solid("blue"), ["a blue thing"])])
+    sets = [load_eval_set(tmp_path / p) for p in ("a/val", "b/val", "ret")]
+    meta = {"path": "/runs/stub", "model_name": "stub", "step": 3}
+    out, plots = tmp_path / "report" / "eval.json", tmp_path / "plots"
+    report = eval_report(StubModel(), stub_tokenizer, TO_TENSOR, meta, sets, out=out, plot_dir=plots, ks=(1,),
+                         linear_probe=True)
+    assert out.read_text() == json.dumps(report, indent=2) + "\n"  # (text: acc@5 of 3 classes is NaN)
+    assert [p.name for p in out.parent.iterdir()] == ["eval.json"]  # written whole: no temporary file left
+    assert (report["checkpoint"], report["model"], report["step"]) == ("/runs/stub", "stub", 3)
+    assert list(report["results"]) == ["a/val", "b/val", "ret"]
+    val = report["results"]["a/val"]
+    assert (val["dataset"], val["model"], val["pretrained"], val["path"]) == \
+        ("wds/val", "stub", "/runs/stub", str(tmp_path / "a" / "val"))
+    assert val["metrics"]["acc1"] == 1.0 and val["metrics"]["lp_acc1"] == val["linear_probe"]["metrics"]["acc1"]
+    assert val["confusion_png"] == str(plots / "a/val_confusion.png")
+    assert sorted(str(p.relative_to(plots)) for p in plots.rglob("*.png")) == ["a/val_confusion.png",
+                                                                               "b/val_confusion.png"]
+    assert report["results"]["ret"]["metrics"]["image_retrieval_recall@1"] == 1.0
+    assert "linear_probe" not in report["results"]["ret"] and "confusion_png" not in report["results"]["ret"]
+    table = report_table(report).splitlines()
+    assert [line.split()[0] for line in table] == ["a/val", "b/val", "ret"] and "linear probe" in table[0]
