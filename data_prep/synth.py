@@ -6,12 +6,17 @@ byte-identical for a seed, and any one image can be regenerated alone.
 
 A fixed set of colour-shape pairs (``HELD_OUT_PAIRS``) never appears in training and
 is used by the ``*_unseen`` evaluation sets to test compositional generalisation.
+
+The corpus folder, as ``write_corpus`` lays it out::
+
+    train/manifest.csv, train/images/<index>.png    the training rows (columns image, caption)
+    eval/<set>/{test,train}/                        held-out sets in CLIP_benchmark's wds/ layout
+    synth.json                                      what was generated, with each part's path
 """
 from __future__ import annotations
 
 import csv
 import io
-import json
 import multiprocessing
 import os
 from dataclasses import replace
@@ -22,6 +27,7 @@ from typing import Callable, Iterator, TypeVar
 import numpy as np
 from PIL import Image
 
+from clipalign.formats.atomic import write_json
 from data_prep.evalsets import write_classification_set, write_retrieval_set
 from data_prep.scenes import (
     COLOR_TEMPLATES,
@@ -40,6 +46,17 @@ from data_prep.scenes import (
 )
 
 T = TypeVar("T")
+
+# The corpus folder's layout (see the module docstring).
+TRAIN_DIR = "train"
+EVAL_DIR = "eval"
+MANIFEST = "manifest.csv"
+IMAGES_DIR = "images"
+INFO_FILE = "synth.json"
+CLASSIFICATION_SETS = ("shape_seen", "shape_unseen", "color_seen", "color_unseen")  # each with a train split
+RETRIEVAL_SET = "retrieval"
+EVAL_SETS = (*CLASSIFICATION_SETS, RETRIEVAL_SET)
+MIN_IMAGE_SIZE = 16
 
 def example_rng(seed: int, split: str, index: int) -> np.random.Generator:
     """The generator that fully determines example ``index`` of ``split``."""
@@ -140,7 +157,7 @@ def _bad_rows(seed: int, n: int, n_bad: int, out_dir: Path, image_size: int) -> 
     rows = {}
     for j, pos in enumerate(positions):
         kind = "missing" if j == 0 else _BAD_KINDS[(j - 1) % len(_BAD_KINDS)]
-        name = f"images/{kind}_{j:05d}.png"
+        name = f"{IMAGES_DIR}/{kind}_{j:05d}.png"
         data, caption = _train_item(n + j, seed, image_size)
         if kind == "random_bytes":
             data = rng.bytes(int(rng.integers(64, 2048)))
@@ -170,10 +187,10 @@ def write_train(
     random bytes, a truncated PNG and an empty caption in turn.
     """
     out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     bad = _bad_rows(seed, n, n_bad, out_dir, image_size) if n_bad else {}
     good = _ordered_map(partial(_train_item, seed=seed, image_size=image_size), n, workers, progress)
-    with open(out_dir / "manifest.csv", "w", newline="", encoding="utf-8") as f:
+    with open(out_dir / MANIFEST, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["image", "caption"])
         index = 0
@@ -182,11 +199,11 @@ def write_train(
                 writer.writerow(bad[pos])
                 continue
             data, caption = next(good)
-            name = f"images/{index:09d}.png"
+            name = f"{IMAGES_DIR}/{index:09d}.png"
             (out_dir / name).write_bytes(data)
             writer.writerow([name, caption])
             index += 1
-    return {"path": "train/manifest.csv", "images": n, "bad_rows": n_bad, "rows": n + n_bad}
+    return {"path": f"{TRAIN_DIR}/{MANIFEST}", "images": n, "bad_rows": n_bad, "rows": n + n_bad}
 
 
 def write_eval_sets(
@@ -204,18 +221,35 @@ def write_eval_sets(
     """
     out_dir = Path(out_dir)
     info: dict[str, dict] = {}
-    for split in ("shape_seen", "shape_unseen", "color_seen", "color_unseen"):
+    for split in CLASSIFICATION_SETS:
         names, templates = (SHAPES, SHAPE_TEMPLATES) if split.startswith("shape") else (COLORS, COLOR_TEMPLATES)
         for part, offset in (("test", 0), ("train", TRAIN_SPLIT_OFFSET)):
             fn = partial(_classification_item, seed=seed, split=split, image_size=image_size, offset=offset)
             count = write_classification_set(out_dir / split, _ordered_map(fn, n, workers, progress), names,
                                              templates, split=part)
-        info[split] = {"path": f"eval/{split}", "type": "classification", "samples": count, "classes": len(names),
+        info[split] = {"path": f"{EVAL_DIR}/{split}", "type": "classification", "samples": count, "classes": len(names),
                        "splits": ["test", "train"]}
     fn = partial(_retrieval_item, seed=seed, image_size=image_size)
-    count = write_retrieval_set(out_dir / "retrieval", _ordered_map(fn, n, workers, progress))
-    info["retrieval"] = {"path": "eval/retrieval", "type": "retrieval", "samples": count, "captions_per_image": 2}
+    count = write_retrieval_set(out_dir / RETRIEVAL_SET, _ordered_map(fn, n, workers, progress))
+    info[RETRIEVAL_SET] = {"path": f"{EVAL_DIR}/{RETRIEVAL_SET}", "type": "retrieval", "samples": count, "captions_per_image": 2}
     return info
+
+
+def corpus_images(n: int, n_eval: int) -> int:
+    """How many images ``write_corpus`` generates: ``n`` training ones and ``n_eval`` per held-out
+    split (each classification set has a test and a train split, the retrieval set a test split)."""
+    return n + (2 * len(CLASSIFICATION_SETS) + 1) * n_eval
+
+
+def check_corpus_options(out_dir: str | os.PathLike, *, n: int, seed: int, image_size: int, n_eval: int,
+                         n_bad: int, workers: int) -> None:
+    """``ValueError`` (one line, naming the option) for options ``write_corpus`` cannot use."""
+    for name, value, low in (("n", n, 1), ("n_eval", n_eval, 1), ("n_bad", n_bad, 0),
+                             ("image_size", image_size, MIN_IMAGE_SIZE), ("workers", workers, 1), ("seed", seed, 0)):
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{out_dir} exists and is not a folder")
 
 
 def write_corpus(
@@ -231,14 +265,18 @@ def write_corpus(
 ) -> dict:
     """Write ``train/``, ``eval/<set>/`` and ``synth.json`` under ``out_dir``; return synth.json's content.
 
-    The files do not depend on ``workers``. ``progress`` gets ``1`` per generated
-    image (``n + 9 * n_eval`` in all: five held-out sets, four of them with a train split).
+    The files do not depend on ``workers``. ``progress`` gets ``1`` per generated image
+    (``corpus_images(n, n_eval)`` in all).
+
+    Raises:
+        ValueError: options it cannot use (``check_corpus_options``), before anything is written.
     """
+    check_corpus_options(out_dir, n=n, seed=seed, image_size=image_size, n_eval=n_eval, n_bad=n_bad, workers=workers)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     common = {"seed": seed, "image_size": image_size, "workers": workers, "progress": progress}
-    splits = {"train": write_train(out_dir / "train", n=n, n_bad=n_bad, **common)}
-    splits.update(write_eval_sets(out_dir / "eval", n=n_eval, **common))
+    splits = {TRAIN_DIR: write_train(out_dir / TRAIN_DIR, n=n, n_bad=n_bad, **common)}
+    splits.update(write_eval_sets(out_dir / EVAL_DIR, n=n_eval, **common))
     info = {
         "seed": seed,
         "image_size": image_size,
@@ -252,5 +290,5 @@ def write_corpus(
         "held_out_pairs": [list(p) for p in HELD_OUT_PAIRS],
         "splits": splits,
     }
-    (out_dir / "synth.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    write_json(out_dir / INFO_FILE, info)
     return info

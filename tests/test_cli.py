@@ -65,3 +65,20 @@ def test_an_interrupt_exits_130(monkeypatch, capsys):
     _failing(monkeypatch, KeyboardInterrupt())
     assert main(["plot", "run"]) == 130
     assert capsys.readouterr().err == "clipalign plot: interrupted\n"
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--n", "0"], "n must be >= 1, got 0"),
+    (["--image-size", "8"], "image_size must be >= 16, got 8"),
+    (["--n-bad", "-1"], "n_bad must be >= 0, got -1"),
+])
+def test_synth_options_it_cannot_use_are_one_line_errors_before_anything_is_written(extra, says, tmp_path, capsys):
+    out = tmp_path / "corpus"
+    assert main(["synth", "--out", str(out), "--n-eval", "1", *extra]) == 2
+    assert capsys.readouterr().err == f"clipalign synth: error: {says}\n" and not out.exists()
+
+
+def test_synth_into_a_file_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    assert main(["synth", "--out", str(tmp_path / "a-file"), "--n", "1", "--n-eval", "1"]) == 2
+    assert capsys.readouterr().err == f"clipalign synth: error: {tmp_path / 'a-file'} exists and is not a folder\n"

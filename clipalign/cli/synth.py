@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from clipalign.cli.common import CliError, parser
 
@@ -31,29 +32,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name, low in (("n", 1), ("n_eval", 1), ("n_bad", 0), ("image_size", 16), ("workers", 1), ("seed", 0)):
-        if getattr(args, name) < low:
-            raise CliError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise CliError(f"--out {args.out} exists and is not a folder")
-
     from tqdm import tqdm
 
-    from data_prep.synth import write_corpus
+    from data_prep import synth
 
+    options = dict(n=args.n, seed=args.seed, image_size=args.image_size, n_eval=args.n_eval, n_bad=args.n_bad,
+                   workers=args.workers)
     start = time.perf_counter()
-    with tqdm(total=args.n + 9 * args.n_eval, unit="img", desc="synth", file=sys.stderr, disable=None) as bar:
-        info = write_corpus(
-            args.out, n=args.n, seed=args.seed, image_size=args.image_size, n_eval=args.n_eval,
-            n_bad=args.n_bad, workers=args.workers, progress=bar.update,
-        )
+    try:
+        with tqdm(total=synth.corpus_images(args.n, args.n_eval), unit="img", desc="synth", file=sys.stderr,
+                  disable=None) as bar:
+            info = synth.write_corpus(args.out, progress=bar.update, **options)
+    except ValueError as err:  # an option write_corpus cannot use (checked before anything is written)
+        raise CliError(str(err)) from None
     seconds = time.perf_counter() - start
-    out = args.out.rstrip("/")
+    out = Path(args.out)
     bad = f" + {args.n_bad} bad rows" if args.n_bad else ""
     held = ", ".join(f"{c} {s}" for c, s in info["held_out_pairs"])
-    print(f"synth: {args.n} training images{bad} -> {out}/train/manifest.csv")
-    print(f"synth: held-out sets, {args.n_eval} images each -> {out}/eval/"
-          f"{{{','.join(k for k in info['splits'] if k != 'train')}}}")
+    print(f"synth: {args.n} training images{bad} -> {out / info['splits'][synth.TRAIN_DIR]['path']}")
+    print(f"synth: held-out sets, {args.n_eval} images each -> {out / synth.EVAL_DIR}/{{{','.join(synth.EVAL_SETS)}}}")
     print(f"synth: held-out pairs (never in train): {held}")
-    print(f"synth: wrote {out}/synth.json in {seconds:.1f} s (seed {args.seed}, {args.image_size}px)")
+    print(f"synth: wrote {out / synth.INFO_FILE} in {seconds:.1f} s (seed {args.seed}, {args.image_size}px)")
     return 0
