@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
+from clipalign.formats.atomic import replace_file, write_json
 from clipalign.formats.folders import RunFolder
 
 
@@ -48,9 +49,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     lines = path.read_text().splitlines(keepends=True)
     kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
     if len(kept) != len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+        replace_file(path, lambda tmp: tmp.write_text("".join(kept)))
 
 
 class RunWriter:
@@ -88,7 +87,7 @@ class RunWriter:
         between two checkpoints) are about to be run again: they are dropped.
         """
         truncate_metrics(self.folder.metrics, step)
-        self.folder.config.write_text(json.dumps(config, indent=2) + "\n")
+        write_json(self.folder.config, config)
         self._metrics = self.folder.metrics.open("a")
 
     def log(self, record: dict[str, Any]) -> None:
@@ -110,7 +109,7 @@ class RunWriter:
 
     def finish(self, summary: dict[str, Any]) -> None:
         """Write the run's summary (what ``Trainer.fit`` returns)."""
-        self.folder.summary.write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(self.folder.summary, summary)
 
     def close(self) -> None:
         """Close TensorBoard, the metrics log and the lock (each once)."""
