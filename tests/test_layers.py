@@ -44,17 +44,33 @@ def project_modules() -> dict[str, Path]:
     return {module_name(p): p for p in files}
 
 
-def imports_of(path: Path, known: set[str]) -> set[str]:
-    """The modules ``path`` imports; ``from pkg import sub`` counts as ``pkg.sub`` when that is a module."""
+def imports_in(source: str, module: str, known: set[str], *, package: bool = False) -> set[str]:
+    """The modules ``source`` (the text of ``module``; ``package``: its ``__init__``) imports.
+
+    ``from pkg import sub`` counts as ``pkg.sub`` when that is a module; a relative import is
+    resolved against ``module``'s package, so it cannot hide an upward dependency.
+    """
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+    for node in ast.walk(ast.parse(source, module)):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = module.split(".") if package else module.split(".")[:-1]
+                if node.level - 1 >= len(parts):
+                    raise AssertionError(f"{module}: a relative import above the top package")
+                anchor = ".".join(parts[:len(parts) - (node.level - 1)])
+                base = f"{anchor}.{base}" if base else anchor
             for alias in node.names:
-                sub = f"{node.module}.{alias.name}"
-                found.add(sub if sub in known else node.module)
+                sub = f"{base}.{alias.name}"
+                found.add(sub if sub in known else base)
     return found
+
+
+def imports_of(path: Path, known: set[str]) -> set[str]:
+    """The modules the file at ``path`` imports (see ``imports_in``)."""
+    return imports_in(path.read_text(encoding="utf-8"), module_name(path), known, package=path.name == "__init__.py")
 
 
 MODULES = project_modules()
@@ -113,6 +129,16 @@ def test_the_checks_catch_what_they_are_for():
            "data_prep.x": {"clipalign.cli.train", "numpy"}, "clipalign.cli.train": set()}
     assert upward_imports(bad) == [("clipalign.formats.a", "clipalign.model"), ("data_prep.x", "clipalign.cli.train")]
     assert import_cycles(bad) == [["clipalign.formats.a", "clipalign.model"]]
+    # Relative imports resolve to the modules they name, so they are checked like absolute ones.
+    known = {"clipalign.cli", "clipalign.cli.train", "clipalign.formats", "clipalign.formats.a", "clipalign.model"}
+    assert imports_in("from ..cli import train", "clipalign.formats.a", known) == {"clipalign.cli.train"}
+    assert imports_in("from .. import model", "clipalign.formats.a", known) == {"clipalign.model"}
+    assert imports_in("from . import a", "clipalign.formats", known, package=True) == {"clipalign.formats.a"}
+    assert imports_in("from .a import x", "clipalign.formats", known, package=True) == {"clipalign.formats.a"}
+    lazy = {"clipalign.formats.a": imports_in("def f():\n    from ..cli.train import main\n", "clipalign.formats.a", known)}
+    assert upward_imports(lazy) == [("clipalign.formats.a", "clipalign.cli.train")]
+    with pytest.raises(AssertionError, match="above the top package"):
+        imports_in("from ... import x", "clipalign.model", known)
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
