@@ -7,19 +7,18 @@ Unreadable images are skipped and counted, as in ``prep``.
 from __future__ import annotations
 
 import os
-from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from clipalign.formats.images import DEFAULT_MAX_PIXELS
-from clipalign.formats.skips import BAD_ROW, EMPTY_CAPTION, MISSING_IMAGE, UNDECODABLE_IMAGE
+from clipalign.formats.skips import BAD_ROW, EMPTY_CAPTION, MISSING_IMAGE, UNDECODABLE_IMAGE, SkipCounter
 from data_prep.evalsets import write_classification_set, write_retrieval_set
 from data_prep.images import RejectedImage, UndecodableImage, process_image
 from data_prep.labelled import open_labelled
 from data_prep.manifest import open_records
 
 
-def _encoded_images(items: Iterable[tuple[Path, object]], skipped: Counter, *, image_size: int, resize_mode: str,
+def _encoded_images(items: Iterable[tuple[Path, object]], skipped: SkipCounter, *, image_size: int, resize_mode: str,
                     image_format: str, quality: int) -> Iterator[tuple[bytes, object]]:
     for path, payload in items:
         try:
@@ -28,11 +27,11 @@ def _encoded_images(items: Iterable[tuple[Path, object]], skipped: Counter, *, i
                                     max_pixels=DEFAULT_MAX_PIXELS)
             yield encoded.data, payload
         except FileNotFoundError:
-            skipped[MISSING_IMAGE] += 1
+            skipped.add(MISSING_IMAGE)
         except RejectedImage as err:  # too many pixels to decode: skipped like prep's training images
-            skipped[err.reason] += 1
+            skipped.add(err.reason)
         except (OSError, UndecodableImage):
-            skipped[UNDECODABLE_IMAGE] += 1
+            skipped.add(UNDECODABLE_IMAGE)
 
 
 def classification_set(
@@ -51,12 +50,14 @@ def classification_set(
     """Write ``source`` (ImageFolder or label manifest) as the ``split`` of a ``wds/``
     classification set with prompt ``templates`` (``{c}`` = class name)."""
     labelled = open_labelled(source, image_col=image_col, label_col=label_col)
-    skipped: Counter = Counter({BAD_ROW: len(labelled.bad_rows)} if labelled.bad_rows else {})
+    skipped = SkipCounter()
+    skipped.add(BAD_ROW, len(labelled.bad_rows))
     samples = _encoded_images(labelled.items, skipped, image_size=image_size, resize_mode=resize_mode,
                               image_format=image_format, quality=quality)
     written = write_classification_set(out, samples, labelled.classnames, templates, split=split,
                                        image_format=image_format)
-    return {"task": "classification", "written": written, "classes": len(labelled.classnames), "skipped": dict(skipped)}
+    return {"task": "classification", "written": written, "classes": len(labelled.classnames),
+            "skipped": dict(skipped.counts)}
 
 
 def retrieval_set(
@@ -74,13 +75,13 @@ def retrieval_set(
     """Write an (image, caption) manifest as the ``split`` of a ``wds/`` retrieval set, one
     sample per image."""
     captions: dict[Path, list[str]] = {}
-    skipped: Counter = Counter()
+    skipped = SkipCounter()
     for record in open_records(source, image_col=image_col, caption_col=caption_col):
         if record.error or record.path is None or not record.caption:
-            skipped[BAD_ROW if record.error else EMPTY_CAPTION] += 1
+            skipped.add(BAD_ROW if record.error else EMPTY_CAPTION)
             continue
         captions.setdefault(record.path, []).append(" ".join(record.caption.split()))
     samples = _encoded_images(captions.items(), skipped, image_size=image_size, resize_mode=resize_mode,
                               image_format=image_format, quality=quality)
     written = write_retrieval_set(out, samples, split=split, image_format=image_format)
-    return {"task": "retrieval", "written": written, "skipped": dict(skipped)}
+    return {"task": "retrieval", "written": written, "skipped": dict(skipped.counts)}

@@ -231,7 +231,8 @@ def write_eval_sets(
                        "splits": ["test", "train"]}
     fn = partial(_retrieval_item, seed=seed, image_size=image_size)
     count = write_retrieval_set(out_dir / RETRIEVAL_SET, _ordered_map(fn, n, workers, progress))
-    info[RETRIEVAL_SET] = {"path": f"{EVAL_DIR}/{RETRIEVAL_SET}", "type": "retrieval", "samples": count, "captions_per_image": 2}
+    info[RETRIEVAL_SET] = {"path": f"{EVAL_DIR}/{RETRIEVAL_SET}", "type": "retrieval", "samples": count,
+                           "captions_per_image": 2}
     return info
 
 
