@@ -6,7 +6,8 @@ never ``retrieval`` or the CLI.
 
 Modules, one job each:
 
-* ``synth``     -- the embedded synthetic shapes corpus (scenes, rendering, captions).
+* ``scenes``    -- the synthetic scenes: vocabulary, held-out pairs, sampling, rendering, true captions.
+* ``synth``     -- the embedded synthetic corpus written from the scenes (train manifest, eval sets).
 * ``records``   -- ``Record``, one input row as every reader yields it, and ``ManifestError``.
 * ``manifest``  -- readers that stream CSV/TSV/JSONL (.gz)/Parquet manifests or caption folders as records.
 * ``coco``      -- a reader for COCO captions files (one sample per image or per caption).

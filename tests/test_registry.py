@@ -32,7 +32,8 @@ TIMM_SHRINK = {
 }
 TAKES_IMG_SIZE = ("vit", "eva", "eva02", "vitamin")
 # Parameters the InfoNCE + MLM step below does not reach, by design: CoCa's captioning decoder
-# (clipalign has no captioning loss) and SigLIP configs' logit bias (used by --loss siglip only).
+# (trained by the captioning loss, --caption-weight, which this step leaves out) and SigLIP
+# configs' logit bias (used by --loss siglip only).
 UNTRAINED = ("clip.text_decoder.", "clip.logit_bias")
 
 
