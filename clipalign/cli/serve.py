@@ -11,7 +11,9 @@ def build_parser():
                "POST /search with an image body, GET /health and thumbnails at /thumb/<row>. Binds to "
                "127.0.0.1 unless --host says otherwise. An upload over the size or pixel limit is refused "
                "before it is decoded, a few decode at once (the rest wait, then get 503), concurrent text "
-               "queries are encoded together, and idle connections are closed (retrieval/server.py).")
+               "queries are encoded together, idle connections are closed, a request that does not arrive "
+               "whole within its deadline gets 408, and connections beyond the limit get 503 "
+               "(retrieval/server.py).")
     p.add_argument("--index", required=True, help="index folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
