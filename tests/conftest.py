@@ -9,6 +9,9 @@ import pytest
 
 # Nothing may download at test time: a hub lookup fails at once instead of waiting on the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The tests' Ray clusters listen on 127.0.0.1 only; Ray's token authentication would tie them to a
+# token file in ~/.ray that every Ray on the machine shares (and may regenerate).
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def _read_shards(paths: list[Path] | list[str], decode: bool = True) -> list[dict]:
