@@ -9,17 +9,25 @@ Formats: ``.csv``, ``.tsv``, ``.jsonl``, ``.parquet`` (each optionally ``.gz``),
 COCO captions ``.json`` (see ``data_prep.coco``) and a folder of images with
 same-stem ``.txt`` captions. The image column may hold a local path (relative to the
 manifest's folder), a ``file://`` URL or an ``http(s)://`` URL.
+
+``Manifest`` names an input and its reading options, so that another process (a Ray task)
+can open it again; ``read_range`` reads one ``RowRange`` of an uncompressed CSV/TSV/JSONL or
+Parquet manifest from where it starts (``data_prep.splits`` finds where each range starts),
+giving exactly the records ``open_records`` gives for those rows.
 """
 from __future__ import annotations
 
 import csv
 import gzip
+import io
+import itertools
 import json
 import os
 import re
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterator, Sequence
 
@@ -102,28 +110,43 @@ def read_delimited(
     f = _open_text(path)
     try:
         reader = csv.reader(f, delimiter=delimiter)
-        header = next(reader, None)
-        if header is None:
-            raise ManifestError(f"{path} is empty (no header row)")
-        header = [h.strip() for h in header]
-        _check_columns(path, header, image_col, caption_col)
-        extras = [(name, header.index(name)) for name in _extra_names(header, (image_col, caption_col), extra_cols, path)]
+        columns = _delimited_columns(path, next(reader, None), image_col, caption_col, extra_cols)
     except BaseException:
         f.close()
         raise
-    rows = _delimited_rows(f, reader, path.parent, header.index(image_col), header.index(caption_col), extras)
-    return _guarded(rows, path)
+    return _guarded(_delimited_rows(f, reader, path.parent, columns), path)
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """Where a CSV/TSV row's fields are: the image, the caption and the carried columns."""
+
+    image: int
+    caption: int
+    extras: list[tuple[str, int]]
+
+
+def _delimited_columns(
+    path: Path, header: list[str] | None, image_col: str, caption_col: str, extra_cols: Sequence[str] | None
+) -> _Columns:
+    if header is None:
+        raise ManifestError(f"{path} is empty (no header row)")
+    header = [h.strip() for h in header]
+    _check_columns(path, header, image_col, caption_col)
+    extras = [(name, header.index(name)) for name in _extra_names(header, (image_col, caption_col), extra_cols, path)]
+    return _Columns(header.index(image_col), header.index(caption_col), extras)
 
 
 def _delimited_rows(
-    f: IO[str], reader: Any, base: Path, i_img: int, i_cap: int, extras: list[tuple[str, int]]
+    f: IO[str], reader: Any, base: Path, columns: _Columns, index: int = 0, lines_before: int = 0
 ) -> Iterator[Record]:
+    """The records of ``reader`` from row ``index`` on; ``lines_before``: the file's lines before ``f``'s start."""
+    i_img, i_cap, extras = columns.image, columns.caption, columns.extras
     with f:
-        index = 0
         for row in reader:
             if not row or all(not cell.strip() for cell in row):
                 continue
-            if (bad := _not_utf8(row, reader.line_num)) is not None:
+            if (bad := _not_utf8(row, lines_before + reader.line_num)) is not None:
                 yield Record(index, "", None, None, BAD_ROW, bad)
             elif max(i_img, i_cap) >= len(row):
                 yield Record(index, "", None, None, BAD_ROW, f"row has {len(row)} fields")
@@ -170,20 +193,17 @@ def read_jsonl(
     except BaseException:
         f.close()
         raise
-    return _guarded(_jsonl_rows(f, first, first_line, path.parent, image_col, caption_col, extra_cols), path)
+    lines = itertools.chain([(first_line, first)], enumerate(f, first_line + 1))
+    return _guarded(_jsonl_rows(f, lines, path.parent, image_col, caption_col, extra_cols), path)
 
 
 def _jsonl_rows(
-    f: IO[str], first: str, first_line: int, base: Path, image_col: str, caption_col: str,
-    extra_cols: Sequence[str] | None,
+    f: IO[str], lines: Iterator[tuple[int, str]], base: Path, image_col: str, caption_col: str,
+    extra_cols: Sequence[str] | None, index: int = 0,
 ) -> Iterator[Record]:
-    def lines() -> Iterator[tuple[int, str]]:
-        yield first_line, first
-        yield from enumerate(f, first_line + 1)
-
+    """The records of ``lines`` (``(line number, line)`` read from ``f``), from row ``index`` on."""
     with f:
-        index = 0
-        for number, line in lines():
+        for number, line in lines:
             if not line.strip():
                 continue
             if (bad := _not_utf8([line], number)) is not None:
@@ -227,7 +247,8 @@ def read_parquet(
         if tmp is not None:
             tmp.close()
         raise
-    return _parquet_rows(pf, tmp, path.parent, image_col, caption_col, extras)
+    batches = pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[image_col, caption_col, *extras])
+    return _parquet_rows(batches, tmp, path.parent, image_col, caption_col, extras)
 
 
 def _parquet_file(path: Path, tmp: IO[bytes] | None) -> Any:
@@ -256,12 +277,13 @@ def _json_safe(value: Any) -> Any:
 
 
 def _parquet_rows(
-    pf: Any, tmp: IO[bytes] | None, base: Path, image_col: str, caption_col: str, extras: list[str]
+    batches: Iterator[Any], tmp: IO[bytes] | None, base: Path, image_col: str, caption_col: str, extras: list[str],
+    index: int = 0,
 ) -> Iterator[Record]:
-    """The rows of ``pf``; ``tmp`` (the decompressed copy of a ``.gz`` input, if any) is closed at the end."""
+    """The rows of the record ``batches``, from row ``index`` on; ``tmp`` (the decompressed copy
+    of a ``.gz`` input, if any) is closed at the end."""
     try:
-        index = 0
-        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[image_col, caption_col, *extras]):
+        for batch in batches:
             data = batch.to_pydict()
             for i in range(batch.num_rows):
                 source = data[image_col][i]
@@ -343,3 +365,113 @@ def open_records(
     return read_delimited(
         source, image_col=image_col, caption_col=caption_col, delimiter=MANIFEST_EXTENSIONS[ext], extra_cols=extra_cols
     )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """An input and the options to read it with: what ``open_records`` takes, kept so that
+    another process can open it again (picklable)."""
+
+    source: Path
+    image_col: str = "image"
+    caption_col: str = "caption"
+    extra_cols: tuple[str, ...] | None = ()
+    caption_mode: str = "all"
+    image_root: Path | None = None
+
+    def records(self) -> Iterator[Record]:
+        """Every record, as ``open_records`` streams them (see its errors)."""
+        return open_records(self.source, image_col=self.image_col, caption_col=self.caption_col,
+                            extra_cols=self.extra_cols, caption_mode=self.caption_mode, image_root=self.image_root)
+
+    def check(self) -> None:
+        """Raise what ``records`` raises for the input as a whole (a missing column, ...), then close it."""
+        records = self.records()
+        try:
+            next(records, None)  # a reader checks what it can on opening, JSONL also its first row
+        finally:
+            records.close()
+
+    @property
+    def kind(self) -> str:
+        """``.csv``, ``.tsv``, ``.jsonl``, ``.parquet``, ``.json`` (COCO) or ``""`` (a folder)."""
+        return "" if self.source.is_dir() else manifest_extension(self.source)
+
+
+@dataclass(frozen=True)
+class RowRange:
+    """Records ``[first_index, first_index + rows)`` of a manifest file, and where they start in it.
+
+    Attributes:
+        first_index: The index of the range's first record.
+        rows: Records in the range (fewer only where the file ends first).
+        start: CSV/TSV/JSONL: byte offset of the first record's first line; Parquet: its row group.
+        before: CSV/TSV/JSONL: the file's lines before ``start`` (line numbers in details count
+            from the file's start); Parquet: the rows of that row group before the first record.
+    """
+
+    first_index: int
+    rows: int
+    start: int
+    before: int
+
+
+def read_range(manifest: Manifest, rows: RowRange) -> Iterator[Record]:
+    """The records of ``rows``, read from where they start: the same records, details included,
+    that ``manifest.records()`` gives for those indices.
+
+    Only for an uncompressed ``.csv``/``.tsv``/``.jsonl``/``.parquet`` manifest, and only for a
+    range whose ``start`` is where one of its records begins (``data_prep.splits`` finds them).
+    """
+    path, kind = manifest.source, manifest.kind
+    extra_cols = None if manifest.extra_cols is None else list(manifest.extra_cols)
+    if path.suffix.lower() == ".gz" or kind not in (".csv", ".tsv", ".jsonl", ".parquet"):
+        raise ValueError(f"{path}: only uncompressed CSV/TSV/JSONL/Parquet manifests are read by range")
+    if kind == ".parquet":
+        records = _parquet_range(manifest, rows, extra_cols)
+    else:
+        encoding = "utf-8-sig" if rows.start == 0 else "utf-8"  # a BOM can only be at the start
+        f = io.TextIOWrapper(open(path, "rb"), encoding=encoding, errors="surrogateescape", newline="")
+        try:
+            f.buffer.seek(rows.start)
+            if kind == ".jsonl":
+                lines = enumerate(f, rows.before + 1)
+                records = _jsonl_rows(f, lines, path.parent, manifest.image_col, manifest.caption_col, extra_cols,
+                                      rows.first_index)
+            else:
+                delimiter = MANIFEST_EXTENSIONS[kind]
+                with _open_text(path) as head:
+                    header = next(csv.reader(head, delimiter=delimiter), None)
+                columns = _delimited_columns(path, header, manifest.image_col, manifest.caption_col, extra_cols)
+                reader = csv.reader(f, delimiter=delimiter)
+                records = _delimited_rows(f, reader, path.parent, columns, rows.first_index, rows.before)
+        except BaseException:
+            f.close()
+            raise
+        records = _guarded(records, path)
+    return itertools.islice(records, rows.rows)
+
+
+def _parquet_range(manifest: Manifest, rows: RowRange, extra_cols: list[str] | None) -> Iterator[Record]:
+    pf = _parquet_file(manifest.source, None)
+    image_col, caption_col = manifest.image_col, manifest.caption_col
+    extras = _extra_names(pf.schema_arrow.names, (image_col, caption_col), extra_cols, manifest.source)
+    groups, covered = [], -rows.before
+    for group in range(rows.start, pf.metadata.num_row_groups):
+        if covered >= rows.rows:
+            break
+        groups.append(group)
+        covered += pf.metadata.row_group(group).num_rows
+    batches = pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=groups, columns=[image_col, caption_col, *extras])
+    return _parquet_rows(_skip_rows(batches, rows.before), None, manifest.source.parent, image_col, caption_col,
+                         extras, rows.first_index)
+
+
+def _skip_rows(batches: Iterator[Any], n: int) -> Iterator[Any]:
+    """``batches`` without their first ``n`` rows."""
+    for batch in batches:
+        if n >= batch.num_rows:
+            n -= batch.num_rows
+            continue
+        yield batch.slice(n) if n else batch
+        n = 0
