@@ -2,19 +2,22 @@
 
 ``run_prep`` is the whole pipeline. Rows are cut into shards of ``shard_size``
 consecutive rows (shard ``i`` = rows ``[i * S, (i + 1) * S)``; skipped rows leave a
-shard with fewer samples), each built by a worker process (see ``data_prep.shard_job``)
-and committed in order, so the output is byte-identical for any number of workers.
+shard with fewer samples), each built by a worker process or a Ray task (see
+``data_prep.shard_plan`` and ``data_prep.shard_job``) and committed in order, so the output is byte-identical for any number of workers.
 
 Outputs in ``out_dir``: per shard ``NNNNN.tar``, ``NNNNN.parquet`` (one row per input
 row, with its status) and ``NNNNN_stats.json``; for the run ``stats.json``,
 ``sizes.json`` (shard -> samples), ``errors.jsonl`` (one line per skipped row) and
 ``prep_config.json`` (the options, checked when a run resumes).
 
-Re-running into the same folder resumes: complete shards are kept, the rest redone.
+Re-running into the same folder resumes: complete shards are kept, the rest redone;
+``retry_failed`` also fetches again the rows that failed for a retryable reason
+(``data_prep.retry``). ``engine="ray"`` builds the shards in Ray tasks
+(``data_prep.ray_prep``) and commits them here, in order, as the local loop does.
 """
 from __future__ import annotations
 
-import itertools
+import contextlib
 import json
 import multiprocessing
 import os
@@ -24,27 +27,29 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from clipalign.formats.atomic import write_json
+from clipalign.formats.atomic import replace_file, write_json
+from data_prep.manifest import Manifest
 from data_prep.memory import keep_freed_memory
-from data_prep.records import Record
+from data_prep.retry import drop_refetched_duplicates, merge_retried, written_digests
 from data_prep.sample import SampleConfig
 from data_prep.shard_job import (
     SHARD_FILE,
     SUCCESS,
     ShardResult,
-    build_shard,
     commit_shard,
     dedup_key,
     encode_threads,
     read_shard_rows,
     read_shard_stats,
-    shard_is_complete,
+    shard_name,
 )
+from data_prep.shard_plan import Input, ShardJob, plan_jobs, plan_shards, run_job  # noqa: F401  (plan_shards: API)
 
 CONFIG_FILE = "prep_config.json"
 STATS_FILE, SIZES_FILE, ERRORS_FILE = "stats.json", "sizes.json", "errors.jsonl"
 RUN_FILES = (STATS_FILE, SIZES_FILE, ERRORS_FILE, CONFIG_FILE)
 TMP_PATTERNS = ("*.tmp", "*.tmp.dedup")  # every temporary name of a run ends so
+ENGINES = ("local", "ray")
 
 
 class ResumeMismatch(ValueError):
@@ -82,42 +87,32 @@ class PrepConfig:
         return json.loads(json.dumps(options))
 
 
-def plan_shards(records: Iterable[Record], shard_size: int) -> Iterator[tuple[int, list[Record]]]:
-    """``(shard id, its rows)``: consecutive runs of ``shard_size`` records, streamed."""
-    it = iter(records)
-    for shard_id in itertools.count():
-        rows = list(itertools.islice(it, shard_size))
-        if not rows:
-            return
-        yield shard_id, rows
-
-
-def _built_shards(
-    plan: Iterable[tuple[int, list[Record]]], out_dir: Path, config: PrepConfig
-) -> Iterator[tuple[int, ShardResult | None]]:
-    """``(shard id, result)`` in shard order; ``None`` for shards complete from an earlier run.
+def _local_results(
+    plan: Iterable[tuple[int, ShardJob | None]], out_dir: Path, config: PrepConfig
+) -> Iterator[tuple[int, ShardJob | None, ShardResult | None]]:
+    """``(shard id, job, result)`` in shard order, built here or in ``config.workers`` processes;
+    no result where there is no job.
 
     With several workers at most ``2 * workers`` shards are in flight, so memory stays
     flat whatever the input's length.
     """
     args = (str(out_dir), config.sample, config.threads, encode_threads(config.workers))
     if config.workers == 1:
-        for shard_id, rows in plan:
-            yield shard_id, None if shard_is_complete(out_dir, shard_id) else build_shard(shard_id, rows, *args)
+        for shard_id, job in plan:
+            yield shard_id, job, None if job is None else run_job(job, *args)
         return
     import torch  # noqa: F401  (for the resizes: imported once here, shared by the forked workers)
 
     with multiprocessing.Pool(config.workers, initializer=keep_freed_memory) as pool:
         pending: deque = deque()
-        for shard_id, rows in plan:
-            job = None if shard_is_complete(out_dir, shard_id) else pool.apply_async(build_shard, (shard_id, rows, *args))
-            pending.append((shard_id, job))
+        for shard_id, job in plan:
+            pending.append((shard_id, job, None if job is None else pool.apply_async(run_job, (job, *args))))
             while len(pending) >= 2 * config.workers:
-                done_id, done = pending.popleft()
-                yield done_id, done.get() if done is not None else None
+                done_id, done_job, done = pending.popleft()
+                yield done_id, done_job, None if done is None else done.get()
         while pending:
-            done_id, done = pending.popleft()
-            yield done_id, done.get() if done is not None else None
+            done_id, done_job, done = pending.popleft()
+            yield done_id, done_job, None if done is None else done.get()
 
 
 def _check_resume(out_dir: Path, options: dict[str, Any]) -> None:
@@ -127,7 +122,7 @@ def _check_resume(out_dir: Path, options: dict[str, Any]) -> None:
         if old != options:
             changed = sorted(k for k in set(old) | set(options) if old.get(k) != options.get(k))
             raise ResumeMismatch(f"{out_dir} holds shards made with other options ({', '.join(changed)} differ)")
-    elif any(out_dir.glob("[0-9][0-9][0-9][0-9][0-9].tar")):
+    elif any(SHARD_FILE.fullmatch(p.name) for p in out_dir.iterdir()):
         raise ResumeMismatch(f"{out_dir} holds shards from an unknown run")
     write_json(path, options)
 
@@ -159,67 +154,94 @@ def clear_outputs(out_dir: str | os.PathLike) -> None:
 
 def _write_errors(out_dir: Path, shards: list[tuple[int, dict[str, Any]]]) -> None:
     columns = ("index", "key", "source", "status", "error_reason", "error_detail")
-    tmp = out_dir / f"{ERRORS_FILE}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for shard_id, stats in shards:
-            if not stats["skipped"]:
-                continue
-            rows = read_shard_rows(out_dir, shard_id, columns)
-            for index, key, source, status, reason, detail in zip(*(rows[c] for c in columns)):
-                if status != SUCCESS:
-                    entry = {"index": index, "key": key, "source": source, "reason": reason, "detail": detail}
-                    f.write(json.dumps(entry, ensure_ascii=False) + "\n")
-    os.replace(tmp, out_dir / ERRORS_FILE)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for shard_id, stats in shards:
+                if not stats["skipped"]:
+                    continue
+                rows = read_shard_rows(out_dir, shard_id, columns)
+                for index, key, source, status, reason, detail in zip(*(rows[c] for c in columns)):
+                    if status != SUCCESS:
+                        entry = {"index": index, "key": key, "source": source, "reason": reason, "detail": detail}
+                        f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    replace_file(out_dir / ERRORS_FILE, write)
 
 
 def run_prep(
-    records: Iterable[Record],
+    records: Input,
     out_dir: str | os.PathLike,
     config: PrepConfig = PrepConfig(),
     *,
     source: str | None = None,
     progress: Callable[[int], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    engine: str = "local",
+    ray_address: str | None = None,
+    retry_failed: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write ``records`` as WebDataset shards plus per-shard and run-level metadata.
 
     Args:
-        records: Input rows, e.g. from ``data_prep.manifest.open_records``.
+        records: Input rows, e.g. from ``data_prep.manifest.open_records``, or a ``Manifest``
+            (with ``engine="ray"``, tasks then read their own rows where it can be split).
         out_dir: Output folder (created if missing). If it holds a run of the same
-            options and ``source``, that run is resumed.
+            options and ``source``, that run is resumed. With ``engine="ray"`` every node
+            must see it at the same path.
         config: Processing and sharding options.
-        source: The input's name, recorded so a resume from another input is refused.
+        source: The input's name, recorded so a resume from another input is refused
+            (default for a ``Manifest``: its resolved path).
         progress: Called with the number of rows after each shard (e.g. ``tqdm.update``).
         clock: Time source for ``duration_s``.
+        engine: ``local`` (this machine: ``config.workers`` processes) or ``ray`` (one Ray
+            task per shard, see ``data_prep.ray_prep``); the output is the same.
+        ray_address: The Ray cluster for ``engine="ray"`` (None: ``$RAY_ADDRESS`` or a local Ray).
+        retry_failed: Also fetch again the rows of complete shards that failed for a
+            retryable reason (``data_prep.retry``), rewriting only their shards.
+        overwrite: Delete what earlier runs wrote into ``out_dir`` first (``clear_outputs``).
 
     Returns:
         The stats dict also saved as ``stats.json``.
 
     Raises:
         ResumeMismatch: if ``out_dir`` holds shards of other options or another input.
+        NotADirectoryError: ``out_dir`` exists and is not a folder.
+        OSError: a file could not be written (a full disk, ...), naming it; no temporary
+            file is left.
+        RuntimeError, ConnectionError: ``engine="ray"`` without Ray, or without a cluster.
     """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "ray":
+        from clipalign.cluster import connect
+
+        connect(ray_address)  # before anything is written or deleted
     out_dir = Path(out_dir)
+    if overwrite:
+        clear_outputs(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir} exists and is not a folder")
+    if source is None and isinstance(records, Manifest):
+        source = str(records.source.resolve())
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_resume(out_dir, {**config.output_options(), "source": source})
     _remove_tmp_files(out_dir)
     start = clock()
-    seen: set[bytes] | None = set() if config.dedup else None
-    shards: list[tuple[int, dict[str, Any]]] = []
-    resumed = new_samples = 0
-    for shard_id, result in _built_shards(plan_shards(records, config.shard_size), out_dir, config):
-        if result is None:
-            stats = read_shard_stats(out_dir, shard_id)
-            resumed += 1
-            if seen is not None:
-                rows = read_shard_rows(out_dir, shard_id, ("status", "sha256"))
-                seen.update(dedup_key(h) for s, h in zip(rows["status"], rows["sha256"]) if s == SUCCESS)
-        else:
-            stats = commit_shard(out_dir, result, seen)
-            new_samples += stats["written"]
-        shards.append((shard_id, stats))
-        if progress is not None:
-            progress(stats["rows"])
-    _write_errors(out_dir, shards)
+    plan = plan_jobs(records, config.shard_size, out_dir, ranges=engine == "ray", retry_failed=retry_failed)
+    if engine == "ray":
+        from data_prep.ray_prep import ray_results
+
+        results = ray_results(plan, out_dir, config.sample, config.threads, ray_address)
+    else:
+        results = _local_results(plan, out_dir, config)
+    try:
+        with contextlib.closing(results):  # stops the workers before the temporary files go
+            shards, counts = _commit_all(results, out_dir, config, retry_failed, progress)
+        _write_errors(out_dir, shards)
+    finally:
+        _remove_tmp_files(out_dir)  # what a failed run, or a task whose worker died, left
     duration = clock() - start
     reasons: Counter[str] = Counter()
     for _, s in shards:
@@ -233,12 +255,52 @@ def run_prep(
         "by_status": {"success": written, "failed": seen_rows - written},
         "skipped_by_reason": dict(sorted(reasons.items())),
         "shards": len(shards),
-        "resumed_shards": resumed,
+        "resumed_shards": counts["resumed"],
+        "retried_rows": counts["retried"],
         "duration_s": round(duration, 3),
-        "samples_per_s": round(new_samples / duration, 1) if duration > 0 else None,
+        "samples_per_s": round(counts["new_samples"] / duration, 1) if duration > 0 else None,
         "output": str(out_dir),
         "config": asdict(config),
     }
     write_json(out_dir / SIZES_FILE, {s["shard"]: s["written"] for _, s in shards})
     write_json(out_dir / STATS_FILE, stats)
     return stats
+
+
+def _commit_all(
+    results: Iterable[tuple[int, ShardJob | None, ShardResult | None]], out_dir: Path, config: PrepConfig,
+    retry_failed: bool, progress: Callable[[int], None] | None,
+) -> tuple[list[tuple[int, dict[str, Any]]], Counter[str]]:
+    """Commit the built shards in shard order: ``([(shard id, its stats)], counts)``, counting
+    ``resumed`` shards, ``retried`` rows and ``new_samples``."""
+    seen: set[bytes] | None = set() if config.dedup else None
+    # --retry-failed --dedup: a refetched image is kept only if no shard holds it already
+    known = written_digests(out_dir) if config.dedup and retry_failed else set()
+    shards: list[tuple[int, dict[str, Any]]] = []
+    counts: Counter[str] = Counter(resumed=0, retried=0, new_samples=0)
+    for shard_id, job, result in results:
+        if result is None:
+            stats = read_shard_stats(out_dir, shard_id)
+            counts["resumed"] += 1
+        elif job is not None and job.only is not None:
+            before = read_shard_stats(out_dir, shard_id)["written"]
+            dropped = drop_refetched_duplicates(result.rows, known) if config.dedup else set()
+            merged = merge_retried(out_dir, result, dropped)
+            # the old stats go first: a run killed before the new ones are written sees the shard
+            # incomplete and builds it again
+            (out_dir / f"{shard_name(shard_id)}_stats.json").unlink()
+            stats = commit_shard(out_dir, merged, None)
+            counts["retried"] += len(result.rows)
+            counts["new_samples"] += stats["written"] - before
+        else:
+            stats = commit_shard(out_dir, result, seen)
+            counts["new_samples"] += stats["written"]
+            if config.dedup and retry_failed:
+                known.update(dedup_key(r["sha256"]) for r in result.rows if r["status"] == SUCCESS)
+        if seen is not None and (result is None or job.only is not None):
+            rows = read_shard_rows(out_dir, shard_id, ("status", "sha256"))
+            seen.update(dedup_key(h) for s, h in zip(rows["status"], rows["sha256"]) if s == SUCCESS)
+        shards.append((shard_id, stats))
+        if progress is not None:
+            progress(stats["rows"])
+    return shards, counts

@@ -1,0 +1,113 @@
+"""``--retry-failed``: fetch again only the rows that failed for a reason that may pass.
+
+A finished shard's parquet lists every row's status and reason. The rows whose download
+failed for a reason a later attempt may not meet (``is_retryable``) are fetched and encoded
+again, in a job of their own; ``merge_retried`` then puts their outcomes in their places among
+the shard's kept samples and rows, so the shard comes out exactly as a run in which those
+rows had gone so the first time would have written it. Shards without such rows are not
+touched.
+"""
+from __future__ import annotations
+
+import heapq
+import os
+import re
+import tarfile
+from pathlib import Path
+from typing import AbstractSet, Any, Iterator
+
+from clipalign.formats.skips import CONNECTION_ERROR, DUPLICATE, HTTP_ERROR, TIMEOUT, TRUNCATED
+from data_prep.shard_job import (
+    FAILED,
+    SHARD_FILE,
+    SUCCESS,
+    ShardResult,
+    dedup_key,
+    read_shard_rows,
+    read_shard_stats,
+    shard_name,
+)
+from data_prep.shards import TarShard
+
+# The reasons a later attempt may not meet: the network, a slow or busy server. Every other
+# reason (404, 403, robots, not an image, too large, undecodable, ...) is the answer itself.
+RETRYABLE_REASONS: frozenset[str] = frozenset({CONNECTION_ERROR, TIMEOUT, TRUNCATED, HTTP_ERROR})
+_RETRYABLE_HTTP = re.compile(r"HTTP (429|5\d\d)")  # http_error's detail names the status (data_prep.fetch)
+
+
+def is_retryable(reason: str | None, detail: str | None) -> bool:
+    """Whether a row skipped for ``reason`` (with ``detail``) is worth fetching again: a connection
+    error, a timeout, a truncated body, or HTTP 429 or 5xx (not another status, nor too many redirects)."""
+    if reason not in RETRYABLE_REASONS:
+        return False
+    return reason != HTTP_ERROR or bool(detail and _RETRYABLE_HTTP.fullmatch(detail))
+
+
+def rows_to_retry(out_dir: Path, shard_id: int) -> frozenset[int]:
+    """The indices of a complete shard's rows that failed for a retryable reason."""
+    if not RETRYABLE_REASONS & set(read_shard_stats(out_dir, shard_id)["skipped_by_reason"]):
+        return frozenset()  # the parquet is read only where the stats name a retryable reason
+    rows = read_shard_rows(out_dir, shard_id, ("index", "status", "error_reason", "error_detail"))
+    return frozenset(i for i, status, reason, detail in zip(rows["index"], rows["status"], rows["error_reason"],
+                                                           rows["error_detail"])
+                     if status != SUCCESS and is_retryable(reason, detail))
+
+
+def written_digests(out_dir: Path) -> set[bytes]:
+    """The dedup keys of every sample the complete shards in ``out_dir`` hold."""
+    digests: set[bytes] = set()
+    for path in out_dir.iterdir():
+        if SHARD_FILE.fullmatch(path.name) and path.name.endswith("_stats.json"):
+            shard_id = int(path.name.split("_", 1)[0])
+            rows = read_shard_rows(out_dir, shard_id, ("status", "sha256"))
+            digests.update(dedup_key(h) for s, h in zip(rows["status"], rows["sha256"]) if s == SUCCESS)
+    return digests
+
+
+def drop_refetched_duplicates(rows: list[dict[str, Any]], known: set[bytes]) -> set[str]:
+    """Mark the refetched ``rows`` whose image equals one in ``known`` (updated) as duplicates;
+    return their keys. A sample written before is never replaced by a refetched copy."""
+    dropped = set()
+    for row in rows:
+        if row["status"] == SUCCESS:
+            digest = dedup_key(row["sha256"])
+            if digest in known:
+                row.update(status=FAILED, error_reason=DUPLICATE, error_detail="same image bytes as an earlier sample")
+                dropped.add(row["key"])
+            else:
+                known.add(digest)
+    return dropped
+
+
+def merge_retried(out_dir: Path, result: ShardResult, dropped: AbstractSet[str] = frozenset()) -> ShardResult:
+    """A complete shard with the refetched rows of ``result`` in their places: all its rows, and a
+    temporary tar of its kept samples and the new ones (less ``dropped``) in key order, written as
+    a fresh build writes them. ``result``'s temporary tar is removed."""
+    import pyarrow.parquet as pq
+
+    name = shard_name(result.shard_id)
+    new = {row["index"]: row for row in result.rows}
+    rows = [new.get(row["index"], row) for row in pq.read_table(out_dir / f"{name}.parquet").to_pylist()]
+    merged = out_dir / f"{name}.tar.{os.getpid()}.merged.tmp"
+    with TarShard(merged) as tar:
+        old, refetched = _samples(out_dir / f"{name}.tar"), _samples(Path(result.tmp_tar))
+        for sample in heapq.merge(old, refetched, key=lambda s: int(s["__key__"])):  # row order
+            if sample["__key__"] not in dropped:
+                tar.write(sample)
+    os.unlink(result.tmp_tar)
+    return ShardResult(result.shard_id, str(merged), rows)
+
+
+def _samples(path: Path) -> Iterator[dict[str, Any]]:
+    """The samples of a tar that ``TarShard`` wrote: members ``<key>.<field>``, a sample's together."""
+    sample: dict[str, Any] = {}
+    with tarfile.open(path) as tar:
+        for info in tar:
+            key, field = info.name.split(".", 1)
+            if sample and sample["__key__"] != key:
+                yield sample
+                sample = {}
+            sample.setdefault("__key__", key)
+            sample[field] = tar.extractfile(info).read()
+    if sample:
+        yield sample
