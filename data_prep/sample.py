@@ -16,7 +16,6 @@ from data_prep.images import IMAGE_FORMATS, RESIZE_MODES, WHITE, RejectedImage, 
 from data_prep.records import Record
 
 
-
 @dataclass(frozen=True)
 class SampleConfig:
     """How one record becomes a sample.
@@ -48,14 +47,37 @@ class SampleConfig:
     fetch: FetchConfig = field(default_factory=FetchConfig)
 
     def __post_init__(self) -> None:
+        """Check every option, so that a bad one fails here and not in a worker.
+
+        Raises:
+            ValueError: naming the option, its value and what it must be.
+        """
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
         if self.image_format not in IMAGE_FORMATS:
             raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
-        if self.image_size < 1:
-            raise ValueError(f"image_size must be >= 1, got {self.image_size}")
+        for name in ("image_size", "max_pixels"):
+            if (value := getattr(self, name)) is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"quality must be in 1..100, got {self.quality}")
+        if len(self.background) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in self.background):
+            raise ValueError(f"background must be 3 integers in 0..255 (R, G, B), got {self.background!r}")
+        if self.min_image_size < 0:
+            raise ValueError(f"min_image_size must be >= 0, got {self.min_image_size}")
         if self.max_aspect_ratio is not None and self.max_aspect_ratio < 1:
             raise ValueError(f"max_aspect_ratio must be >= 1, got {self.max_aspect_ratio}")
+        fetch = self.fetch
+        if fetch.timeout <= 0 or fetch.max_bytes <= 0 or fetch.retries < 0:
+            raise ValueError(f"fetch timeout and max_bytes must be > 0 and retries >= 0, got {fetch.timeout}, "
+                             f"{fetch.max_bytes} and {fetch.retries}")
+        if self.tokenize is not None:
+            from data_prep.tokens import context_length
+
+            try:
+                context_length(self.tokenize)
+            except Exception as err:  # open_clip raises RuntimeError/ValueError/KeyError for unknown names
+                raise ValueError(f"tokenize: no tokenizer for model {self.tokenize!r} ({err})") from None
 
 
 @dataclass(frozen=True)

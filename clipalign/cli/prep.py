@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 from clipalign.cli.common import CliError, existing_path, parser, read_templates
 
 if TYPE_CHECKING:
+    from data_prep.manifest import Manifest
     from data_prep.prep import PrepConfig
+    from data_prep.records import Record
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=4, help="images each process reads or downloads at once (use many for URLs); "
                         "decoding runs on each process's share of the cores")
     g.add_argument("--overwrite", action="store_true", help="delete what --out holds and start afresh")
+    g.add_argument("--retry-failed", action="store_true",
+                   help="fetch again only the rows of complete shards that failed for a reason that may pass "
+                        "(connection errors, timeouts, truncated bodies, HTTP 429 and 5xx) and rewrite just their "
+                        "shards; other shards stay as they are, incomplete ones are built")
+    g = p.add_argument_group("engine")
+    g.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: --workers processes on this machine; ray: one Ray task per shard on a cluster "
+                        "(pip install 'clipalign[ray]'; --out and the input must be on a filesystem every node "
+                        "sees at the same path). The output is the same")
+    g.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                   help="the Ray cluster for --engine ray (default: $RAY_ADDRESS, else a Ray on this machine alone)")
     g = p.add_argument_group("evaluation sets")
     g.add_argument("--eval-set", choices=["classification", "retrieval"], default=None,
                    help="write an evaluation set in CLIP_benchmark's wds/ layout instead of training shards: "
@@ -103,16 +116,14 @@ def _eval_set(args: argparse.Namespace, source: Path) -> int:
     return 0
 
 
-def _background(text: str) -> tuple[int, int, int]:
+def _background(text: str) -> tuple[int, ...]:
     parts = text.lstrip("#")
     try:
-        rgb = tuple(int(parts[i : i + 2], 16) for i in (0, 2, 4)) if "," not in text and len(parts) == 6 \
-            else tuple(int(v) for v in text.split(","))
+        if "," not in text and len(parts) == 6:
+            return tuple(int(parts[i : i + 2], 16) for i in (0, 2, 4))
+        return tuple(int(v) for v in text.split(","))
     except ValueError:
-        rgb = ()
-    if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
-        raise CliError(f"--background must be R,G,B (0..255) or #rrggbb, got {text!r}")
-    return rgb  # type: ignore[return-value]
+        raise CliError(f"--background must be R,G,B (0..255) or #rrggbb, got {text!r}") from None
 
 
 def _extra_cols(text: str) -> list[str] | None:
@@ -121,36 +132,28 @@ def _extra_cols(text: str) -> list[str] | None:
     return [] if text == "none" else [c.strip() for c in text.split(",") if c.strip()]
 
 
-def _check_numbers(args: argparse.Namespace) -> None:
-    for name in ("image_size", "shard_size", "workers", "threads", "max_pixels"):
-        if getattr(args, name) < 1:
-            raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not 1 <= args.quality <= 100:
-        raise CliError(f"--quality must be in 1..100, got {args.quality}")
-    if args.max_aspect_ratio is not None and args.max_aspect_ratio < 1:
-        raise CliError(f"--max-aspect-ratio must be >= 1, got {args.max_aspect_ratio}")
-    if args.timeout <= 0 or args.retries < 0 or args.max_download_mb <= 0:
-        raise CliError("--timeout and --max-download-mb must be > 0 and --retries >= 0")
-
-
 def _config(args: argparse.Namespace) -> "PrepConfig":
+    """The options as a ``PrepConfig``, which checks them (``CliError`` naming a bad one)."""
     from data_prep.fetch import FetchConfig
     from data_prep.prep import PrepConfig
     from data_prep.sample import SampleConfig
 
-    fetch = FetchConfig(
-        timeout=args.timeout, retries=args.retries, max_bytes=int(args.max_download_mb * 2**20),
-        user_agent=args.user_agent, check_content_type=not args.ignore_content_type,
-        respect_robots=not args.ignore_robots,
-    )
-    sample = SampleConfig(
-        image_size=args.image_size, resize_mode=args.resize_mode, image_format=args.format, quality=args.quality,
-        background=_background(args.background), max_pixels=args.max_pixels, min_image_size=args.min_image_size,
-        max_aspect_ratio=args.max_aspect_ratio, max_caption_length=args.max_caption_length,
-        tokenize=args.tokenize, fetch=fetch,
-    )
-    return PrepConfig(sample=sample, shard_size=args.shard_size, workers=args.workers, threads=args.threads,
-                      dedup=args.dedup)
+    try:
+        fetch = FetchConfig(
+            timeout=args.timeout, retries=args.retries, max_bytes=int(args.max_download_mb * 2**20),
+            user_agent=args.user_agent, check_content_type=not args.ignore_content_type,
+            respect_robots=not args.ignore_robots,
+        )
+        sample = SampleConfig(
+            image_size=args.image_size, resize_mode=args.resize_mode, image_format=args.format, quality=args.quality,
+            background=_background(args.background), max_pixels=args.max_pixels, min_image_size=args.min_image_size,
+            max_aspect_ratio=args.max_aspect_ratio, max_caption_length=args.max_caption_length,
+            tokenize=args.tokenize, fetch=fetch,
+        )
+        return PrepConfig(sample=sample, shard_size=args.shard_size, workers=args.workers, threads=args.threads,
+                          dedup=args.dedup)
+    except ValueError as err:
+        raise CliError(str(err)) from None
 
 
 def _summary(stats: dict) -> str:
@@ -158,49 +161,53 @@ def _summary(stats: dict) -> str:
     skipped = f"skipped {stats['skipped']}" + (f" ({reasons})" if reasons else "")
     if stats.get("resumed_shards"):
         skipped += f", kept {stats['resumed_shards']} complete shard(s) of an earlier run"
+    if stats.get("retried_rows"):
+        skipped += f", fetched {stats['retried_rows']} failed row(s) again"
     return (f"prep: wrote {stats['written']} samples in {stats['shards']} shard(s) to {stats['output']}, "
             f"{skipped} [{stats['duration_s']:.1f} s, {stats['samples_per_s'] or 0:.0f} samples/s]")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _check_numbers(args)
     source = existing_path(args.input, "input")
     if args.eval_set:
         return _eval_set(args, source)
 
     from tqdm import tqdm
 
-    from data_prep.manifest import ManifestError, open_records
+    from data_prep.manifest import Manifest, ManifestError
     from data_prep.memory import keep_freed_memory
-    from data_prep.prep import ResumeMismatch, clear_outputs, run_prep
+    from clipalign.cluster import RAY_MISSING
+    from data_prep.prep import ResumeMismatch, run_prep
+    from data_prep.ray_prep import ClusterError
+    from data_prep.splits import splittable
 
-    if args.tokenize:
-        from clipalign.factory import get_tokenizer
-
-        try:
-            get_tokenizer(args.tokenize)
-        except Exception as err:  # open_clip raises RuntimeError/ValueError/KeyError for unknown names
-            raise CliError(f"--tokenize: no tokenizer for model {args.tokenize!r} ({err})") from None
     config = _config(args)
-    try:
-        records = open_records(source, image_col=args.image_col, caption_col=args.caption_col,
-                               extra_cols=_extra_cols(args.extra_cols), caption_mode=args.caption_mode,
-                               image_root=args.image_root)
+    extra_cols = _extra_cols(args.extra_cols)
+    manifest = Manifest(source, image_col=args.image_col, caption_col=args.caption_col,
+                        extra_cols=None if extra_cols is None else tuple(extra_cols), caption_mode=args.caption_mode,
+                        image_root=None if args.image_root is None else Path(args.image_root))
+    try:  # opened here, so that a bad header fails before --overwrite deletes anything
+        if args.engine == "ray" and splittable(manifest):
+            manifest.check()
+            records: Iterable[Record] | Manifest = manifest  # the tasks read their own rows
+        else:
+            records = manifest.records()
     except ManifestError as err:
         raise CliError(str(err)) from None
-    except OSError as err:
-        raise CliError(f"cannot read {source}: {err}") from None
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CliError(f"--out {out} exists and is not a folder")
-    if args.overwrite:
-        clear_outputs(out)
     keep_freed_memory()  # this process builds the shards when --workers is 1
     try:
         with tqdm(unit="row", desc="prep", file=sys.stderr, disable=None) as bar:
-            stats = run_prep(records, out, config, source=str(source.resolve()), progress=bar.update)
+            stats = run_prep(records, args.out, config, source=str(source.resolve()), progress=bar.update,
+                             engine=args.engine, ray_address=args.ray_address, retry_failed=args.retry_failed,
+                             overwrite=args.overwrite)
     except ResumeMismatch as err:
         raise CliError(f"{err}; pass --overwrite to replace them") from None
+    except (ManifestError, NotADirectoryError) as err:
+        raise CliError(str(err)) from None
+    except RuntimeError as err:
+        if str(err) != RAY_MISSING and not isinstance(err, ClusterError):
+            raise
+        raise CliError(str(err)) from None
     print(_summary(stats))
     return 0
