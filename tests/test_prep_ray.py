@@ -103,6 +103,13 @@ def test_a_random_csv_is_split_where_the_csv_module_splits_it(tmp_path):
             assert [r for rows in shard_ranges(manifest, shard_size) for r in read_range(manifest, rows)] == local
 
 
+def test_a_header_with_a_quoted_newline_is_one_record(tmp_path):
+    (tmp_path / "m.csv").write_bytes(b'"ima\nge",caption\n"a.png",first\nb.png,second\n')
+    manifest = Manifest(tmp_path / "m.csv", image_col="ima\nge")
+    assert [r for rows in shard_ranges(manifest, 1) for r in read_range(manifest, rows)] == \
+        list(manifest.records()) and len(list(manifest.records())) == 2
+
+
 def test_inputs_the_driver_reads_itself(tmp_path):
     (tmp_path / "cr.csv").write_bytes(b"image,caption\ra.png,x\r")  # lone CRs end lines only for Python's reader
     (tmp_path / "m.csv.gz").write_bytes(gzip.compress(CSV_BODY))  # no offsets to seek to in a gzip stream
