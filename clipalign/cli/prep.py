@@ -170,6 +170,7 @@ def _summary(stats: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     source = existing_path(args.input, "input")
+    config = _config(args)  # checks every option, those of --eval-set too
     if args.eval_set:
         return _eval_set(args, source)
 
@@ -182,7 +183,6 @@ def main(argv: list[str] | None = None) -> int:
     from data_prep.ray_prep import ClusterError
     from data_prep.splits import splittable
 
-    config = _config(args)
     extra_cols = _extra_cols(args.extra_cols)
     manifest = Manifest(source, image_col=args.image_col, caption_col=args.caption_col,
                         extra_cols=None if extra_cols is None else tuple(extra_cols), caption_mode=args.caption_mode,
