@@ -10,10 +10,13 @@ scheduler or RNG state.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from clipalign.formats.atomic import replace_file, write_json
@@ -22,11 +25,41 @@ from clipalign.model_source import ModelSource, load_model_source
 # A name becomes a file name and an open_clip registry key: no path separators, and not
 # open_clip's "hf-hub:" / "local-dir:" schemas.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors' Rust writer reports the OS's errno
 
 
 def _check_name(name: str) -> None:
     if not _NAME.match(name):
         raise ValueError(f"invalid export name {name!r}: use letters, digits and . _ + - only")
+
+
+def _safetensors_writes(path: str | os.PathLike, write: Callable[[], None]) -> None:
+    """Run ``write()``; a ``SafetensorError`` of the system's (a read-only folder, a full disk:
+    safetensors gives the errno in its text only) becomes that ``OSError``, naming ``path``.
+
+    Raises:
+        OSError: an I/O error, naming ``path``.
+        ValueError: any other refusal of safetensors', naming ``path``.
+    """
+    try:
+        write()
+    except SafetensorError as err:
+        found = _OS_ERROR.search(str(err))
+        if found is None:
+            raise ValueError(f"{path}: {err}") from None
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
+
+
+def save_safetensors(path: str | os.PathLike, state: dict[str, torch.Tensor]) -> Path:
+    """Write ``state`` (name -> tensor) to ``path`` as safetensors, atomically.
+
+    Raises:
+        OSError: the write failed (read-only folder, full disk, ...), naming ``path``; no
+            temporary file is left behind.
+    """
+    tensors = {k: v.contiguous() for k, v in state.items()}
+    return replace_file(path, lambda tmp: _safetensors_writes(tmp, lambda: save_file(tensors, str(tmp))))
 
 
 def export_open_clip(checkpoint: ModelSource | str | Path, out_dir: str | Path, name: str | None = None
@@ -47,6 +80,7 @@ def export_open_clip(checkpoint: ModelSource | str | Path, out_dir: str | Path, 
     Raises:
         FileNotFoundError: no checkpoint at ``checkpoint``.
         ValueError: an invalid ``name``, or a model name no longer registered.
+        OSError: a file could not be written (read-only folder, full disk, ...), naming it.
     """
     from clipalign.factory import get_model_config
 
@@ -66,7 +100,7 @@ def export_open_clip(checkpoint: ModelSource | str | Path, out_dir: str | Path, 
     out.mkdir(parents=True, exist_ok=True)
     config_path, weights_path = out / f"{name}.json", out / f"{name}.safetensors"
     # safetensors: tensors and nothing else, readable by any tool without unpickling
-    replace_file(weights_path, lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, str(tmp)))
+    save_safetensors(weights_path, state)
     write_json(config_path, config)
     return {
         "name": name,
@@ -88,6 +122,8 @@ def export_hf(checkpoint: ModelSource | str | Path, out_dir: str | Path) -> dict
 
     Raises:
         UnsupportedArchitecture: a part HF's CLIP cannot express (named in the message).
+        OSError: the weights could not be written (read-only folder, full disk, ...), naming
+            the file.
     """
     import json
     import tempfile
@@ -123,7 +159,7 @@ def export_hf(checkpoint: ModelSource | str | Path, out_dir: str | Path) -> dict
         text = CLIPTokenizer(str(vocab), str(merges), model_max_length=tokenizer.context_length)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(out, safe_serialization=True)
+    _safetensors_writes(out / "model.safetensors", lambda: hf.save_pretrained(out, safe_serialization=True))
     CLIPProcessor(image_processor=images, tokenizer=text).save_pretrained(out)
     return {"name": meta["model_name"], "folder": str(out), "weights": str(out / "model.safetensors"),
             "model_name": meta["model_name"], "step": meta.get("step"), "checkpoint": meta["path"]}

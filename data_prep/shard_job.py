@@ -13,6 +13,7 @@ be built independently and the output never depends on the number of workers.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from clipalign.formats.atomic import replace_file, write_json
+from clipalign.formats.atomic import naming, replace_file, write_json
 from clipalign.formats.skips import DUPLICATE
 from data_prep.fetch import Downloader
 from data_prep.records import Record
@@ -115,6 +116,21 @@ def _encode_when_fetched(fetched: Future[Fetched | Outcome], config: SampleConfi
     return safe_encode_record(fetched.result(), config)
 
 
+@contextlib.contextmanager
+def _cleaned_up(target: Path, *tmps: Path) -> Iterator[None]:
+    """On any failure remove the temporary files ``tmps``; an ``OSError`` (a full disk, a
+    read-only folder) is raised again naming ``target``, the shard file they were for."""
+    try:
+        yield
+    except BaseException as err:
+        for tmp in tmps:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise naming(err, target, *tmps) from None
+        raise
+
+
 def build_shard(
     shard_id: int, records: list[Record], out_dir: str, config: SampleConfig, threads: int, encoders: int = 1
 ) -> ShardResult:
@@ -126,11 +142,15 @@ def build_shard(
         config: How each record becomes a sample.
         threads: Images read or downloaded at once.
         encoders: Images decoded and re-encoded at once (see ``encode_threads``).
+
+    Raises:
+        OSError: the tar could not be written (a full disk, ...), naming ``NNNNN.tar``; the
+            temporary tar is removed.
     """
     tmp = Path(out_dir) / f"{shard_name(shard_id)}.tar.{os.getpid()}.tmp"
     rows = []
     # One torch thread: the encoding threads keep the cores busy, and each resize is small.
-    with single_thread(), TarShard(tmp) as tar:
+    with _cleaned_up(Path(out_dir) / f"{shard_name(shard_id)}.tar", tmp), single_thread(), TarShard(tmp) as tar:
         for outcome in _outcomes(records, config, threads, encoders):
             if outcome.sample is not None:
                 tar.write(outcome.sample)
@@ -156,10 +176,21 @@ def commit_shard(out_dir: Path, result: ShardResult, seen: set[bytes] | None) ->
 
     Returns:
         The shard's stats, as saved in ``NNNNN_stats.json``.
+
+    Raises:
+        OSError: a file could not be written (a full disk, ...), naming it; the shard's
+            temporary files are removed (the shard is incomplete: a re-run builds it again).
     """
     name = shard_name(result.shard_id)
-    rows = result.rows
     tmp = Path(result.tmp_tar)
+    filtered = tmp.with_name(f"{tmp.name}.dedup")
+    with _cleaned_up(out_dir / f"{name}.tar", tmp, filtered):
+        return _commit(out_dir, name, result.rows, tmp, filtered, seen)
+
+
+def _commit(out_dir: Path, name: str, rows: list[dict[str, Any]], tmp: Path, filtered: Path,
+            seen: set[bytes] | None) -> dict[str, Any]:
+    """``commit_shard``'s work: the temporary files are its caller's to remove on failure."""
     if seen is not None:
         dropped = set()
         for row in rows:
@@ -171,7 +202,6 @@ def commit_shard(out_dir: Path, result: ShardResult, seen: set[bytes] | None) ->
                 else:
                     seen.add(digest)
         if dropped:
-            filtered = tmp.with_name(f"{tmp.name}.dedup")
             filter_tar(tmp, filtered, dropped)
             os.replace(filtered, tmp)
     _write_parquet(out_dir / f"{name}.parquet", rows)

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import base64
 import html
+import os
+from pathlib import Path
 from typing import Any, Callable
+
+from clipalign.formats.atomic import write_text
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:1.5rem;background:#fafafa;color:#222}
 h2{font-size:1.1rem;margin:1.5rem 0 .5rem}
@@ -33,3 +37,23 @@ def results_page(results: list[tuple[str, list[dict[str, Any]]]], thumb: Callabl
         sections.append(f"<h2>{html.escape(label)}</h2><div class=\"grid\">{''.join(cards)}</div>")
     return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>clipalign search</title>"
             f"<style>{STYLE}</style></head><body><h1>clipalign search</h1>{''.join(sections)}</body></html>\n")
+
+
+def _thumbnail_or_none(hit: dict[str, Any]) -> bytes | None:
+    from retrieval.thumbs import thumbnail  # PIL: only for a page, never for a plain text search
+
+    try:
+        return thumbnail(hit)
+    except (OSError, ValueError, KeyError):  # the image is gone or unreadable: the card says so
+        return None
+
+
+def write_results_page(path: str | os.PathLike, results: list[tuple[str, list[dict[str, Any]]]],
+                       thumb: Callable[[dict[str, Any]], bytes | None] = _thumbnail_or_none) -> Path:
+    """Write ``results_page`` to ``path`` atomically (a full disk leaves no torn page), the
+    thumbnails read back from the index's own data by ``thumb(hit)``.
+
+    Raises:
+        OSError: the page could not be written, naming ``path``.
+    """
+    return write_text(path, results_page(results, thumb))

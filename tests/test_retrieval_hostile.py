@@ -230,3 +230,11 @@ def test_classify_counts_a_fifo_as_not_a_file(index, query_image, tmp_path, caps
         out = json.loads(captured.out)
         assert [r["path"] for r in out["results"]] == [str(query_image)] and out["skipped"] == {"not_a_file": 1}
         assert "skipped 1" in captured.err
+
+
+def test_a_fifo_or_a_folder_as_queries_file_is_refused_in_one_line(index, tmp_path, capsys):
+    queries = ["search", "--index", str(index), "--queries"]
+    with fifo(tmp_path / "q.txt") as path:  # read, it would hang until the helper's writer gives up
+        assert f"queries file {path} is not a regular file" in one_line_error(capsys, [*queries, str(path)])
+    assert "not a regular file" in one_line_error(capsys, [*queries, str(tmp_path)])
+    assert "not a regular file" in one_line_error(capsys, [*queries, "/dev/null"])

@@ -9,26 +9,26 @@ _EPILOG = """\
 Use the export from plain open_clip (no clipalign needed):
   import open_clip
   open_clip.add_model_config("DIR")
-  model, _, preprocess = open_clip.create_model_and_transforms("NAME", pretrained="DIR/NAME.pt")
+  model, _, preprocess = open_clip.create_model_and_transforms("NAME", pretrained="DIR/NAME.safetensors")
   tokenizer = open_clip.get_tokenizer("NAME")
 
 or with CLIP_benchmark:
-  python scripts/clip_benchmark_eval.py DIR eval --model NAME --pretrained DIR/NAME.pt ...
+  python scripts/clip_benchmark_eval.py DIR eval --model NAME --pretrained DIR/NAME.safetensors ...
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = parser("export", "Write a run's model (or pretrained weights: --model/--pretrained) for plain open_clip:\n"
-               "  DIR/NAME.json  the open_clip model config\n"
-               "  DIR/NAME.pt    the open_clip state dict only (no MLM head, optimizer or training state)\n"
+               "  DIR/NAME.json         the open_clip model config\n"
+               "  DIR/NAME.safetensors  the open_clip state dict only (no MLM head, optimizer or training state)\n"
                "open_clip then gives the same image and text embeddings as clipalign.")
     p.epilog = _EPILOG
     p.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the code lines as written
     p.add_argument("run", metavar="RUN", nargs="?", default=None,
                    help="checkpoint file, or a run folder (its latest checkpoint); or give --model/--pretrained")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder to write NAME.json and NAME.pt into")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write NAME.json and NAME.safetensors into")
     p.add_argument("--format", choices=["open_clip", "hf", "onnx"], default="open_clip",
-                   help="open_clip: NAME.json + NAME.pt; hf: a transformers CLIPModel folder (config.json, "
+                   help="open_clip: NAME.json + NAME.safetensors; hf: a transformers CLIPModel folder (config.json, "
                         "model.safetensors, tokenizer and image-processor files) for CLIPModel.from_pretrained(DIR); "
                         "onnx: image.onnx + text.onnx (dynamic batch, checked with onnxruntime) + onnx.json")
     p.add_argument("--name", default=None,

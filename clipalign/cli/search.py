@@ -15,7 +15,7 @@ def build_parser():
     query = p.add_mutually_exclusive_group(required=True)
     query.add_argument("--text", help="text query, e.g. 'a red circle'")
     query.add_argument("--image", help="path of a query image")
-    query.add_argument("--queries", help="file of text queries, one a line")
+    query.add_argument("--queries", help="file of text queries, one a line (a regular file: not a pipe)")
     p.add_argument("--index", required=True, help="index folder")
     p.add_argument("-k", type=int, default=10, help="number of results (at most 100; at most the index's size)")
     p.add_argument("--over", choices=["images", "captions"], default="images", help="what to search")
@@ -32,6 +32,28 @@ def format_hits(hits: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _regular_file(path: str, what: str) -> str:
+    """``path``, if it names a regular file; else ``CliError`` (a FIFO would hang the read, a
+    directory or device gives no query)."""
+    from clipalign.formats.images import is_regular_file
+
+    if not is_regular_file(existing_path(path, what)):
+        raise CliError(f"{what} {path} is not a regular file")
+    return path
+
+
+def _read_regular_file(path: str, what: str) -> bytes:
+    """The bytes of the regular file ``path`` (opened so that a FIFO swapped in cannot hang it)."""
+    from clipalign.formats.images import open_regular_file
+    from clipalign.formats.skips import BadSample
+
+    try:
+        with open_regular_file(_regular_file(path, what)) as f:
+            return f.read()
+    except BadSample:
+        raise CliError(f"{what} {path} is not a readable regular file") from None
+
+
 def _queries(args) -> list[str]:
     from retrieval.engine import MAX_TEXT
 
@@ -41,7 +63,7 @@ def _queries(args) -> list[str]:
         if len(args.text.strip()) > MAX_TEXT:
             raise CliError(f"text queries are limited to {MAX_TEXT} characters")
         return [args.text.strip()]
-    lines = existing_path(args.queries, "queries file").read_text(errors="replace").splitlines()
+    lines = _read_regular_file(args.queries, "queries file").decode("utf-8", errors="replace").splitlines()
     long = next((n for n, t in enumerate(lines, 1) if len(t.strip()) > MAX_TEXT), None)
     if long is not None:
         raise CliError(f"{args.queries}: line {long} has {len(lines[long - 1].strip())} characters; "
@@ -52,29 +74,11 @@ def _queries(args) -> list[str]:
     return texts
 
 
-def _write_html(path: str, results: list[tuple[str, list[dict]]]) -> None:
-    from pathlib import Path
-
-    from retrieval.html import results_page
-    from retrieval.thumbs import thumbnail
-
-    def thumb(hit: dict) -> bytes | None:
-        try:
-            return thumbnail(hit)
-        except (OSError, ValueError, KeyError):
-            return None
-
-    Path(path).write_text(results_page(results, thumb))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     existing_path(args.index, "index")
     if args.image:
-        from clipalign.formats.images import is_regular_file
-
-        if not is_regular_file(existing_path(args.image, "query image")):
-            raise CliError(f"query image {args.image} is not a regular file")
+        _regular_file(args.image, "query image")
     from retrieval.engine import MAX_K
 
     if not 1 <= args.k <= MAX_K:  # as the server bounds it; more than the index holds gives all it holds
@@ -106,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\n# {label}")
             print(format_hits(hits))
     if args.html:
-        _write_html(args.html, list(zip(labels, all_hits)))
+        from retrieval.html import write_results_page
+
+        write_results_page(args.html, list(zip(labels, all_hits)))
         print(f"wrote {args.html}", file=sys.stderr)
     return 0
