@@ -21,11 +21,11 @@ import torch
 
 from clipalign.formats.atomic import replace_file
 from clipalign.formats.folders import RunFolder
+from clipalign.torch_files import ZIP_MAGIC, file_head, refused_objects, unsafe_globals
 
 if TYPE_CHECKING:  # the model (and open_clip) is imported only to build one: a refused file costs no more than torch
     from clipalign.model import ClipAlign
 
-_ZIP_MAGIC = b"PK\x03\x04"  # torch.save has written zip archives since torch 1.6
 # What an earlier clipalign's checkpoint pickled besides tensors and plain types: the ndarray
 # of np.random.get_state() (numpy 1.x and 2.x module names).
 _LEGACY_GLOBALS = frozenset({
@@ -125,8 +125,8 @@ def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """The run's checkpoints, oldest first."""
-    folder = RunFolder(run_dir).checkpoints
-    found = [p for p in folder.glob("step_*.pt") if RunFolder.checkpoint_step(p) is not None] if folder.is_dir() else []
+    folder = RunFolder(run_dir).checkpoints  # the file names are RunFolder's: no pattern of them here
+    found = [p for p in folder.iterdir() if RunFolder.checkpoint_step(p) is not None] if folder.is_dir() else []
     return sorted(found, key=RunFolder.checkpoint_step)
 
 
@@ -158,25 +158,20 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 # -- reading -------------------------------------------------------------------------------------
 def _refusal(path: Path) -> CheckpointError:
     """Why ``weights_only`` refused ``path``: the globals its pickle names, read without running it."""
-    try:
-        names = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))))
-    except Exception:  # an unreadable pickle: nothing more to say than that it was refused
-        names = []
+    names = unsafe_globals(path)
     if names and set(names) <= _LEGACY_GLOBALS:
         return CheckpointError(path, _upgrade_hint(path), LEGACY)
-    what = f"it would import {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}" if names else \
-        "it holds objects other than tensors and plain types"
-    return CheckpointError(path, f"not a clipalign checkpoint: {what} (refused: files are loaded without running code)")
+    return CheckpointError(path, f"not a clipalign checkpoint: {refused_objects(names)} "
+                                 "(refused: files are loaded without running code)")
 
 
 def _torch_file(path: str | os.PathLike) -> Path:
     """``path``, unless it is empty or not a zip archive (what ``torch.save`` writes)."""
     path = Path(path)
-    with path.open("rb") as handle:
-        head = handle.read(len(_ZIP_MAGIC))
+    head = file_head(path)
     if not head:
         raise CheckpointError(path, "empty file (truncated or corrupt)", CORRUPT)
-    if head != _ZIP_MAGIC:
+    if head != ZIP_MAGIC:
         raise CheckpointError(path, "not a clipalign checkpoint (not a file torch.save writes)")
     return path
 
@@ -187,7 +182,7 @@ def read_weights_file(path: str | os.PathLike) -> Any:
     Raises:
         CheckpointError: empty, truncated or corrupt, not written by ``torch.save``, or
             holding anything but tensors and plain types (it would run code).
-        OSError: the file cannot be read.
+        OSError: the file cannot be read (naming it).
     """
     path = _torch_file(path)
     try:
@@ -196,8 +191,11 @@ def read_weights_file(path: str | os.PathLike) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise _refusal(path) from None
-    except OSError:
-        raise
+    except OSError as err:
+        if err.filename is not None:  # the file itself could not be opened or read
+            raise
+        # torch's zip reader seeks by the damaged archive's offsets: EINVAL, naming nothing
+        raise CheckpointError(path, "truncated or corrupt", CORRUPT) from None
     except Exception:  # torch's reader raises RuntimeError, EOFError, KeyError, ... on damaged archives
         if zipfile.is_zipfile(path) and not _holds_pickle(path):
             raise CheckpointError(path, "not a clipalign checkpoint (a zip archive torch.save did not write)") from None
@@ -353,8 +351,10 @@ def upgrade_checkpoint(path: str | os.PathLike, out: str | os.PathLike | None = 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=False)
-    except OSError:
-        raise
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise CheckpointError(path, "truncated or corrupt", CORRUPT) from None
     except Exception:
         raise CheckpointError(path, "truncated or corrupt", CORRUPT) from None
     state = check_checkpoint(path, state)

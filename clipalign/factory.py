@@ -17,10 +17,12 @@ from typing import Any, Callable, Iterator
 
 import open_clip
 import torch
+from safetensors import SafetensorError
 
 from clipalign import hf_text
 from clipalign.attention import use_fast_attention
 from clipalign.model import ClipAlign
+from clipalign.torch_files import is_torch_file, refused_objects, unsafe_globals
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 CONFIG_ENV = "CLIPALIGN_MODEL_CONFIGS"
@@ -140,12 +142,23 @@ def _init_caption_decoder(clip: torch.nn.Module) -> None:
             torch.nn.init.normal_(decoder.text_projection, std=decoder.width ** -0.5)
 
 
+_UNFIT = "Error(s) in loading state_dict"  # torch's load_state_dict on missing, unexpected or misshapen weights
+
+
 def _pretrained_error(pretrained: str, name: str, err: Exception) -> ValueError:
     """One line naming the ``pretrained`` file open_clip could not load into ``name``."""
-    if isinstance(err, pickle.UnpicklingError):
-        return ValueError(f"{pretrained}: refused: it holds objects other than tensors and plain types "
-                          "(weights are loaded without running code)")
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not str(pretrained).endswith(".safetensors") and not is_torch_file(pretrained):
+        return ValueError(f"{pretrained}: not a PyTorch checkpoint (neither a file torch.save writes "
+                          "nor a .safetensors file)")
+    if isinstance(err, pickle.UnpicklingError):
+        return ValueError(f"{pretrained}: refused: {refused_objects(unsafe_globals(pretrained))} "
+                          "(weights are loaded without running code)")
+    # open_clip asserts while it resizes position embeddings; torch names the weights that differ
+    if isinstance(err, AssertionError) or (isinstance(err, RuntimeError) and lines and lines[0].startswith(_UNFIT)):
+        detail = (lines[1] if len(lines) > 1 and lines[0].startswith(_UNFIT) else lines[0] if lines else "")[:200]
+        return ValueError(f"{pretrained}: these weights do not fit the architecture of model {name}"
+                          f"{' (' + detail + ')' if detail else ''}: give the --model they were trained as")
     detail = (lines[0].split(". ")[0] if lines else "")[:200]
     return ValueError(f"{pretrained}: not open_clip weights for {name}, or truncated or corrupt "
                       f"({type(err).__name__}{': ' + detail if detail else ''})")
@@ -183,7 +196,8 @@ def create_model_and_transforms(
 
     Raises:
         ValueError: an unknown ``name``, or a ``pretrained`` file that does not load (one line
-            naming it).
+            naming it: not a PyTorch or safetensors file, refused, truncated or corrupt, or
+            weights of another architecture).
         FileNotFoundError: ``pretrained`` is not a local file.
     """
     cfg = get_model_config(name)
@@ -205,8 +219,10 @@ def create_model_and_transforms(
                 name, pretrained=pretrained, pretrained_text=False, weights_only=True, **kwargs
             )
         except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, AttributeError, TypeError,
-                StopIteration, ValueError) as err:
-            if pretrained is None:
+                StopIteration, ValueError, AssertionError, SafetensorError, OSError) as err:
+            # an OSError naming a file (unreadable, say) stands; torch's zip reader raises one
+            # naming nothing for a damaged archive
+            if pretrained is None or (isinstance(err, OSError) and err.filename is not None):
                 raise
             raise _pretrained_error(pretrained, name, err) from None
     if pretrained is None:
