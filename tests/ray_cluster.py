@@ -50,7 +50,7 @@ def _stop(node: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(node.pid, signal.SIGTERM)
     try:
-        node.wait(timeout=30)
+        node.wait(timeout=5)  # ray start --block stops its node on SIGTERM, given a moment
     except subprocess.TimeoutExpired:
         pass
     with contextlib.suppress(ProcessLookupError):
