@@ -24,5 +24,9 @@ Modules, one job each:
 * ``eval_source`` -- any evaluation source (``wds/``, ImageFolder, label manifest) opened as an ``EvalSet``.
 * ``memory``    -- keep freed heap pages in workers (glibc ``mallopt``).
 * ``resample``  -- torch's uint8 bicubic resize for prep.
+* ``splits``    -- where each shard's rows start in a CSV/TSV/JSONL or Parquet manifest, without reading them.
+* ``shard_plan`` -- a run's shard jobs: which are left, and their rows or the row range their task reads.
+* ``retry``     -- ``--retry-failed``: only the rows that failed for a reason that may pass, fetched again.
+* ``ray_prep``  -- shard jobs as Ray tasks (``--engine ray``), retried when a worker dies.
 * ``prep``      -- composes reader -> shard jobs -> commit into resumable WebDataset training shards.
 """
