@@ -1,8 +1,9 @@
 """Hostile and broken inputs: no file runs code when it is loaded, and every command fails on a
-bad checkpoint or an unwritable --out with one line naming the file, exit status 2.
+bad checkpoint or pretrained file, an unwritable --out (read-only, under a file, on a full disk)
+with one line naming the file, exit status 2, and no torn or temporary file left.
 
-The hostile checkpoint's pickle calls ``Path.touch(marker)`` when unpickled unsafely; every
-command runs in a process of its own and the marker must never appear. To keep the suite fast
+The hostile checkpoint's (and open_clip weights') pickle calls ``Path.touch(marker)`` when
+unpickled unsafely; every command runs in a process of its own and the marker must never appear. To keep the suite fast
 those processes are forked, all at once, from one that has imported clipalign already
 (``FORKER``); two run ``python -m clipalign`` from scratch, as a user does.
 """
@@ -35,11 +36,12 @@ CLI = [sys.executable, "-m", "clipalign"]
 TQDM = re.compile(r"\d+%\||it/s\]|s/it\]|img/s\]|\[\d\d:\d\d")
 
 # Runs each job of the JSON list on stdin as `clipalign ARGV` in a child forked from this warm
-# process, with its own stdout/stderr files and, for a read-only job run as root, without the
-# capabilities that override permission bits (so that a read-only folder is read-only).
-# Prints {name: exit status}.
+# process, with its own stdout/stderr files, for a read-only job run as root without the
+# capabilities that override permission bits (so that a read-only folder is read-only), and
+# for a full-disk job under a file-size limit of `fsize` bytes (SIGXFSZ ignored: a write past
+# it fails with EFBIG, as on a full disk). Prints {name: exit status}.
 FORKER = r"""
-import ctypes, json, os, signal, sys, time, traceback
+import ctypes, json, os, resource, signal, sys, threading, time, traceback
 import clipalign.cli
 for name in clipalign.cli.COMMANDS:
     __import__(f"clipalign.cli.{name}")
@@ -56,17 +58,28 @@ def drop_dac_override():
     data[0].permitted &= ~0b110
     assert libc.capset(ctypes.byref(header), data) == 0, ctypes.get_errno()
 
-jobs, children = json.load(sys.stdin), {}
+def drain(fd, path):
+    with open(path, "wb") as out:
+        while chunk := os.read(fd, 1 << 16):
+            out.write(chunk)
+    os.close(fd)
+
+jobs, children, drains = json.load(sys.stdin), {}, []
 sys.stdout.flush(); sys.stderr.flush()
 for job in jobs:
+    pipes = [os.pipe(), os.pipe()]  # the child's stdout, stderr: a file-size limit does not apply to pipes
     pid = os.fork()
     if pid == 0:
         rc = 99
         try:
-            for fd, path in ((1, job["stdout"]), (2, job["stderr"])):
-                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+            for fd, (read, write) in zip((1, 2), pipes):
+                os.dup2(write, fd)
+                os.close(read), os.close(write)
             if job["read_only"] and os.geteuid() == 0:
                 drop_dac_override()
+            if job["fsize"]:  # a full disk: writes past fsize bytes fail with EFBIG
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (job["fsize"], job["fsize"]))
             rc = clipalign.cli.main(job["argv"])
         except SystemExit as exit:
             rc = exit.code if isinstance(exit.code, int) else 1
@@ -76,6 +89,10 @@ for job in jobs:
             sys.stdout.flush(); sys.stderr.flush()
             os._exit(rc)
     children[pid] = job["name"]
+    for (read, write), path in zip(pipes, (job["stdout"], job["stderr"])):
+        os.close(write)
+        drains.append(threading.Thread(target=drain, args=(read, path)))
+        drains[-1].start()
 status, deadline = {}, time.monotonic() + float(sys.argv[1])
 while children and time.monotonic() < deadline:
     pid, code = os.waitpid(-1, os.WNOHANG)
@@ -87,6 +104,8 @@ for pid, name in children.items():  # still running: it hung (a server that neve
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     status[name] = "hung"
+for thread in drains:
+    thread.join()
 print(json.dumps(status))
 """
 
@@ -117,6 +136,9 @@ class World:
     captioned: Path
     trunc: Path
     plain_list: Path
+    evil_weights: Path
+    zip_garbage: Path
+    binary: Path
 
 
 def _error_lines(stderr: str) -> list[str]:
@@ -143,10 +165,10 @@ def _run(argv: list, prefix: list[str] = ()) -> Result:
 
 
 def _forked(jobs: dict[str, dict], folder: Path, timeout: float = 240) -> dict[str, Result]:
-    """Each job (``argv``, optionally ``read_only``) in its own process forked by FORKER."""
+    """Each job (``argv``, optionally ``read_only`` or ``fsize``) in its own process forked by FORKER."""
     folder.mkdir()
     spec = [{"name": name, "argv": [str(a) for a in job["argv"]], "read_only": job.get("read_only", False),
-             "stdout": str(folder / f"{name}.out"), "stderr": str(folder / f"{name}.err")}
+             "fsize": job.get("fsize"), "stdout": str(folder / f"{name}.out"), "stderr": str(folder / f"{name}.err")}
             for name, job in jobs.items()]
     done = subprocess.run([sys.executable, "-c", FORKER, str(timeout)], input=json.dumps(spec), capture_output=True,
                           text=True, timeout=timeout + 120, env=_env())
@@ -172,6 +194,9 @@ def world(tmp_path_factory) -> World:
     evil = root / "evil.pt"
     # the real weights beside the payload: a file that, unpickled unsafely, would also work
     torch.save({**state, "payload": Touch(marker)}, evil)
+    evil_weights = root / "evil_open_clip.pt"  # what `--model ca-nano --pretrained` reads: an open_clip state dict
+    weights = {k.removeprefix("clip."): v for k, v in state["model"].items() if k.startswith("clip.")}
+    torch.save({**weights, "payload": Touch(marker)}, evil_weights)
 
     evil_index = root / "evil_index"
     shutil.copytree(index, evil_index)
@@ -197,8 +222,13 @@ def world(tmp_path_factory) -> World:
     trunc.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     plain_list = root / "list.pt"
     torch.save([1, 2, 3], plain_list)
+    zip_garbage = root / "zip_garbage.pt"  # a zip's magic bytes, then nothing torch's reader can seek in
+    zip_garbage.write_bytes(b"PK\x03\x04" + bytes(5000))
+    binary = root / "binary.pt"  # neither a zip nor a pickle
+    binary.write_bytes(b"\x93NUMPY not a checkpoint\n" + bytes(100))
     return World(root, marker, root / "retrieval" / "shards", good, evil, index, evil_index, evil_embeddings,
-                 evil_run, images, images / "red" / "0.png", captioned, trunc, plain_list)
+                 evil_run, images, images / "red" / "0.png", captioned, trunc, plain_list, evil_weights,
+                 zip_garbage, binary)
 
 
 def _train_args(w: World, out: Path, steps: int = 1) -> list:
@@ -233,6 +263,10 @@ def _writers(w: World, out: Path, trained_run: Path) -> dict[str, list]:
 
 
 WRITERS = ["export", "eval", "train", "embed", "index", "search_html", "plot", "synth", "prep", "upgrade"]
+# synth is left out until data_prep/synth.py names the file a full disk stops (it writes its
+# images with Path.write_bytes, and the error names none)
+FULL_DISK_WRITERS = [w for w in WRITERS if w != "synth"]
+FSIZE = 512  # bytes a full-disk job may write to any one file: less than every writer's output
 
 
 def _jobs(w: World, trained_run: Path) -> dict[str, tuple[dict, Path, int]]:
@@ -257,13 +291,29 @@ def _jobs(w: World, trained_run: Path) -> dict[str, tuple[dict, Path, int]]:
         "search_image": ["search", "--index", w.evil_index, "--image", w.query],
         "search_text": ["search", "--index", w.evil_index, "--text", "a red square"],
         "serve": ["serve", "--index", w.evil_index, "--port", 0, "--quiet"],
+        "caption": ["caption", w.query, "--checkpoint", w.evil],
     }
+    pretrained = ["--model", "ca-nano", "--pretrained", w.evil_weights]
+    hostile.update({
+        "pretrained_eval": ["eval", *pretrained, "--data", w.images],
+        "pretrained_classify": ["classify", w.query, *pretrained, "--classes", "red,blue"],
+        "pretrained_embed": ["embed", *pretrained, "--data", w.shards, "--out", w.root / "x_emb3", "--no-progress"],
+        "pretrained_index": ["index", *pretrained, "--data", w.shards, "--out", w.root / "x_index3", "--no-progress"],
+        "pretrained_export": ["export", *pretrained, "--out", w.root / "x_export3"],
+    })
     in_run, in_index = RunFolder(w.evil_run).checkpoint(1), IndexFolder(w.evil_index).model
     named = {"eval_run_folder": in_run, "train_resume": in_run, "search_image": in_index, "search_text": in_index,
              "serve": in_index, "index_embeddings": EmbeddingsFolder(w.evil_embeddings).model}
+    named.update({k: w.evil_weights for k in hostile if k.startswith("pretrained_")})
     jobs = {f"hostile_{k}": ({"argv": argv}, named.get(k, w.evil), 2) for k, argv in hostile.items()}
     jobs.update({f"read_only_{k}": ({"argv": argv, "read_only": True}, ro, 2)
                  for k, argv in _writers(w, ro, trained_run).items()})
+    # an --out folder that exists and is read-only: the folder is there, its files cannot be made
+    jobs["read_only_existing_export"] = ({"argv": ["export", w.good, "--out", ro], "read_only": True},
+                                         ro / "ca-nano.safetensors", 2)
+    for k in FULL_DISK_WRITERS:  # each in a folder of its own, for the check that it left no temporary file
+        jobs[f"full_disk_{k}"] = ({"argv": _writers(w, w.root / "full_disk" / k, trained_run)[k], "fsize": FSIZE},
+                                  w.root / "full_disk" / k, 2)
     jobs["truncated_latest_resume"] = ({"argv": [*_train_args(w, fallback, steps=2), "--resume"]}, last, 0)
     return jobs
 
@@ -286,7 +336,8 @@ def results(world, trained_run) -> dict[str, tuple[Result, Path, int]]:
 
 
 HOSTILE = ["scratch_hostile_eval", "eval", "eval_run_folder", "classify", "export", "embed", "index_checkpoint",
-           "index_embeddings", "train_resume", "search_image", "search_text", "serve"]
+           "index_embeddings", "train_resume", "search_image", "search_text", "serve", "caption"]
+PRETRAINED = ["eval", "classify", "embed", "index", "export"]
 
 
 @pytest.mark.parametrize("name", HOSTILE)
@@ -301,6 +352,14 @@ def test_a_hostile_checkpoint_never_runs_and_is_one_line(name, world, results):
     assert not world.marker.exists()
 
 
+@pytest.mark.parametrize("name", PRETRAINED)
+def test_hostile_pretrained_weights_never_run_and_are_one_line(name, world, results):
+    result, named, rc = results[f"hostile_pretrained_{name}"]
+    line = _assert_one_line(result, named, rc)
+    assert "refused" in line and "pathlib" in line, line
+    assert not world.marker.exists()
+
+
 def test_the_payload_is_real(tmp_path):
     # what every command refuses: unpickled unsafely, this file creates its marker
     torch.save({"payload": Touch(tmp_path / "marker")}, tmp_path / "evil.pt")
@@ -312,6 +371,23 @@ def test_the_payload_is_real(tmp_path):
 def test_a_read_only_out_is_one_line(name, results):
     result, named, rc = results[f"read_only_{name}"]
     assert "Permission denied" in _assert_one_line(result, named, rc)
+
+
+def test_a_read_only_existing_out_is_one_line(results):
+    result, named, rc = results["read_only_existing_export"]
+    assert "Permission denied" in _assert_one_line(result, named, rc)
+    assert not list(named.parent.iterdir())  # no temporary file either
+
+
+@pytest.mark.parametrize("name", FULL_DISK_WRITERS)
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(name, results):
+    result, out, rc = results[f"full_disk_{name}"]
+    line = _assert_one_line(result, out, rc)  # naming a file it was writing
+    assert line.endswith(": File too large"), line
+    named = Path(line.split(": error: ", 1)[1].removesuffix(": File too large").split(" -> ")[-1])
+    assert not named.exists(), named  # never torn: written whole under its name, or not at all
+    left = [p.relative_to(out) for p in out.rglob("*") if ".tmp" in p.name]
+    assert not left, left
 
 
 def test_a_full_disk_while_checkpointing_is_one_line(world, results):
@@ -342,9 +418,10 @@ def _checkpoint_commands(w: World, path: Path) -> dict[str, list]:
 
 
 @pytest.mark.parametrize("command", ["eval", "classify", "export", "embed", "index", "search", "pretrained"])
-@pytest.mark.parametrize("case", ["truncated", "plain_list", "hostile"])
+@pytest.mark.parametrize("case", ["truncated", "plain_list", "hostile", "zip_garbage", "binary"])
 def test_a_broken_checkpoint_is_one_line(command, case, world, capsys):
-    path = {"truncated": world.trunc, "plain_list": world.plain_list, "hostile": world.evil}[case]
+    path = {"truncated": world.trunc, "plain_list": world.plain_list, "hostile": world.evil,
+            "zip_garbage": world.zip_garbage, "binary": world.binary}[case]
     assert main([str(a) for a in _checkpoint_commands(world, path)[command]]) == 2
     lines = _error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and str(path) in lines[0], lines
@@ -370,6 +447,43 @@ def test_the_errors_say_what_is_wrong(world):
     with pytest.raises(ckpt.CheckpointError, match="not a file torch.save writes"):
         ckpt.load_checkpoint(world.root / "text.pt")
     assert not world.marker.exists()
+
+
+def test_a_zip_torch_cannot_seek_in_is_corrupt_not_a_bare_os_error(world):
+    with pytest.raises(OSError) as raw:  # what torch itself raises: an errno, no file named
+        torch.load(world.zip_garbage, weights_only=True)
+    assert raw.value.filename is None and not isinstance(raw.value, ckpt.CheckpointError)
+    with pytest.raises(ckpt.CheckpointError, match="truncated or corrupt") as err:
+        ckpt.load_checkpoint(world.zip_garbage)
+    assert err.value.kind == ckpt.CORRUPT and err.value.path == world.zip_garbage
+
+
+def _pretrained_line(world, capsys, path, model: str = "ca-nano") -> str:
+    argv = [*_train_args(world, world.root / "never"), "--pretrained", path]
+    argv[argv.index("--model") + 1] = model
+    assert main([str(a) for a in argv]) == 2
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and str(path) in lines[0], lines
+    assert not (world.root / "never").exists()
+    return lines[0]
+
+
+def test_pretrained_weights_of_another_architecture_are_one_line(world, capsys, tmp_path):
+    weights = tmp_path / "ca-nano.pt"
+    state = torch.load(world.good, weights_only=True)["model"]
+    torch.save({k.removeprefix("clip."): v for k, v in state.items() if k.startswith("clip.")}, weights)
+    line = _pretrained_line(world, capsys, weights, model="ca-tiny")  # open_clip asserts while resizing
+    assert "do not fit the architecture of model ca-tiny" in line, line
+    misshapen = tmp_path / "misshapen.pt"
+    torch.save({**torch.load(weights, weights_only=True), "visual.conv1.weight": torch.zeros(64, 3, 4, 4)}, misshapen)
+    line = _pretrained_line(world, capsys, misshapen)  # torch's load_state_dict names the weight
+    assert "do not fit the architecture of model ca-nano" in line and "visual.conv1.weight" in line, line
+
+
+def test_pretrained_that_is_no_pytorch_file_says_so(world, capsys):
+    line = _pretrained_line(world, capsys, world.binary)
+    assert "not a PyTorch checkpoint" in line and "other than tensors" not in line, line
+    assert "refused" in _pretrained_line(world, capsys, world.evil_weights)  # a real pickle: refused
 
 
 @pytest.mark.parametrize("command", WRITERS)
@@ -442,3 +556,13 @@ def test_load_latest_passes_over_truncated_checkpoints(trained_run, tmp_path):
     first.write_bytes(b"")
     with pytest.raises(ckpt.CheckpointError, match="no earlier checkpoint of the run loads"):
         ckpt.load_latest(run)
+
+
+def test_load_latest_passes_over_a_latest_checkpoint_torch_cannot_seek_in(trained_run, world, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    shutil.copyfile(world.zip_garbage, ckpt.checkpoint_path(run, 2))
+    with pytest.warns(UserWarning, match="step_00000002.pt is truncated or corrupt: resuming from the earlier"):
+        path, state = ckpt.load_latest(run)
+    assert path == ckpt.checkpoint_path(run, 1) and state["step"] == 1
+
