@@ -5,6 +5,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from clipalign.formats.atomic import replace_file
+
 MAX_LABELLED_CLASSES = 40
 
 
@@ -18,12 +20,14 @@ def _pyplot():
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    fig.tight_layout()
+    """Write ``fig`` whole or not at all (a killed or full-disk write leaves no half PNG)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    _pyplot().close(fig)
-    return path
+    try:
+        fig.tight_layout()
+        # the format from the final name: the temporary one's suffix would not say it
+        return replace_file(path, lambda tmp: fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png"))
+    finally:
+        _pyplot().close(fig)
 
 
 def confusion_matrix_png(matrix: Sequence[Sequence[int]], classnames: Sequence[str], path: str | os.PathLike,

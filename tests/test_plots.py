@@ -29,3 +29,17 @@ def test_training_curves_from_a_run(tmp_path, capsys):
     (run / "metrics.jsonl").write_text("")
     assert main(["plot", str(run)]) == 2
     assert "empty" in capsys.readouterr().err
+
+
+def test_a_figure_that_fails_half_written_leaves_no_file(tmp_path, monkeypatch):
+    import pytest
+    from matplotlib.figure import Figure
+
+    def half_then_fail(self, fname, **kwargs):
+        open(fname, "wb").write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", half_then_fail)
+    with pytest.raises(OSError, match="plot.png"):
+        confusion_matrix_png([[1]], ["a"], tmp_path / "plot.png")
+    assert list(tmp_path.iterdir()) == []
