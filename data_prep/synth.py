@@ -27,7 +27,7 @@ from typing import Callable, Iterator, TypeVar
 import numpy as np
 from PIL import Image
 
-from clipalign.formats.atomic import write_json
+from clipalign.formats.atomic import replace_file, write_bytes, write_json
 from data_prep.evalsets import write_classification_set, write_retrieval_set
 from data_prep.scenes import (
     COLOR_TEMPLATES,
@@ -166,7 +166,7 @@ def _bad_rows(seed: int, n: int, n_bad: int, out_dir: Path, image_size: int) -> 
         elif kind == "empty_caption":
             caption = ""
         if kind != "missing":
-            (out_dir / name).write_bytes(data)
+            write_bytes(out_dir / name, data)
         rows[pos] = (name, caption)
     return rows
 
@@ -190,19 +190,23 @@ def write_train(
     (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     bad = _bad_rows(seed, n, n_bad, out_dir, image_size) if n_bad else {}
     good = _ordered_map(partial(_train_item, seed=seed, image_size=image_size), n, workers, progress)
-    with open(out_dir / MANIFEST, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["image", "caption"])
-        index = 0
-        for pos in range(n + n_bad):
-            if pos in bad:
-                writer.writerow(bad[pos])
-                continue
-            data, caption = next(good)
-            name = f"{IMAGES_DIR}/{index:09d}.png"
-            (out_dir / name).write_bytes(data)
-            writer.writerow([name, caption])
-            index += 1
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(["image", "caption"])
+            index = 0
+            for pos in range(n + n_bad):
+                if pos in bad:
+                    writer.writerow(bad[pos])
+                    continue
+                data, caption = next(good)
+                name = f"{IMAGES_DIR}/{index:09d}.png"
+                write_bytes(out_dir / name, data)
+                writer.writerow([name, caption])
+                index += 1
+
+    replace_file(out_dir / MANIFEST, write)  # every image it names is written before it appears
     return {"path": f"{TRAIN_DIR}/{MANIFEST}", "images": n, "bad_rows": n_bad, "rows": n + n_bad}
 
 
