@@ -54,3 +54,12 @@ def test_tensorboard_gets_the_finite_numbers_of_each_line(tmp_path):
     events.Reload()
     assert set(events.Tags()["scalars"]) == {"train/loss", "eval/set/acc1"}
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 2.0)]
+
+
+def test_only_whole_step_names_are_checkpoints():
+    from clipalign.formats.folders import RunFolder
+
+    assert RunFolder.checkpoint_step("run/checkpoints/step_00000042.pt") == 42
+    assert RunFolder.checkpoint_step(RunFolder("run").checkpoint(7)) == 7
+    for name in ("xstep_1.pt", "step_1.pt.tmp", "step_.pt", ".step_1.pt", "step_1.ptx"):
+        assert RunFolder.checkpoint_step(name) is None, name

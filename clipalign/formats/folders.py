@@ -26,7 +26,7 @@ class RunFolder(_Folder):
     """A training run: ``config.json``, ``metrics.jsonl``, ``summary.json``, ``.lock``,
     ``tensorboard/`` and ``checkpoints/step_XXXXXXXX.pt``."""
 
-    STEP_FILE = re.compile(r"step_(\d+)\.pt$")
+    STEP_FILE = re.compile(r"step_(\d+)\.pt")  # the whole name
 
     @property
     def config(self) -> Path:
@@ -58,7 +58,7 @@ class RunFolder(_Folder):
     @classmethod
     def checkpoint_step(cls, path: str | os.PathLike) -> int | None:
         """The step of a checkpoint file name, or ``None`` if it is not one."""
-        found = cls.STEP_FILE.search(Path(path).name)
+        found = cls.STEP_FILE.fullmatch(Path(path).name)
         return int(found.group(1)) if found else None
 
 
