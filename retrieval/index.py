@@ -8,18 +8,24 @@ latency and memory), the weights queries are embedded with and, optionally, the 
 as ONNX (see ``retrieval.query_encoder``). ``retrieval.build`` writes whole folders.
 Vectors are L2-normalised, so inner product is cosine similarity.
 
+An index is built in parts: trained once on a sample, then each part of ``PART_ROWS`` rows
+is added to a copy of the empty trained index on its own and the parts are merged in row
+order (``fill_part``, ``merge_part``), the result the same as one index filled whole. Here
+the parts are filled in turn; ``retrieval.ray_index`` fills the same parts as Ray tasks.
+
 Nothing in a folder is trusted on load: the info records each file's size and sha256
 (``retrieval.identity.file_digest``) and names no file but the folder's own; a folder is
 written whole in a temporary sibling and swapped into place (``retrieval.atomic_folder``).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import faiss
 import numpy as np
@@ -29,24 +35,90 @@ from clipalign.formats.folders import IndexFolder
 from retrieval.atomic_folder import pinned_folder, recover, replaced_folder, swapped
 from retrieval.choose import IndexSpec, choose_index
 from retrieval.identity import check_digest, check_model, file_digest
-from retrieval.tune import exact_neighbours, measure, set_params, tune, tune_refine
+from retrieval.tune import measure, set_params, tune, tune_refine
 
 MMAP_ABOVE = 256 << 20  # index files larger than this are memory-mapped on load
 OPQ_ROUNDS = 8
 FILES = "files"  # the info's record of each file it describes: {file name: file_digest}
 
 
-def build_faiss(vectors: np.ndarray, spec: IndexSpec, train_ids: np.ndarray) -> faiss.Index:
-    """Train ``spec`` on ``vectors[train_ids]`` and add all (N, D) ``vectors``."""
-    index = faiss.index_factory(vectors.shape[1], spec.factory, faiss.METRIC_INNER_PRODUCT)
+ADD_ROWS = 100_000  # vectors added to a FAISS index per call
+PART_ROWS = 100_000  # rows of one part: filled alone (in a Ray task, or in turn here), then merged in row order
+
+
+def trained_index(sample: np.ndarray, spec: IndexSpec) -> faiss.Index:
+    """An empty ``spec`` index trained on the (S, D) ``sample`` (nothing to train for a flat one)."""
+    index = faiss.index_factory(sample.shape[1], spec.factory, faiss.METRIC_INNER_PRODUCT)
     if spec.kind == "ivfpq":  # OPQ's defaults (50 rounds of PQ training) cost minutes for little recall
         opq = faiss.downcast_VectorTransform(faiss.downcast_index(index).chain.at(0))
         opq.niter, opq.niter_pq_0, opq.max_train_points = OPQ_ROUNDS, OPQ_ROUNDS, 64 * 1024
     if not index.is_trained:
-        index.train(np.ascontiguousarray(vectors[np.sort(train_ids)]))
-    for start in range(0, len(vectors), 100_000):
-        index.add(np.ascontiguousarray(vectors[start : start + 100_000]))
+        index.train(np.ascontiguousarray(sample))
     return index
+
+
+def mergeable(spec: IndexSpec) -> bool:
+    """Whether parts of a ``spec`` index filled apart merge into the index filled whole: not an
+    HNSW graph, whose links depend on every vector added before."""
+    return spec.kind != "hnsw"
+
+
+def fill_part(empty: np.ndarray, vectors: np.ndarray, start: int, queries: np.ndarray, k: int
+              ) -> tuple[faiss.Index, np.ndarray, np.ndarray]:
+    """Fill one part: the trained ``empty`` index (``faiss.serialize_index``'s bytes) with the
+    (M, D) ``vectors`` of rows ``start...``, and the exact top-``k`` of the (Q, D) ``queries``
+    among them (the tuning's ground truth, merged over the parts).
+
+    Returns:
+        ``(the part's index, scores (Q, k), row ids (Q, k); -1 past the part's rows)``.
+    """
+    index = faiss.deserialize_index(empty)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    for at in range(0, len(vectors), ADD_ROWS):
+        index.add(vectors[at : at + ADD_ROWS])
+    scores, ids = faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+    return index, scores, np.where(ids >= 0, ids + start, -1)
+
+
+def merge_part(into: faiss.Index, part: faiss.Index, start: int) -> None:
+    """Append ``part`` (the rows from ``start`` on, filled by ``fill_part``) to ``into``, which
+    holds the rows before; the result equals one index filled with all of them in order."""
+    a, b = faiss.downcast_index(into), faiss.downcast_index(part)
+    if isinstance(a, faiss.IndexRefine):  # FAISS merges neither refining index: merge their two halves
+        merge_part(a.base_index, b.base_index, start)
+        merge_part(a.refine_index, b.refine_index, start)
+        a.ntotal += b.ntotal
+    elif isinstance(a, faiss.IndexFlatCodes):  # ids are positions: in row order they come out right
+        a.merge_from(b)
+    else:  # IVF, also behind a pre-transform: the part's ids 0.. become start..
+        a.merge_from(b, start)
+
+
+def clear_padding(index: faiss.Index) -> None:
+    """Zero the unused slots of each inverted list's last block of a fast-scan index after merges.
+
+    FAISS's merge leaves them as the allocator gave them (its adds write zero codes there): never
+    read by a search, but the file would differ from run to run and from the index filled whole.
+    """
+    index = faiss.downcast_index(index)
+    inner = getattr(index, "base_index", None) or getattr(index, "index", None)  # a Refine's, a pre-transform's
+    if inner is not None and not isinstance(index, faiss.IndexIVF):
+        clear_padding(inner)
+        return
+    if not isinstance(index, faiss.IndexIVF):
+        return
+    lists = faiss.downcast_InvertedLists(index.invlists)
+    if not isinstance(lists, faiss.BlockInvertedLists):
+        return
+    packer, zero = lists.packer, np.zeros(lists.packer.code_size, np.uint8)
+    for list_no in range(lists.nlist):
+        n = lists.list_size(list_no)
+        if n % packer.nvec:
+            blocks = -(-n // packer.nvec)
+            codes = faiss.rev_swig_ptr(lists.get_codes(list_no), blocks * packer.block_size)
+            last = codes[(blocks - 1) * packer.block_size:]
+            for slot in range(n % packer.nvec, packer.nvec):
+                packer.pack_1_c(faiss.swig_ptr(zero), slot, faiss.swig_ptr(last))
 
 
 def _split(n: int, spec: IndexSpec, n_queries: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -58,9 +130,80 @@ def _split(n: int, spec: IndexSpec, n_queries: int, rng: np.random.Generator) ->
     return rest[: min(len(rest), want)], queries
 
 
+@dataclass(frozen=True)
+class TargetPlan:
+    """What a target's build is decided from its size alone: the index, its training sample, the
+    held-out tuning queries and the parts it is filled in."""
+
+    spec: IndexSpec
+    train_ids: np.ndarray  # sorted
+    query_ids: np.ndarray
+    k: int  # the recall@k tuned for
+    parts: list[tuple[int, int]]  # [start, stop) row ranges, in order
+
+
+def plan_target(n: int, dim: int, budget: int, *, kind: str = "auto", k: int = 10, n_queries: int = 500,
+                seed: int = 0, part_rows: int = PART_ROWS) -> TargetPlan:
+    """The plan of an index over ``n`` vectors of ``dim`` within ``budget`` bytes (``choose_index``)."""
+    spec = choose_index(n, dim, budget, kind)
+    train_ids, query_ids = _split(n, spec, n_queries, np.random.default_rng(seed))
+    step = part_rows if mergeable(spec) else n
+    return TargetPlan(spec, np.sort(train_ids), query_ids, max(1, min(k, n - 1)),
+                      [(a, min(a + step, n)) for a in range(0, n, step)])
+
+
+Filled = tuple[tuple[int, int], tuple[faiss.Index, np.ndarray, np.ndarray]]  # ((start, stop), fill_part's result)
+Parts = Callable[[np.ndarray, np.ndarray, int], Iterable[Filled]]
+
+
+def build_planned(plan: TargetPlan, sample: np.ndarray, queries: np.ndarray, fill: Parts, budget: int, *,
+                  target_recall: float = 0.95, seed: int = 0) -> tuple[faiss.Index, dict[str, Any]]:
+    """Train, fill and tune the index of ``plan``.
+
+    Args:
+        sample: the (S, D) vectors of ``plan.train_ids``; queries: the (Q, D) of ``plan.query_ids``.
+        fill: ``fill(empty index bytes, queries, k + 1)`` runs ``fill_part`` over ``plan.parts``
+            (here in turn, or as Ray tasks) and yields ``((start, stop), its result)`` in order.
+
+    Returns:
+        ``(index, stats)``: as ``build_target``.
+    """
+    spec, k = plan.spec, plan.k
+    t0 = time.perf_counter()
+    empty = faiss.serialize_index(trained_index(sample, spec))
+    index, truth = None, faiss.ResultHeap(len(queries), k + 1, keep_max=True)
+    for (start, _), (part, scores, ids) in fill(empty, queries, k + 1):
+        if index is None:
+            index = part
+        else:
+            merge_part(index, part, start)
+        truth.add_result(scores, ids)
+    if len(plan.parts) > 1:
+        clear_padding(index)
+    build_s = time.perf_counter() - t0
+    truth.finalize()
+    truth_ids = np.array([[i for i in row if i != q][:k] for row, q in zip(truth.I, plan.query_ids)], np.int64)
+    params: dict[str, int] = {}
+    if spec.refine:
+        params, result = tune_refine(index, spec.nlist, queries, plan.query_ids, truth_ids, target_recall)
+    elif spec.param:
+        value, result = tune(index, spec.param, spec.nlist, queries, plan.query_ids, truth_ids, target_recall)
+        params = {spec.param: value}
+    else:
+        result = measure(index, queries, plan.query_ids, truth_ids) | {"reached": True}
+    stats = {"index_type": spec.kind, "factory": spec.factory, "search_param": params,
+             f"recall@{k}": result["recall"], "k": k, "target_recall": target_recall,
+             "target_reached": result["reached"], "latency_ms": result["latency_ms"],
+             "memory_bytes": len(faiss.serialize_index(index)), "memory_budget": budget,
+             "memory_estimate": spec.memory, "build_s": round(build_s, 2), "count_at_tuning": index.ntotal,
+             "tuning": {"queries": len(plan.query_ids), "seed": seed, "train_sample": len(plan.train_ids)}}
+    return index, stats
+
+
 def build_target(vectors: np.ndarray, budget: int, *, kind: str = "auto", target_recall: float = 0.95,
-                 k: int = 10, n_queries: int = 500, seed: int = 0) -> tuple[faiss.Index, dict[str, Any]]:
-    """Choose, train, fill and tune an index over (N, D) normalised float32 ``vectors``.
+                 k: int = 10, n_queries: int = 500, seed: int = 0, part_rows: int = PART_ROWS
+                 ) -> tuple[faiss.Index, dict[str, Any]]:
+    """Choose, train, fill and tune an index over (N, D) normalised float32 ``vectors``, in memory.
 
     Returns:
         ``(index, stats)``: stats hold the spec, the tuned parameter, the measured recall@k
@@ -68,42 +211,41 @@ def build_target(vectors: np.ndarray, budget: int, *, kind: str = "auto", target
     """
     n, dim = vectors.shape
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    spec = choose_index(n, dim, budget, kind)
-    rng = np.random.default_rng(seed)
-    train_ids, query_ids = _split(n, spec, n_queries, rng)
-    t0 = time.perf_counter()
-    index = build_faiss(vectors, spec, train_ids)
-    build_s = time.perf_counter() - t0
-    k_eff = max(1, min(k, n - 1))
-    truth = exact_neighbours(vectors, query_ids, k_eff)
-    queries = np.ascontiguousarray(vectors[query_ids])
-    params: dict[str, int] = {}
-    if spec.refine:
-        params, result = tune_refine(index, spec.nlist, queries, query_ids, truth, target_recall)
-    elif spec.param:
-        value, result = tune(index, spec.param, spec.nlist, queries, query_ids, truth, target_recall)
-        params = {spec.param: value}
-    else:
-        result = measure(index, queries, query_ids, truth) | {"reached": True}
-    stats = {"index_type": spec.kind, "factory": spec.factory, "search_param": params,
-             f"recall@{k_eff}": result["recall"], "k": k_eff, "target_recall": target_recall,
-             "target_reached": result["reached"], "latency_ms": result["latency_ms"],
-             "memory_bytes": len(faiss.serialize_index(index)), "memory_budget": budget,
-             "memory_estimate": spec.memory, "build_s": round(build_s, 2), "count_at_tuning": n,
-             "tuning": {"queries": len(query_ids), "seed": seed, "train_sample": len(train_ids)}}
-    return index, stats
+    plan = plan_target(n, dim, budget, kind=kind, k=k, n_queries=n_queries, seed=seed, part_rows=part_rows)
+
+    def fill(empty: np.ndarray, queries: np.ndarray, kk: int):
+        return (((a, b), fill_part(empty, vectors[a:b], a, queries, kk)) for a, b in plan.parts)
+
+    return build_planned(plan, vectors[plan.train_ids], np.ascontiguousarray(vectors[plan.query_ids]), fill, budget,
+                         target_recall=target_recall, seed=seed)
 
 
-def _save_metadata(path: Path, rows: list[dict[str, Any]]) -> None:
+def _save_metadata(path: Path, rows: list[dict[str, Any]] | Iterable[Any]) -> int:
+    """Write the metadata table from its rows, or from ``pyarrow.Table`` parts written one after
+    another (never all in memory: an embeddings folder's units); returns its row count.
+
+    Raises:
+        ValueError: a part whose columns do not cast to the first part's.
+    """
     import pyarrow as pa
 
-    table = pa.Table.from_pylist(rows) if rows else pa.table({"key": pa.array([], pa.string())})
+    if isinstance(rows, list):
+        table = pa.Table.from_pylist(rows) if rows else pa.table({"key": pa.array([], pa.string())})
+        parts: Iterator[Any] = iter([table])
+    else:
+        parts = iter(rows)
+    first = next(parts)
+    count = 0
 
     def write(tmp: Path) -> None:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
+        nonlocal count
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, first.schema) as writer:
+            for table in itertools.chain([first], parts):
+                writer.write_table(table.cast(first.schema))
+                count += table.num_rows
 
     replace_file(path, write)
+    return count
 
 
 @dataclass
@@ -159,10 +301,12 @@ class SearchIndex:
 
 
 def build_indexes(vectors: dict[str, np.ndarray], n_rows: int, *, kind: str = "auto", max_memory: int = 4 << 30,
-                  target_recall: float = 0.95, seed: int = 0) -> tuple[dict[str, faiss.Index], dict[str, Any]]:
+                  target_recall: float = 0.95, seed: int = 0, part_rows: int = PART_ROWS
+                  ) -> tuple[dict[str, faiss.Index], dict[str, Any]]:
     """Build and tune an index per target over its (N, D) vectors, in memory.
 
-    ``max_memory`` is the budget of all targets together, shared evenly.
+    ``max_memory`` is the budget of all targets together, shared evenly; ``part_rows`` as
+    ``plan_target`` (``retrieval.ray_index`` fills the same parts on a cluster).
 
     Returns:
         ``(indexes, stats)``, both keyed by target.
@@ -179,23 +323,30 @@ def build_indexes(vectors: dict[str, np.ndarray], n_rows: int, *, kind: str = "a
     indexes, stats = {}, {}
     for name, v in vectors.items():
         indexes[name], stats[name] = build_target(v, max_memory // len(vectors), kind=kind,
-                                                  target_recall=target_recall, seed=seed)
+                                                  target_recall=target_recall, seed=seed, part_rows=part_rows)
     return indexes, stats
 
 
 def write_index(out: str | os.PathLike, indexes: dict[str, faiss.Index], stats: dict[str, Any],
-                metadata: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
-    """Write the indexes, their metadata and, last, the folder's info into ``out``, a folder
-    being written (see ``save_index``, ``retrieval.build``): ``info`` plus what the indexes
-    measure (dim, count, targets, per-target stats) and the record of every file (a model
-    copy and text tower already there included). Returns that info."""
+                metadata: list[dict[str, Any]] | Iterable[Any], info: dict[str, Any]) -> dict[str, Any]:
+    """Write the indexes, their metadata (rows, or ``pyarrow.Table`` parts in row order) and, last,
+    the folder's info into ``out``, a folder being written (see ``save_index``, ``retrieval.build``):
+    ``info`` plus what the indexes measure (dim, count, targets, per-target stats) and the record
+    of every file (a model copy and text tower already there included). Returns that info.
+
+    Raises:
+        ValueError: the metadata's rows are not one per vector.
+    """
     folder = IndexFolder(out)
     folder.root.mkdir(parents=True, exist_ok=True)
     for name, index in indexes.items():
         replace_file(folder.faiss(name), lambda tmp, ix=index: faiss.write_index(ix, str(tmp)))
-    _save_metadata(folder.metadata, metadata)
+    written = _save_metadata(folder.metadata, metadata)
+    count = len(metadata) if isinstance(metadata, list) else written
     first = next(iter(indexes.values()))
-    info = {**info, "dim": first.d, "count": len(metadata), "metric": "inner_product", "targets": list(indexes),
+    if any(ix.ntotal != count for ix in indexes.values()):
+        raise ValueError(f"{count} metadata rows for {first.ntotal} vectors")
+    info = {**info, "dim": first.d, "count": count, "metric": "inner_product", "targets": list(indexes),
             "indexes": stats, "index_type": stats["image" if "image" in stats else next(iter(stats))]["index_type"]}
     return _write_info(folder, info)
 
@@ -359,5 +510,6 @@ def add_to_index(folder: str | os.PathLike, vectors: dict[str, np.ndarray],
     return load_index(folder, mmap=False), m - len(keep)
 
 
-__all__ = ["SearchIndex", "add_to_index", "build_indexes", "build_target", "load_index", "sample_id", "save_index",
+__all__ = ["PART_ROWS", "SearchIndex", "TargetPlan", "add_to_index", "build_indexes", "build_planned", "build_target",
+           "clear_padding", "fill_part", "load_index", "merge_part", "mergeable", "plan_target", "sample_id", "save_index", "trained_index",
            "write_index"]
