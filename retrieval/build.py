@@ -19,46 +19,88 @@ from clipalign.formats.atomic import replace_file
 from clipalign.formats.folders import EmbeddingsFolder, IndexFolder
 from clipalign.model_source import ModelSource
 from retrieval.atomic_folder import replaced_folder
-from retrieval.embed import embed_folder, load_embeddings, summary
-from retrieval.identity import ModelMismatch
-from retrieval.index import SearchIndex, add_to_index, build_indexes, load_index, write_index
-from retrieval.query_encoder import export_text_query_of
+from retrieval.embed import ENGINES, embed_folder, load_embeddings, summary
+from retrieval.embeddings import Embeddings
+from retrieval.identity import ModelMismatch, file_digest
+from retrieval.index import PART_ROWS, SearchIndex, add_to_index, build_indexes, load_index, write_index
+from retrieval.query_encoder import export_text_query
+
+
+def _model_copy(source: EmbeddingsFolder, info: dict[str, Any]) -> tuple[Any, Callable, dict[str, str], dict[str, Any]]:
+    """Load the embeddings folder's own model copy (before any index is built: a file that does
+    not load fails at once, named as it is) and check it is the model its info names.
+
+    Returns:
+        ``(model, tokenizer, its identity, the file's digest)``.
+
+    Raises:
+        FileNotFoundError: no model copy; ValueError: one that does not load, or
+            ``ModelMismatch``: the weights of another model than the info names.
+    """
+    from clipalign.model_source import load_model_source
+    from retrieval.identity import model_identity
+
+    if not source.model.is_file():
+        raise FileNotFoundError(f"{source.model} is missing: an embeddings folder holds the model of its vectors")
+    digest = file_digest(source.model)
+    model, _, tokenizer, meta = load_model_source(source.model)
+    identity = model_identity(meta["model_name"], model.state_dict())
+    named = info["model"]
+    if any(identity[f] != named.get(f) for f in ("name", "weights_sha256")):  # the weights, not their label
+        raise ModelMismatch(f"{source.model} holds model {identity['name']!r} "
+                            f"(weights {identity['weights_sha256']}), not the {named.get('name')!r} (weights {named.get('weights_sha256')}) that "
+                            f"{source.info} names")
+    return model, tokenizer, identity, digest
 
 
 def build_index_folder(embeddings: str | os.PathLike, out: str | os.PathLike, *, kind: str = "auto",
                        max_memory: int = 4 << 30, target_recall: float = 0.95, seed: int = 0,
-                       record_embeddings: bool = True) -> tuple[SearchIndex, int]:
+                       record_embeddings: bool = True, engine: str = "local", ray_address: str | None = None,
+                       part_rows: int = PART_ROWS) -> tuple[SearchIndex, int]:
     """Build a tuned index folder at ``out`` over a complete embeddings folder.
 
     Args:
         kind: ``"auto"`` or an index type (see ``retrieval.choose``); ``max_memory`` is the
             budget of all targets' index files together.
         record_embeddings: name the embeddings folder in the info (not for a temporary one).
+        engine: ``"local"`` (the vectors in this process's memory) or ``"ray"``: the parts of
+            each index filled as Ray tasks on the cluster at ``ray_address``
+            (``retrieval.ray_index``); the folder is the same either way.
+        part_rows: rows of each part an index is filled in (``retrieval.index.plan_target``).
 
     Returns:
         ``(the index, the number of vectors it holds)``.
 
     Raises:
         FileNotFoundError: not an embeddings folder, or it has no model copy.
-        ValueError: unfinished embeddings, fewer than 2 vectors, no index within the budget, or
-            ``out`` is a folder of something else.
+        ValueError: unfinished embeddings, fewer than 2 vectors, a model copy that does not
+            load or is not the info's model, no index within the budget, or ``out`` is a
+            folder of something else.
+        RuntimeError, ConnectionError: with ``engine="ray"``, Ray is missing or no cluster answers.
     """
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
     source = EmbeddingsFolder(embeddings)
-    vectors, rows, emb_info = load_embeddings(source.root)
-    if len(rows) < 2:
-        raise ValueError(f"{source.root} holds {len(rows)} vectors; an index needs at least 2")
-    indexes, stats = build_indexes(vectors, len(rows), kind=kind, max_memory=max_memory,
-                                   target_recall=target_recall, seed=seed)
+    vectors = Embeddings.open(source.root)
+    if vectors.count < 2:
+        raise ValueError(f"{source.root} holds {vectors.count} vectors; an index needs at least 2")
+    model, tokenizer, identity, digest = _model_copy(source, vectors.info)
+    options = {"kind": kind, "max_memory": max_memory, "target_recall": target_recall, "seed": seed,
+               "part_rows": part_rows}
+    if engine == "ray":
+        from retrieval.ray_index import build_indexes_on_ray
+
+        indexes, stats = build_indexes_on_ray(vectors, address=ray_address, **options)
+    else:
+        indexes, stats = build_indexes({t: vectors.vectors(t) for t in vectors.targets}, vectors.count, **options)
     with replaced_folder(out, IndexFolder(out).info.name) as tmp:
         folder = IndexFolder(tmp)
-        # queries are embedded with the vectors' own model
+        # queries are embedded with the vectors' own model: the very file loaded and checked above
         replace_file(folder.model, lambda t: shutil.copyfile(source.model, t))
-        fast, identity = export_text_query_of(folder.model, folder.root)
-        named = emb_info["model"]
-        if any(identity[f] != named.get(f) for f in ("name", "weights_sha256")):  # the weights, not their label
-            raise ModelMismatch(f"{source.model} holds model {identity['name']!r} "
-                                f"(weights {identity['weights_sha256']}), not the {named.get('name')!r} (weights {named.get('weights_sha256')}) that "
-                                f"{source.info} names")
+        if file_digest(folder.model) != digest:
+            raise ValueError(f"{source.model} changed while the index was built; run 'clipalign index' again")
+        fast = export_text_query(model, tokenizer, folder.root, identity)
+        emb_info = vectors.info
         # "embeddings" records where the vectors came from; no query ever opens it
         info: dict[str, Any] = {"model": emb_info["model"]["name"], "model_identity": emb_info["model"],
                                 "embeddings": str(source.root.resolve()) if record_embeddings else None,
@@ -67,8 +109,8 @@ def build_index_folder(embeddings: str | os.PathLike, out: str | os.PathLike, *,
             info["model_source"] = emb_info["model_source"]
         if fast:
             info["text_query"] = fast
-        write_index(folder.root, indexes, stats, rows, info)
-    return load_index(out), len(rows)
+        write_index(folder.root, indexes, stats, vectors.metadata_tables(), info)
+    return load_index(out), vectors.count
 
 
 def add_to_index_folder(embeddings: str | os.PathLike, out: str | os.PathLike) -> tuple[SearchIndex, int, int]:
@@ -92,7 +134,8 @@ def add_to_index_folder(embeddings: str | os.PathLike, out: str | os.PathLike) -
 
 def index_images(source: ModelSource | str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
                  add: bool = False, batch_size: int = 256, precision: str = "fp32",
-                 progress: Callable[..., Any] | None = None, **index_options: Any) -> tuple[SearchIndex, int, int]:
+                 progress: Callable[..., Any] | None = None, engine: str = "local", ray_address: str | None = None,
+                 num_gpus: float = 0, actors: int | None = None, **index_options: Any) -> tuple[SearchIndex, int, int]:
     """Embed the images (and captions) at ``data`` with the model of ``source`` (a checkpoint or
     run folder, or pretrained weights) into a temporary
     embeddings folder (float32), then build the index folder ``out`` from it, or with ``add``
@@ -100,6 +143,9 @@ def index_images(source: ModelSource | str | os.PathLike, data: str | os.PathLik
 
     Args:
         progress: a tqdm-like factory for the embedding's progress bar.
+        engine: ``"ray"`` embeds and builds on the Ray cluster at ``ray_address`` (``num_gpus``
+            and ``actors`` as ``embed_folder``), the temporary folder beside ``out``, where
+            every node sees it; an ``add`` is made in this process.
         index_options: ``kind``, ``max_memory``, ``target_recall``, ``seed`` of
             ``build_index_folder`` (unused with ``add``).
 
@@ -111,11 +157,16 @@ def index_images(source: ModelSource | str | os.PathLike, data: str | os.PathLik
         FileNotFoundError, KeyError, ValueError: as ``embed_folder`` and ``build_index_folder``
             (or ``add_to_index_folder``); ValueError too when no image at ``data`` decodes.
     """
-    with tempfile.TemporaryDirectory(prefix="clipalign-embed-") as tmp:
+    ray = {"engine": engine, "ray_address": ray_address}
+    place = {}
+    if engine == "ray":
+        place = {"dir": Path(out).resolve().parent, "prefix": f".{Path(out).name}.embed-"}
+        place["dir"].mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(**({"prefix": "clipalign-embed-"} | place)) as tmp:
         totals = embed_folder(source, data, tmp, captions=True, dtype="float32", batch_size=batch_size,
-                              precision=precision, progress=progress)
+                              precision=precision, progress=progress, num_gpus=num_gpus, actors=actors, **ray)
         if not totals["count"]:
             raise ValueError(f"no decodable images in {data}")
         if add:
             return add_to_index_folder(Path(tmp), out)
-        return (*build_index_folder(Path(tmp), out, record_embeddings=False, **index_options), 0)
+        return (*build_index_folder(Path(tmp), out, record_embeddings=False, **ray, **index_options), 0)

@@ -27,6 +27,7 @@ from clipalign.formats.sample import caption_char_limit, cut_caption
 from clipalign.formats.skips import SkipCounter
 from clipalign.model import ClipAlign
 from clipalign.model_source import ModelSource
+from retrieval.embeddings import Embeddings
 from retrieval.sources import Unit, folder_units, shard_units, unit_items
 
 METADATA_COLUMNS = ("key", "caption", "source", "shard", "offset", "size")
@@ -90,6 +91,46 @@ def embed_unit(model: ClipAlign, transform: Callable, tokenizer: Callable, unit:
     return image, text, rows, dict(counter.counts)
 
 
+def start_folder(out: str | os.PathLike, info: dict[str, Any]) -> EmbeddingsFolder:
+    """The embeddings folder ``out``, its info written if new, else checked against ``info``.
+
+    Raises:
+        ValueError: ``out`` holds embeddings of another model, dim, dtype, captions or units.
+    """
+    folder = EmbeddingsFolder(out)
+    if folder.info.is_file():
+        old = json.loads(folder.info.read_text())
+        for field in ("model", "dim", "dtype", "captions", "units"):
+            if old.get(field) != info[field]:
+                raise ValueError(f"{out} holds embeddings with another {field}; use a new --out folder to start afresh")
+    else:
+        write_json(folder.info, info)
+    return folder
+
+
+def folder_info(units: list[Unit], *, identity: dict[str, str], dim: int, dtype: str, captions: bool,
+                source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What an embeddings folder's info holds (``source``: ``model_source_record``, if known)."""
+    info = {"model": identity, "dim": dim, "dtype": dtype, "captions": captions,
+            "units": [asdict(u) | {"files": list(u.files)} for u in units]}
+    return info | ({"model_source": source} if source is not None else {})
+
+
+def embed_and_write(model: ClipAlign, transform: Callable, tokenizer: Callable, unit: Unit, folder: EmbeddingsFolder,
+                    *, captions: bool, dtype: str, batch_size: int, precision: str,
+                    on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Embed ``unit`` (``embed_unit``) and write its files, the ``done`` record last; returns that record."""
+    image, text, rows, skipped = embed_unit(model, transform, tokenizer, unit, captions=captions,
+                                            batch_size=batch_size, precision=precision, on_batch=on_batch)
+    _save_npy(folder.image_vectors(unit.name), image.astype(dtype))
+    if text is not None:
+        _save_npy(folder.text_vectors(unit.name), text.astype(dtype))
+    _save_parquet(folder.metadata(unit.name), rows)
+    done = {"count": len(rows), "skipped": skipped}
+    write_json(folder.done(unit.name), done)
+    return done
+
+
 def embed_collection(model: ClipAlign, transform: Callable, tokenizer: Callable, units: list[Unit],
                      out: str | os.PathLike, *, identity: dict[str, str], source: dict[str, Any] | None = None,
                      captions: bool = True,
@@ -104,29 +145,12 @@ def embed_collection(model: ClipAlign, transform: Callable, tokenizer: Callable,
     Raises:
         ValueError: ``out`` holds embeddings of another model, source or format.
     """
-    folder = EmbeddingsFolder(out)
-    dim = int(model.clip.visual.output_dim)
-    info = {"model": identity, "dim": dim, "dtype": dtype, "captions": captions,
-            "units": [asdict(u) | {"files": list(u.files)} for u in units]}
-    if source is not None:
-        info["model_source"] = source
-    if folder.info.is_file():
-        old = json.loads(folder.info.read_text())
-        for field in ("model", "dim", "dtype", "captions", "units"):
-            if old.get(field) != info[field]:
-                raise ValueError(f"{out} holds embeddings with another {field}; use a new --out folder to start afresh")
-    else:
-        write_json(folder.info, info)
+    folder = start_folder(out, folder_info(units, identity=identity, dim=int(model.clip.visual.output_dim),
+                                           dtype=dtype, captions=captions, source=source))
     for unit in units:
-        if folder.done(unit.name).is_file():
-            continue
-        image, text, rows, skipped = embed_unit(model, transform, tokenizer, unit, captions=captions,
-                                                batch_size=batch_size, precision=precision, on_batch=on_batch)
-        _save_npy(folder.image_vectors(unit.name), image.astype(dtype))
-        if text is not None:
-            _save_npy(folder.text_vectors(unit.name), text.astype(dtype))
-        _save_parquet(folder.metadata(unit.name), rows)
-        write_json(folder.done(unit.name), {"count": len(rows), "skipped": skipped})
+        if not folder.done(unit.name).is_file():
+            embed_and_write(model, transform, tokenizer, unit, folder, captions=captions, dtype=dtype,
+                            batch_size=batch_size, precision=precision, on_batch=on_batch)
     return summary(out)
 
 
@@ -140,15 +164,22 @@ def model_source_record(meta: dict[str, Any]) -> dict[str, Any]:
     return source
 
 
+ENGINES = ("local", "ray")
+
+
 def embed_folder(source: ModelSource | str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
                  captions: bool = True, dtype: str = "float16", per_chunk: int = 10_000, batch_size: int = 256,
-                 precision: str = "fp32", progress: Callable[..., Any] | None = None) -> dict[str, Any]:
+                 precision: str = "fp32", progress: Callable[..., Any] | None = None, engine: str = "local",
+                 ray_address: str | None = None, num_gpus: float = 0, actors: int | None = None) -> dict[str, Any]:
     """Embed the images (and captions) at ``data`` with the model of ``source`` (a checkpoint or
     run folder, or pretrained weights) into the embeddings folder ``out``, resuming after its
     last finished unit, and copy the weights beside the vectors.
 
     Args:
         progress: a tqdm-like factory; one bar counts the images of all units.
+        engine: ``"local"`` (this process) or ``"ray"``: the units go to a pool of Ray actors,
+            one model each (``retrieval.ray_embed``), on the cluster at ``ray_address``, with
+            ``num_gpus`` GPUs per actor and ``actors`` of them (default: as many as fit).
 
     Returns:
         The folder's totals (see ``summary``).
@@ -156,20 +187,35 @@ def embed_folder(source: ModelSource | str | os.PathLike, data: str | os.PathLik
     Raises:
         FileNotFoundError: no checkpoint, or no shards and no images at ``data``.
         KeyError, ValueError: an unreadable checkpoint, or ``out`` holds other embeddings.
+        RuntimeError, ConnectionError: with ``engine="ray"``, Ray is missing or no cluster answers.
     """
     from clipalign.checkpoint import save_checkpoint
     from clipalign.model_source import carried_state, load_model_source
     from retrieval.identity import model_identity
 
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
     units = resolve_units(data, per_chunk)
     model, transform, tokenizer, meta = load_model_source(source)
     identity = model_identity(meta["model_name"], model.state_dict())  # the weights', not what the file claims
+    record = model_source_record(meta)
     bar = progress(desc="embedding", unit="img") if progress else None
     try:
-        totals = embed_collection(model, transform, tokenizer, units, out, identity=identity,
-                                  source=model_source_record(meta), captions=captions,
-                                  dtype=dtype, batch_size=batch_size, precision=precision,
-                                  on_batch=bar.update if bar is not None else None)
+        if engine == "ray":
+            from retrieval.ray_embed import embed_on_ray, pinned_source
+
+            folder = start_folder(out, folder_info(units, identity=identity, dim=int(model.clip.visual.output_dim),
+                                                   dtype=dtype, captions=captions, source=record))
+            todo = [u for u in units if not folder.done(u.name).is_file()]
+            embed_on_ray(pinned_source(ModelSource.of(source), meta["path"]), identity, todo, out, embed_and_write,
+                         captions=captions, dtype=dtype, batch_size=batch_size, precision=precision,
+                         address=ray_address, num_gpus=num_gpus, actors=actors,
+                         on_unit=(lambda _, n: bar.update(n)) if bar is not None else None)
+            totals = summary(out)
+        else:
+            totals = embed_collection(model, transform, tokenizer, units, out, identity=identity, source=record,
+                                      captions=captions, dtype=dtype, batch_size=batch_size, precision=precision,
+                                      on_batch=bar.update if bar is not None else None)
     finally:
         if bar is not None:
             bar.close()
@@ -191,7 +237,7 @@ def summary(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_embeddings(folder: str | os.PathLike) -> tuple[dict[str, np.ndarray], list[dict[str, Any]], dict[str, Any]]:
-    """Read a complete embeddings folder.
+    """Read a complete embeddings folder into memory (``Embeddings`` reads it a part at a time).
 
     Returns:
         ``({"image": (N, D), "caption": (N, D)?} float32, N metadata rows, the folder's info)``.
@@ -200,18 +246,6 @@ def load_embeddings(folder: str | os.PathLike) -> tuple[dict[str, np.ndarray], l
         FileNotFoundError: not an embeddings folder.
         ValueError: some unit is not embedded yet (resume ``clipalign embed`` first).
     """
-    import pyarrow.parquet as pq
-
-    layout = EmbeddingsFolder(folder)
-    if not layout.info.is_file():
-        raise FileNotFoundError(f"not an embeddings folder (no {layout.info})")
-    info = json.loads(layout.info.read_text())
-    names = [u["name"] for u in info["units"]]
-    missing = [n for n in names if not layout.done(n).is_file()]
-    if missing:
-        raise ValueError(f"{folder}: {len(missing)} of {len(names)} units are not embedded yet; re-run 'clipalign embed'")
-    paths = {"image": layout.image_vectors} | ({"caption": layout.text_vectors} if info["captions"] else {})
-    vectors = {t: np.concatenate([np.load(path(n)) for n in names]).astype(np.float32)
-               if names else np.zeros((0, info["dim"]), np.float32) for t, path in paths.items()}
-    rows = [r for n in names for r in pq.read_table(layout.metadata(n)).to_pylist()]
-    return vectors, rows, info
+    embeddings = Embeddings.open(folder)
+    rows = [r for table in embeddings.metadata_tables() for r in table.to_pylist()]
+    return {t: embeddings.vectors(t) for t in embeddings.targets}, rows, embeddings.info
