@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from clipalign.cli.common import CliError, add_model_args, existing_path, model_source_of, parser
+from clipalign.cli.embed import add_engine_args, engine_options
 
 
 def build_parser():
@@ -30,6 +31,7 @@ def build_parser():
                    help="of the model's pass: bf16 is 2-3x faster where the CPU runs it natively (AMX, AVX-512 "
                    "BF16), vectors within ~1e-2 of fp32's; 'auto' picks it there, else fp32")
     p.add_argument("--no-progress", action="store_true")
+    add_engine_args(p)
     return p
 
 
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         raise CliError(str(err)) from None
     if source is not None and not args.data:
         raise CliError("a model needs --data to embed (or give --embeddings)")
+    engine = engine_options(args)
     from retrieval.build import add_to_index_folder, build_index_folder, index_images
 
     options = {"kind": args.index, "max_memory": budget, "target_recall": args.target_recall, "seed": args.seed}
@@ -61,12 +64,13 @@ def main(argv: list[str] | None = None) -> int:
 
             index, count, skipped = index_images(source, args.data, args.out, add=args.add,
                                                  batch_size=args.batch_size, precision=args.precision,
-                                                 progress=None if args.no_progress else tqdm, **options)
-        elif args.add:
+                                                 progress=None if args.no_progress else tqdm, **engine, **options)
+        elif args.add:  # an append runs here whatever the engine
             index, count, skipped = add_to_index_folder(args.embeddings, args.out)
         else:
-            index, count = build_index_folder(args.embeddings, args.out, **options)
-    except (FileNotFoundError, KeyError, ValueError) as err:
+            where = {"engine": engine["engine"], "ray_address": engine["ray_address"]}  # nothing to embed
+            index, count = build_index_folder(args.embeddings, args.out, **where, **options)
+    except (FileNotFoundError, KeyError, ValueError, ConnectionError) as err:
         raise CliError(str(err).strip("'\"")) from None
     out = Path(args.out)
     if args.add:
