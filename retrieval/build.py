@@ -81,18 +81,18 @@ def build_index_folder(embeddings: str | os.PathLike, out: str | os.PathLike, *,
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
     source = EmbeddingsFolder(embeddings)
-    vectors = Embeddings.open(source.root)
-    if vectors.count < 2:
-        raise ValueError(f"{source.root} holds {vectors.count} vectors; an index needs at least 2")
-    model, tokenizer, identity, digest = _model_copy(source, vectors.info)
+    emb = Embeddings.open(source.root)
+    if emb.count < 2:
+        raise ValueError(f"{source.root} holds {emb.count} vectors; an index needs at least 2")
+    model, tokenizer, identity, digest = _model_copy(source, emb.info)
     options = {"kind": kind, "max_memory": max_memory, "target_recall": target_recall, "seed": seed,
                "part_rows": part_rows}
     if engine == "ray":
         from retrieval.ray_index import build_indexes_on_ray
 
-        indexes, stats = build_indexes_on_ray(vectors, address=ray_address, **options)
+        indexes, stats = build_indexes_on_ray(emb, address=ray_address, **options)
     else:
-        indexes, stats = build_indexes({t: vectors.vectors(t) for t in vectors.targets}, vectors.count, **options)
+        indexes, stats = build_indexes({t: emb.vectors(t) for t in emb.targets}, emb.count, **options)
     with replaced_folder(out, IndexFolder(out).info.name) as tmp:
         folder = IndexFolder(tmp)
         # queries are embedded with the vectors' own model: the very file loaded and checked above
@@ -100,17 +100,16 @@ def build_index_folder(embeddings: str | os.PathLike, out: str | os.PathLike, *,
         if file_digest(folder.model) != digest:
             raise ValueError(f"{source.model} changed while the index was built; run 'clipalign index' again")
         fast = export_text_query(model, tokenizer, folder.root, identity)
-        emb_info = vectors.info
         # "embeddings" records where the vectors came from; no query ever opens it
-        info: dict[str, Any] = {"model": emb_info["model"]["name"], "model_identity": emb_info["model"],
+        info: dict[str, Any] = {"model": emb.info["model"]["name"], "model_identity": emb.info["model"],
                                 "embeddings": str(source.root.resolve()) if record_embeddings else None,
                                 "skipped": summary(source.root)["skipped"]}
-        if emb_info.get("model_source") is not None:  # where the model came from: its kind, name and files
-            info["model_source"] = emb_info["model_source"]
+        if emb.info.get("model_source") is not None:  # where the model came from: its kind, name and files
+            info["model_source"] = emb.info["model_source"]
         if fast:
             info["text_query"] = fast
-        write_index(folder.root, indexes, stats, vectors.metadata_tables(), info)
-    return load_index(out), vectors.count
+        write_index(folder.root, indexes, stats, emb.metadata_tables(), info)
+    return load_index(out), emb.count
 
 
 def add_to_index_folder(embeddings: str | os.PathLike, out: str | os.PathLike) -> tuple[SearchIndex, int, int]:

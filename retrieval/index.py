@@ -40,8 +40,6 @@ from retrieval.tune import measure, set_params, tune, tune_refine
 MMAP_ABOVE = 256 << 20  # index files larger than this are memory-mapped on load
 OPQ_ROUNDS = 8
 FILES = "files"  # the info's record of each file it describes: {file name: file_digest}
-
-
 ADD_ROWS = 100_000  # vectors added to a FAISS index per call
 PART_ROWS = 100_000  # rows of one part: filled alone (in a Ray task, or in turn here), then merged in row order
 
@@ -101,15 +99,15 @@ def clear_padding(index: faiss.Index) -> None:
     read by a search, but the file would differ from run to run and from the index filled whole.
     """
     index = faiss.downcast_index(index)
-    inner = getattr(index, "base_index", None) or getattr(index, "index", None)  # a Refine's, a pre-transform's
-    if inner is not None and not isinstance(index, faiss.IndexIVF):
-        clear_padding(inner)
-        return
+    if isinstance(index, faiss.IndexRefine):
+        return clear_padding(index.base_index)
+    if isinstance(index, faiss.IndexPreTransform):
+        return clear_padding(index.index)
     if not isinstance(index, faiss.IndexIVF):
-        return
+        return None
     lists = faiss.downcast_InvertedLists(index.invlists)
     if not isinstance(lists, faiss.BlockInvertedLists):
-        return
+        return None
     packer, zero = lists.packer, np.zeros(lists.packer.code_size, np.uint8)
     for list_no in range(lists.nlist):
         n = lists.list_size(list_no)
@@ -119,6 +117,7 @@ def clear_padding(index: faiss.Index) -> None:
             last = codes[(blocks - 1) * packer.block_size:]
             for slot in range(n % packer.nvec, packer.nvec):
                 packer.pack_1_c(faiss.swig_ptr(zero), slot, faiss.swig_ptr(last))
+    return None
 
 
 def _split(n: int, spec: IndexSpec, n_queries: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -213,7 +212,7 @@ def build_target(vectors: np.ndarray, budget: int, *, kind: str = "auto", target
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     plan = plan_target(n, dim, budget, kind=kind, k=k, n_queries=n_queries, seed=seed, part_rows=part_rows)
 
-    def fill(empty: np.ndarray, queries: np.ndarray, kk: int):
+    def fill(empty: np.ndarray, queries: np.ndarray, kk: int) -> Iterator[Filled]:
         return (((a, b), fill_part(empty, vectors[a:b], a, queries, kk)) for a, b in plan.parts)
 
     return build_planned(plan, vectors[plan.train_ids], np.ascontiguousarray(vectors[plan.query_ids]), fill, budget,

@@ -17,7 +17,7 @@ import faiss
 import numpy as np
 
 from retrieval.embeddings import Embeddings
-from retrieval.index import PART_ROWS, build_planned, fill_part, mergeable, plan_target
+from retrieval.index import PART_ROWS, Filled, Parts, build_planned, fill_part, mergeable, plan_target
 
 
 @contextlib.contextmanager
@@ -43,6 +43,26 @@ def fill_rows(embeddings: Embeddings, target: str, start: int, stop: int, empty:
     return faiss.serialize_index(index), scores, ids
 
 
+def _parts_on_ray(task: Any, shared: Any, target: str, parts: list[tuple[int, int]], window: int) -> Parts:
+    """``build_planned``'s ``fill``: the ``parts`` of ``target`` as ``task`` (``fill_rows`` made
+    remote) runs them on the embeddings ``shared`` through the object store, in order."""
+    import ray
+
+    from clipalign.cluster import ordered
+
+    def fill(empty: np.ndarray, queries: np.ndarray, k: int) -> Iterator[Filled]:
+        empty_ref, queries_ref = ray.put(empty), ray.put(queries)  # once, not once per task
+
+        def submit(part: tuple[int, int]) -> Any:
+            return task.remote(shared, target, part[0], part[1], empty_ref, queries_ref, k)
+
+        with task_errors():
+            for part, (data, scores, ids) in ordered(submit, parts, window):
+                yield part, (faiss.deserialize_index(data), scores, ids)
+
+    return fill
+
+
 def build_indexes_on_ray(embeddings: Embeddings, *, kind: str = "auto", max_memory: int = 4 << 30,
                          target_recall: float = 0.95, seed: int = 0, address: str | None = None,
                          part_rows: int = PART_ROWS, in_flight: int | None = None
@@ -60,7 +80,7 @@ def build_indexes_on_ray(embeddings: Embeddings, *, kind: str = "auto", max_memo
             graph is built in one process: ``--engine local``).
         RuntimeError: Ray is not installed; ConnectionError: no cluster at ``address``.
     """
-    from clipalign.cluster import MAX_RETRIES, connect, ordered
+    from clipalign.cluster import MAX_RETRIES, connect
 
     n, dim, targets = embeddings.count, embeddings.dim, embeddings.targets
     if n < 2:
@@ -75,14 +95,7 @@ def build_indexes_on_ray(embeddings: Embeddings, *, kind: str = "auto", max_memo
     shared = ray.put(embeddings)
     indexes, stats = {}, {}
     for target, plan in plans.items():
-        def fill(empty: np.ndarray, queries: np.ndarray, k: int, target: str = target, parts=plan.parts
-                 ) -> Iterator[tuple[tuple[int, int], tuple[faiss.Index, np.ndarray, np.ndarray]]]:
-            empty_ref, queries_ref = ray.put(empty), ray.put(queries)
-            submit = lambda part: task.remote(shared, target, part[0], part[1], empty_ref, queries_ref, k)  # noqa: E731
-            with task_errors():
-                for part, (data, scores, ids) in ordered(submit, parts, window):
-                    yield part, (faiss.deserialize_index(data), scores, ids)
-
+        fill = _parts_on_ray(task, shared, target, plan.parts, window)
         sample, queries = embeddings.take(target, plan.train_ids), embeddings.take(target, plan.query_ids)
         indexes[target], stats[target] = build_planned(plan, sample, queries, fill, max_memory // len(targets),
                                                        target_recall=target_recall, seed=seed)
