@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Any
 
 
 class CliError(Exception):
@@ -16,6 +17,37 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
         description=description,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+
+
+def add_engine_args(p: argparse.ArgumentParser, ray_does: str, *, embeds: bool = False) -> None:
+    """``--engine``, ``--ray-address`` and, where images are embedded, ``--num-gpus`` and ``--actors``;
+    ``ray_does``: what ``--engine ray`` does in this command, for its help."""
+    g = p.add_argument_group("engine", "where the work runs: this machine, or a Ray cluster ('pip install "
+                             "clipalign[ray]'; every node must see the input, the model and --out at the same paths)")
+    g.add_argument("--engine", choices=["local", "ray"], default="local", help=f"'ray': {ray_does}")
+    g.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                   help="the Ray cluster to join; None: $RAY_ADDRESS if set, else a Ray started on this machine")
+    if embeds:
+        g.add_argument("--num-gpus", type=float, default=0, help="GPUs per embedding actor (0: on CPUs)")
+        g.add_argument("--actors", type=int, default=None,
+                       help="embedding actors; None: as many as the cluster's CPUs (or GPUs) hold")
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments ``add_engine_args``'s flags give the library; CliError where Ray is missing."""
+    if args.engine == "ray":
+        from clipalign.cluster import RAY_MISSING
+
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise CliError(RAY_MISSING) from None
+    options: dict[str, Any] = {"engine": args.engine, "ray_address": args.ray_address}
+    if hasattr(args, "num_gpus"):
+        if args.num_gpus < 0 or (args.actors is not None and args.actors < 1):
+            raise CliError("--num-gpus must be >= 0 and --actors >= 1")
+        options |= {"num_gpus": args.num_gpus, "actors": args.actors}
+    return options
 
 
 def read_templates(path: str | os.PathLike) -> list[str]:

@@ -1,43 +1,9 @@
 """clipalign embed: images (and captions) of shards or an image folder → chunked embedding files."""
 from __future__ import annotations
 
-import argparse
 import sys
-from typing import Any
 
-from clipalign.cli.common import CliError, add_model_args, model_source_of, parser
-
-
-def add_engine_args(p: argparse.ArgumentParser, *, embeds: bool = True) -> None:
-    """``--engine``, ``--ray-address`` and, where images are embedded, ``--num-gpus`` and ``--actors``."""
-    g = p.add_argument_group("engine", "where the work runs: this process, or a Ray cluster ('pip install "
-                             "clipalign[ray]'; every node must see the input, the model and --out at the same paths)")
-    g.add_argument("--engine", choices=["local", "ray"], default="local",
-                   help="'ray': embed with a pool of Ray actors, one model each, and fill the index's parts as Ray "
-                        "tasks merged here; the same folders 'local' writes")
-    g.add_argument("--ray-address", default=None, metavar="HOST:PORT",
-                   help="the Ray cluster to join; None: $RAY_ADDRESS if set, else a Ray started on this machine")
-    if embeds:
-        g.add_argument("--num-gpus", type=float, default=0, help="GPUs per embedding actor (0: on CPUs)")
-        g.add_argument("--actors", type=int, default=None,
-                       help="embedding actors; None: as many as the cluster's CPUs (or GPUs) hold")
-
-
-def engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The keyword arguments ``add_engine_args``'s flags give the library; CliError where Ray is missing."""
-    if args.engine == "ray":
-        from clipalign.cluster import RAY_MISSING
-
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            raise CliError(RAY_MISSING) from None
-    options: dict[str, Any] = {"engine": args.engine, "ray_address": args.ray_address}
-    if hasattr(args, "num_gpus"):
-        if args.num_gpus < 0 or (args.actors is not None and args.actors < 1):
-            raise CliError("--num-gpus must be >= 0 and --actors >= 1")
-        options |= {"num_gpus": args.num_gpus, "actors": args.actors}
-    return options
+from clipalign.cli.common import CliError, add_engine_args, add_model_args, engine_options, model_source_of, parser
 
 
 def build_parser():
@@ -57,7 +23,7 @@ def build_parser():
                    help="of the model's pass: bf16 is 2-3x faster where the CPU runs it natively (AMX, AVX-512 "
                    "BF16), vectors within ~1e-2 of fp32's; 'auto' picks it there, else fp32")
     p.add_argument("--no-progress", action="store_true")
-    add_engine_args(p)
+    add_engine_args(p, "embed with a pool of Ray actors, one model each; the same folder 'local' writes", embeds=True)
     return p
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from clipalign.cli.common import CliError, add_model_args, existing_path, model_source_of, parser
-from clipalign.cli.embed import add_engine_args, engine_options
+from clipalign.cli.common import (CliError, add_engine_args, add_model_args, engine_options, existing_path, model_source_of,
+                                  parser)
 
 
 def build_parser():
@@ -31,7 +31,8 @@ def build_parser():
                    help="of the model's pass: bf16 is 2-3x faster where the CPU runs it natively (AMX, AVX-512 "
                    "BF16), vectors within ~1e-2 of fp32's; 'auto' picks it there, else fp32")
     p.add_argument("--no-progress", action="store_true")
-    add_engine_args(p)
+    add_engine_args(p, "embed with a pool of Ray actors and fill the index's parts as Ray tasks, merged here; "
+                       "the same folder 'local' writes", embeds=True)
     return p
 
 

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-from clipalign.cli.common import CliError, existing_path, parser, read_templates
+from clipalign.cli.common import CliError, add_engine_args, engine_options, existing_path, parser, read_templates
 
 if TYPE_CHECKING:
     from data_prep.manifest import Manifest
@@ -70,13 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fetch again only the rows of complete shards that failed for a reason that may pass "
                         "(connection errors, timeouts, truncated bodies, HTTP 429 and 5xx) and rewrite just their "
                         "shards; other shards stay as they are, incomplete ones are built")
-    g = p.add_argument_group("engine")
-    g.add_argument("--engine", choices=["local", "ray"], default="local",
-                   help="local: --workers processes on this machine; ray: one Ray task per shard on a cluster "
-                        "(pip install 'clipalign[ray]'; --out and the input must be on a filesystem every node "
-                        "sees at the same path). The output is the same")
-    g.add_argument("--ray-address", default=None, metavar="HOST:PORT",
-                   help="the Ray cluster for --engine ray (default: $RAY_ADDRESS, else a Ray on this machine alone)")
+    add_engine_args(p, "one Ray task per shard, retried where its worker dies (--workers is then unused); "
+                       "the same files 'local' writes")
     g = p.add_argument_group("evaluation sets")
     g.add_argument("--eval-set", choices=["classification", "retrieval"], default=None,
                    help="write an evaluation set in CLIP_benchmark's wds/ layout instead of training shards: "
@@ -171,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     source = existing_path(args.input, "input")
     config = _config(args)  # checks every option, those of --eval-set too
+    engine = engine_options(args)
     if args.eval_set:
         return _eval_set(args, source)
 
@@ -178,7 +174,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from data_prep.manifest import Manifest, ManifestError
     from data_prep.memory import keep_freed_memory
-    from clipalign.cluster import RAY_MISSING
     from data_prep.prep import ResumeMismatch, run_prep
     from data_prep.ray_prep import ClusterError
     from data_prep.splits import splittable
@@ -188,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                         extra_cols=None if extra_cols is None else tuple(extra_cols), caption_mode=args.caption_mode,
                         image_root=None if args.image_root is None else Path(args.image_root))
     try:  # opened here, so that a bad header fails before --overwrite deletes anything
-        if args.engine == "ray" and splittable(manifest):
+        if engine["engine"] == "ray" and splittable(manifest):
             manifest.check()
             records: Iterable[Record] | Manifest = manifest  # the tasks read their own rows
         else:
@@ -199,15 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tqdm(unit="row", desc="prep", file=sys.stderr, disable=None) as bar:
             stats = run_prep(records, args.out, config, source=str(source.resolve()), progress=bar.update,
-                             engine=args.engine, ray_address=args.ray_address, retry_failed=args.retry_failed,
-                             overwrite=args.overwrite)
+                             retry_failed=args.retry_failed, overwrite=args.overwrite, **engine)
     except ResumeMismatch as err:
         raise CliError(f"{err}; pass --overwrite to replace them") from None
     except (ManifestError, NotADirectoryError) as err:
         raise CliError(str(err)) from None
-    except RuntimeError as err:
-        if str(err) != RAY_MISSING and not isinstance(err, ClusterError):
-            raise
+    except ClusterError as err:
         raise CliError(str(err)) from None
     print(_summary(stats))
     return 0
