@@ -5,6 +5,9 @@ owns what an embeddings and an index folder hold), never ``data_prep`` or the CL
 
 * ``sources``  -- where images come from: shards (with member offsets) or an image folder, as units.
 * ``embed``    -- units → resumable chunked embedding files (the embeddings folder).
+* ``embeddings`` -- an embeddings folder's rows read without torch (a Ray task reads only its own).
+* ``ray_embed`` -- ``embed --engine ray``: Ray Data over the units, one model per actor.
+* ``ray_index`` -- ``index --engine ray``: the index's parts filled as Ray tasks, merged by the driver.
 * ``identity`` -- a model's identity (name + weights hash), checked between embeddings, index and queries,
   and a file's (size + sha256), checked between an index's info and its files.
 * ``choose``, ``tune`` -- the automatic index choice and the search-parameter tuning.

@@ -166,18 +166,3 @@ def load_text_query(folder: str | os.PathLike, info: dict[str, Any], data: bytes
         raise ValueError(f"no torch-free tokenizer of kind {info.get('tokenizer')!r}")
     session = _session(data if data is not None else IndexFolder(folder).text_query.read_bytes())
     return _encoder(session, int(info["context_length"]))
-
-
-def export_text_query_of(checkpoint: str | os.PathLike, folder: str | os.PathLike
-                         ) -> tuple[dict[str, Any] | None, dict[str, str]]:
-    """``export_text_query`` for the model of ``checkpoint`` (an index folder's own model copy).
-
-    Returns:
-        ``(the text_query entry or None, the model's identity, computed from its weights)``.
-    """
-    from clipalign.model_source import load_model_source
-    from retrieval.identity import model_identity
-
-    model, _, tokenizer, meta = load_model_source(checkpoint)
-    identity = model_identity(meta["model_name"], model.state_dict())
-    return export_text_query(model, tokenizer, folder, identity), identity
