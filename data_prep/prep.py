@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator
 from clipalign.formats.atomic import replace_file, write_json
 from data_prep.manifest import Manifest
 from data_prep.memory import keep_freed_memory
-from data_prep.retry import drop_refetched_duplicates, merge_retried, written_digests
+from data_prep.retry import merge_retried, written_digests
 from data_prep.sample import SampleConfig
 from data_prep.shard_job import (
     SHARD_FILE,
@@ -39,6 +39,7 @@ from data_prep.shard_job import (
     commit_shard,
     dedup_key,
     encode_threads,
+    mark_duplicates,
     read_shard_rows,
     read_shard_stats,
     shard_name,
@@ -284,7 +285,7 @@ def _commit_all(
             counts["resumed"] += 1
         elif job is not None and job.only is not None:
             before = read_shard_stats(out_dir, shard_id)["written"]
-            dropped = drop_refetched_duplicates(result.rows, known) if config.dedup else set()
+            dropped = mark_duplicates(result.rows, known) if config.dedup else set()  # a refetch never replaces a sample
             merged = merge_retried(out_dir, result, dropped)
             # the old stats go first: a run killed before the new ones are written sees the shard
             # incomplete and builds it again

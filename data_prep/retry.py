@@ -16,9 +16,8 @@ import tarfile
 from pathlib import Path
 from typing import AbstractSet, Any, Iterator
 
-from clipalign.formats.skips import CONNECTION_ERROR, DUPLICATE, HTTP_ERROR, TIMEOUT, TRUNCATED
+from clipalign.formats.skips import CONNECTION_ERROR, HTTP_ERROR, TIMEOUT, TRUNCATED
 from data_prep.shard_job import (
-    FAILED,
     SHARD_FILE,
     SUCCESS,
     ShardResult,
@@ -62,21 +61,6 @@ def written_digests(out_dir: Path) -> set[bytes]:
             rows = read_shard_rows(out_dir, shard_id, ("status", "sha256"))
             digests.update(dedup_key(h) for s, h in zip(rows["status"], rows["sha256"]) if s == SUCCESS)
     return digests
-
-
-def drop_refetched_duplicates(rows: list[dict[str, Any]], known: set[bytes]) -> set[str]:
-    """Mark the refetched ``rows`` whose image equals one in ``known`` (updated) as duplicates;
-    return their keys. A sample written before is never replaced by a refetched copy."""
-    dropped = set()
-    for row in rows:
-        if row["status"] == SUCCESS:
-            digest = dedup_key(row["sha256"])
-            if digest in known:
-                row.update(status=FAILED, error_reason=DUPLICATE, error_detail="same image bytes as an earlier sample")
-                dropped.add(row["key"])
-            else:
-                known.add(digest)
-    return dropped
 
 
 def merge_retried(out_dir: Path, result: ShardResult, dropped: AbstractSet[str] = frozenset()) -> ShardResult:

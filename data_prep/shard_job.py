@@ -188,19 +188,26 @@ def commit_shard(out_dir: Path, result: ShardResult, seen: set[bytes] | None) ->
         return _commit(out_dir, name, result.rows, tmp, filtered, seen)
 
 
+def mark_duplicates(rows: list[dict[str, Any]], seen: set[bytes]) -> set[str]:
+    """Mark the written ``rows`` whose image bytes are in ``seen`` as duplicates (the others join
+    ``seen``); return their keys. The sample written first is the one kept."""
+    dropped = set()
+    for row in rows:
+        if row["status"] == SUCCESS:
+            digest = dedup_key(row["sha256"])
+            if digest in seen:
+                row.update(status=FAILED, error_reason=DUPLICATE, error_detail="same image bytes as an earlier sample")
+                dropped.add(row["key"])
+            else:
+                seen.add(digest)
+    return dropped
+
+
 def _commit(out_dir: Path, name: str, rows: list[dict[str, Any]], tmp: Path, filtered: Path,
             seen: set[bytes] | None) -> dict[str, Any]:
     """``commit_shard``'s work: the temporary files are its caller's to remove on failure."""
     if seen is not None:
-        dropped = set()
-        for row in rows:
-            if row["status"] == SUCCESS:
-                digest = dedup_key(row["sha256"])
-                if digest in seen:
-                    row.update(status=FAILED, error_reason=DUPLICATE, error_detail="same image bytes as an earlier sample")
-                    dropped.add(row["key"])
-                else:
-                    seen.add(digest)
+        dropped = mark_duplicates(rows, seen)
         if dropped:
             filter_tar(tmp, filtered, dropped)
             os.replace(filtered, tmp)
