@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torchvision import transforms as T
 
-IMAGE_SSL = ("simclr", "mae")  # mae: clipalign.mae, on the patches patch dropout hides
+IMAGE_SSL = ("none", "simclr", "mae")  # none: off; mae: clipalign.mae, on the patches patch dropout hides
 
 
 def simclr_view_transform(image_size: int, mean: tuple[float, ...] | None = None,

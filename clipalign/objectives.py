@@ -33,7 +33,8 @@ class Objectives:
         mlm: the masked-token loss, or ``None`` with ``mlm_weight`` 0.
         masker: its input corruption, ``mask_tokens`` bound to the model's and tokenizer's
             special ids: (B, L) ids -> (masked ids, labels), both (B, L); else ``None``.
-        ssl_head, ssl: SimCLR's projection head and loss (``image_ssl="simclr"``), else ``None``.
+        ssl_head, ssl: SimCLR's projection head and loss (``image_ssl="simclr"``, the default), else
+            ``None`` (``"none"``).
         view_transform: SimCLR's augmentation, a PIL image to one random (3, H, W) view (the
             loader draws two per image), else ``None``.
         queues: the MoCo feature queues (``queue_size`` > 0), else ``None``.

@@ -69,10 +69,10 @@ class TrainConfig:
     shuffle_buffer: int = _arg(2000, "sample shuffle buffer")
     accum_steps: int = _arg(1, "split each batch into this many micro-batches (less memory; negatives stay the "
                             "whole batch)")
-    # off by default: on real held-out data no self-prediction objective beat contrastive-only
+    # off by default: on real held-out data no masked-token objective beat contrastive-only
     # (README, "Ablation on real data"); 0.1 is the weight the ablation tried
     mlm_weight: float = _arg(0.0, "weight of the masked-token (MLM) loss on the text tower; 0: off (the "
-                             "default, contrastive-only: README's ablation), 0.1 is the tried weight")
+                             "default: README's ablation on real data), 0.1 is the tried weight")
     mlm_rate: float = _arg(0.15, "fraction of caption tokens masked")
     mlm_fraction: float = _arg(1.0, "run the MLM pass on this fraction of each batch (cheaper steps)")
     mlm_condition: str = _arg("none", "'image': the masked caption is predicted with the image in view (its token "
@@ -84,10 +84,15 @@ class TrainConfig:
                            "places); 'any': any caption token, BERT-style", choices=MLM_TARGETS, what="MLM target")
     caption_weight: float = _arg(0.0, "weight of CoCa's captioning loss (GPT-style next-token prediction from the "
                                  "image; models with a captioning decoder, e.g. ca-coca-nano; 0: off)")
-    image_ssl: str | None = _arg(None, "add an image self-supervised objective: 'simclr', SimCLR on two "
-                                 "augmented views (SLIP); 'mae', reconstruct the patches --patch-dropout hid "
-                                 "from the same ViT pass (MAE)", choices=IMAGE_SSL, what="image objective")
-    image_ssl_weight: float = _arg(1.0, "weight of the image objective")
+    # SimCLR on by default: on both real held-out corpora it beat contrastive-only at equal samples
+    # (README, "Ablation on real data": cross-style emoji R@10 67.7 vs 57.4, OpenClipart 23.2 vs 20.8,
+    # zero-shot no worse), for about 2.6x a contrastive-only step on CPU; --image-ssl none turns it off
+    image_ssl: str = _arg("simclr", "image self-supervised objective beside the contrastive loss: 'simclr' "
+                          "(the default: it won README's ablation on real data), SimCLR on two augmented views "
+                          "(SLIP), about 2.6x the cost of a contrastive-only step on CPU; 'mae', reconstruct the "
+                          "patches --patch-dropout hid from the same ViT pass (MAE); 'none': contrastive-only",
+                          choices=IMAGE_SSL, what="image objective")
+    image_ssl_weight: float = _arg(0.5, "weight of the image objective (0.5: the weight the ablation chose)")
     ssl_temperature: float = _arg(0.1, "SimCLR temperature")
     queue_size: int = _arg(0, "MoCo-style queue of this many past image/text features used as extra negatives "
                            "(0: off)")
@@ -103,6 +108,10 @@ class TrainConfig:
     max_nonfinite_steps: int = _arg(10, "a non-finite loss skips the update; this many in a row stop the run",
                                     positive=True)
     resume: bool = _arg(False, "continue from the latest checkpoint in --out")
+
+    def __post_init__(self) -> None:
+        if self.image_ssl is None:  # older code and run folders' configs said None for "no image objective"
+            self.image_ssl = "none"
 
     def validate(self, paths: bool = True) -> None:
         """Raise ``ValueError`` naming the first inconsistent setting.
@@ -127,7 +136,7 @@ class TrainConfig:
                     raise ValueError(f"--eval-sets: {root} is not a wds/ evaluation set (no {missing})")
         for f in fields(self):
             value, choices = getattr(self, f.name), f.metadata.get("choices")
-            if choices and value not in choices and not (value is None and f.default is None):
+            if choices and value not in choices:
                 raise ValueError(f"unknown {f.metadata['what']} {value!r} (one of {', '.join(choices)})")
         if self.accum_steps < 1 or self.batch_size % self.accum_steps:
             raise ValueError(f"--accum-steps must divide --batch-size ({self.batch_size}), got {self.accum_steps}")

@@ -1,4 +1,4 @@
-"""clipalign train: contrastive + masked-token training on WebDataset shards.
+"""clipalign train: contrastive training (with SimCLR, masked-token and other objectives) on WebDataset shards.
 
 Its flags are generated from ``TrainConfig``'s fields (name, type, default, help, choices),
 so the command line and the library cannot disagree.
@@ -66,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     from clipalign.train_config import TrainConfig, field_types
 
     run = RunFolder("")
-    p = parser("train", "Train a dual encoder with symmetric InfoNCE plus a masked-token (MLM) loss "
-               "on the text tower, streaming WebDataset shards. Writes checkpoints, "
+    p = parser("train", "Train a dual encoder with symmetric InfoNCE plus, by default, SimCLR on the image "
+               "tower (SLIP; --image-ssl none for contrastive-only), streaming WebDataset shards; a "
+               "masked-token (MLM) loss on the text tower is an option. Writes checkpoints, "
                f"{run.config.name} and {run.metrics.name} into --out; --resume continues from the "
                "latest checkpoint.")
     hints = field_types()
