@@ -24,25 +24,32 @@ from pathlib import Path
 
 from clipalign.formats.folders import RunFolder
 
-MLM = ["--mlm-weight", "0.1"]  # the masked-token loss at the weight tried (the default is contrastive-only)
+# Every variant names its image objective, so that a row keeps its meaning whatever the defaults
+# are (the default objective is contrastive + SimCLR at 0.5; the text MLM is off by default).
+MLM = ["--mlm-weight", "0.1"]  # the masked-token loss at the weight tried
+NO_SSL = ["--image-ssl", "none"]
+CONTRASTIVE = ["--mlm-weight", "0", *NO_SSL]  # contrastive-only
+SIMCLR = ["--image-ssl", "simclr", "--image-ssl-weight", "0.5"]
+QUEUE = ["--queue-size", "1024", "--momentum", "0.99"]
 VARIANTS: dict[str, list[str]] = {
-    "contrastive": ["--mlm-weight", "0"],
-    "+ mlm": [*MLM],
-    "+ mlm content": [*MLM, "--mlm-target", "content"],
-    "+ mlm image": [*MLM, "--mlm-condition", "image"],
-    "+ mlm image content": [*MLM, "--mlm-condition", "image", "--mlm-target", "content"],
-    "contrastive + simclr": ["--mlm-weight", "0", "--image-ssl", "simclr", "--image-ssl-weight", "0.5"],
+    "contrastive": CONTRASTIVE,
+    "+ mlm": [*MLM, *NO_SSL],
+    "+ mlm content": [*MLM, *NO_SSL, "--mlm-target", "content"],
+    "+ mlm image": [*MLM, *NO_SSL, "--mlm-condition", "image"],
+    "+ mlm image content": [*MLM, *NO_SSL, "--mlm-condition", "image", "--mlm-target", "content"],
+    "contrastive + simclr": ["--mlm-weight", "0", *SIMCLR],
     # ViT towers only: MAE reconstructs the patches FLIP's patch dropout hid from the same pass
-    "contrastive + flip": ["--mlm-weight", "0", "--patch-dropout", "0.5"],
-    "contrastive + flip + mae": ["--mlm-weight", "0", "--patch-dropout", "0.5", "--image-ssl", "mae"],
-    "+ mlm + simclr": [*MLM, "--image-ssl", "simclr", "--image-ssl-weight", "0.5"],
-    "+ mlm + queue": [*MLM, "--queue-size", "1024", "--momentum", "0.99"],
-    "contrastive + queue": ["--mlm-weight", "0", "--queue-size", "1024", "--momentum", "0.99"],
-    "+ mlm + simclr + queue": [*MLM, "--image-ssl", "simclr", "--image-ssl-weight", "0.5", "--queue-size", "1024",
-                               "--momentum", "0.99"],
+    # (at weight 1, the image objective's weight before SimCLR's 0.5 became the default)
+    "contrastive + flip": [*CONTRASTIVE, "--patch-dropout", "0.5"],
+    "contrastive + flip + mae": ["--mlm-weight", "0", "--patch-dropout", "0.5", "--image-ssl", "mae",
+                                 "--image-ssl-weight", "1.0"],
+    "+ mlm + simclr": [*MLM, *SIMCLR],
+    "+ mlm + queue": [*MLM, *NO_SSL, *QUEUE],
+    "contrastive + queue": [*CONTRASTIVE, *QUEUE],
+    "+ mlm + simclr + queue": [*MLM, *SIMCLR, *QUEUE],
     # equal wall-clock: contrastive-only given the steps its saved time buys (below)
-    "contrastive, + mlm's time": ["--mlm-weight", "0"],
-    "contrastive, + simclr's time": ["--mlm-weight", "0"],
+    "contrastive, + mlm's time": CONTRASTIVE,
+    "contrastive, + simclr's time": CONTRASTIVE,
 }
 # Variants run for more steps than --steps: a step with the text MLM costs 1.32x one without and a
 # SimCLR step 2.62x on ca-tiny (BENCHMARKS.md, "objective costs"; scripts/bench_step.py), so
