@@ -38,7 +38,7 @@ def coca_run(tmp_path_factory):
                     "--model", "ca-coca-nano", "--batch-size", "16", "--steps", "30", "--lr", "3e-3", "--warmup", "3",
                     "--workers", "0", "--shuffle-buffer", "16", "--precision", "fp32", "--no-tensorboard",
                     "--log-every", "1", "--caption-weight", "1", "--mlm-weight", "0.1", "--checkpoint-every", "30",
-                    "--no-progress"],
+                    "--image-ssl", "none", "--no-progress"],  # the caption loss with clipalign's text objectives
                    check=True, capture_output=True)
     rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     return root, rows
@@ -69,7 +69,8 @@ def test_a_coca_run_resumes_step_exact(tmp_path):
 
     data = write_toy_shards(tmp_path / "shards", n=32, per_shard=32)[0].rsplit("/", 1)[0]
     kw = dict(data=data, model="ca-coca-nano", batch_size=8, steps=4, warmup=1, workers=0, shuffle_buffer=8,
-              precision="fp32", tensorboard=False, caption_weight=1.0, checkpoint_every=2, keep_checkpoints=0)
+              precision="fp32", tensorboard=False, caption_weight=1.0, checkpoint_every=2, keep_checkpoints=0,
+              image_ssl="none")  # the captioning decoder's resume; SimCLR's is tested in test_train_objectives
     whole = Trainer(TrainConfig(out=str(tmp_path / "whole"), **kw))
     whole.fit()
     ckpt.save_checkpoint(tmp_path / "resumed" / "checkpoints" / "step_00000002.pt",

@@ -183,7 +183,8 @@ def test_a_few_trainer_steps_with_infonce_and_mlm(towers, tmp_path):
     shards = write_toy_shards(tmp_path / "shards", n=64, per_shard=32)
     cfg = TrainConfig(data=str(tmp_path / "shards"), out=str(tmp_path / "run"), model="hf-bert-mlm-nano",
                       batch_size=16, steps=3, lr=1e-3, warmup=1, workers=0, shuffle_buffer=16, log_every=1,
-                      checkpoint_every=3, precision="fp32", tensorboard=False, mlm_weight=0.1)
+                      checkpoint_every=3, precision="fp32", tensorboard=False, mlm_weight=0.1,
+                      image_ssl="none")  # the text tower's two objectives
     trainer = Trainer(cfg)
     tok = trainer.tokenizer
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}

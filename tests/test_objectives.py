@@ -10,7 +10,7 @@ from clipalign.train_config import TrainConfig
 
 def _build(**kw):
     torch.manual_seed(0)
-    cfg = TrainConfig(data="", out="", model="ca-nano", **{"mlm_weight": 0.1, **kw})
+    cfg = TrainConfig(data="", out="", model="ca-nano", **{"mlm_weight": 0.1, "image_ssl": "none", **kw})
     model = create_model("ca-nano", mlm_head=cfg.mlm_weight > 0)
     return model, build_objectives(cfg, model, get_tokenizer("ca-nano"))
 
@@ -50,3 +50,14 @@ def test_simclrs_head_is_optimised_with_the_model():
     assert head <= {id(p) for g in groups for p in g["params"]}
     assert [len(g["params"]) for g in groups] == [len(a["params"]) + len(b["params"]) for a, b in
                                                   zip(param_groups(model, 0.1), param_groups(obj.ssl_head, 0.1))]
+
+
+def test_the_default_config_trains_simclr_at_half_weight_and_none_turns_it_off():
+    model = create_model("ca-nano")
+    default = build_objectives(TrainConfig(data="", out="", model="ca-nano"), model, get_tokenizer("ca-nano"))
+    assert default.ssl.weight == 0.5 and default.ssl.temperature == 0.1 and set(default.stateful()) == {"ssl_head"}
+    assert default.mlm is None and default.mae is None  # contrastive + SimCLR, nothing else
+    for off in ("none", None):  # None: what configs said before "none" existed
+        plain = build_objectives(TrainConfig(data="", out="", model="ca-nano", image_ssl=off), model,
+                                 get_tokenizer("ca-nano"))
+        assert plain.ssl is plain.ssl_head is plain.view_transform is None and not plain.stateful()

@@ -21,6 +21,7 @@ def _args(data, out, steps):
     return ["--data", str(data), "--out", str(out), "--model", "ca-nano", "--batch-size", "16", "--steps", str(steps),
             "--log-every", "1", "--checkpoint-every", "5", "--keep-checkpoints", "0", "--workers", "2",
             "--shuffle-buffer", "48", "--precision", "fp32", "--lr", "2e-3", "--warmup", "3", "--mlm-weight", "0.5",
+            "--image-ssl", "none",  # the MLM's resume with loader workers; SimCLR's is in test_train_objectives
             "--no-progress", "--no-tensorboard", "--resume"]
 
 

@@ -20,9 +20,11 @@ def shards(tmp_path_factory):
 
 
 def _cfg(shards, out, **kw):
+    # These tests exercise the MLM path (off by default), on batches without SimCLR's views: the
+    # default image objective is off here, where it would only slow them (it has its own tests).
     base = dict(data=shards[0].rsplit("/", 1)[0], out=str(out), model="ca-nano", batch_size=32, lr=2e-3,
                 warmup=5, workers=0, shuffle_buffer=64, log_every=1, checkpoint_every=10, precision="fp32",
-                mlm_weight=0.1)  # these tests exercise the MLM path; the default is contrastive-only
+                mlm_weight=0.1, image_ssl="none")
     return TrainConfig(**{**base, **kw})
 
 
@@ -142,6 +144,21 @@ def test_resume_refuses_a_structurally_different_model(shards, tmp_path):
     Trainer(_cfg(shards, tmp_path, steps=2)).fit()
     with pytest.raises(ResumeMismatchError, match="MLM head"):
         Trainer(_cfg(shards, tmp_path, steps=4, resume=True, mlm_weight=0.0)).fit()
+
+
+def test_a_run_from_before_simclr_was_the_default_resumes_with_image_ssl_none(shards, tmp_path):
+    Trainer(_cfg(shards, tmp_path, steps=2, checkpoint_every=2)).fit()
+    path = ckpt.latest_checkpoint(tmp_path)
+    state = ckpt.load_checkpoint(path)
+    state["config"].update(image_ssl=None, image_ssl_weight=1.0)  # as a run of an earlier version saved it
+    ckpt.save_checkpoint(path, state)
+    # today's default adds SimCLR's head, which that run never had: refused in one line naming the flag
+    with pytest.raises(ResumeMismatchError, match="trained without --image-ssl simclr"):
+        Trainer(_cfg(shards, tmp_path, steps=4, resume=True, image_ssl="simclr", image_ssl_weight=0.5)).fit()
+    summary = Trainer(_cfg(shards, tmp_path, steps=4, resume=True, image_ssl=None)).fit()  # None: "none"
+    assert summary["resumed_from"] == str(path) and summary["steps_this_run"] == 2
+    assert [r["step"] for r in _metrics(tmp_path)] == [1, 2, 3, 4]
+    assert json.loads(RunFolder(tmp_path).config.read_text())["image_ssl"] == "none"
 
 
 def _one_step(trainer, seed=0):

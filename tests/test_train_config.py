@@ -20,8 +20,8 @@ NON_DEFAULT = {
     "workers": (["0"], 0), "shuffle_buffer": (["16"], 16), "accum_steps": (["2"], 2), "mlm_weight": (["0.1"], 0.1),
     "mlm_rate": (["0.3"], 0.3), "mlm_fraction": (["0.5"], 0.5), "mlm_condition": (["image"], "image"),
     "fusion_layers": (["2"], 2), "mlm_target": (["content"], "content"), "caption_weight": (["0.5"], 0.5),
-    "image_ssl": (["simclr"], "simclr"),
-    "image_ssl_weight": (["0.5"], 0.5), "ssl_temperature": (["0.2"], 0.2), "queue_size": (["64"], 64),
+    "image_ssl": (["none"], "none"),
+    "image_ssl_weight": (["1.0"], 1.0), "ssl_temperature": (["0.2"], 0.2), "queue_size": (["64"], 64),
     "momentum": (["0.9"], 0.9), "eval_sets": (["a,b"], ("a", "b")), "eval_every": (["5"], 5),
     "tensorboard": ([], False), "seed": (["3"], 3), "log_every": (["2"], 2), "checkpoint_every": (["4"], 4),
     "keep_checkpoints": (["0"], 0), "max_nonfinite_steps": (["1"], 1), "resume": ([], True),
@@ -51,6 +51,18 @@ def test_every_flag_reaches_its_field():
     assert all(getattr(cfg, n) != getattr(defaults, n) for n in NON_DEFAULT if n not in ("data", "out"))
 
 
+def test_simclr_is_the_default_and_image_ssl_none_turns_it_off():
+    defaults = TrainConfig(data="SHARDS", out="RUN")
+    assert (defaults.image_ssl, defaults.image_ssl_weight, defaults.mlm_weight) == ("simclr", 0.5, 0.0)
+    off = config_from_args(build_parser().parse_args(["--data", "SHARDS", "--out", "RUN", "--image-ssl", "none"]))
+    assert off == dataclasses.replace(defaults, image_ssl="none")
+    off.validate(paths=False)
+    # None, what a config said before "none" existed (an older run's saved config), means "none"
+    older = TrainConfig(data="SHARDS", out="RUN", image_ssl=None)
+    assert older == off and dataclasses.asdict(older)["image_ssl"] == "none"
+    older.validate(paths=False)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("shards")
@@ -71,7 +83,7 @@ def data(tmp_path_factory):
     (dict(loss="infonce"), r"unknown loss 'infonce' \(one of clip, siglip\)"),
     (dict(precision="fp16"), r"unknown precision 'fp16' \(one of auto, fp32, bf16\)"),
     (dict(attention="flash"), r"unknown attention backend 'flash' \(one of math, auto\)"),
-    (dict(image_ssl="mim"), r"unknown image objective 'mim' \(one of simclr, mae\)"),
+    (dict(image_ssl="mim"), r"unknown image objective 'mim' \(one of none, simclr, mae\)"),
     (dict(accum_steps=3, batch_size=8), "--accum-steps must divide --batch-size"),
     (dict(mlm_fraction=0.0), "--mlm-fraction"),
     (dict(queue_size=8, loss="siglip"), "--queue-size works with --loss clip"),

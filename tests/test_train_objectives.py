@@ -23,9 +23,11 @@ def shards(tmp_path_factory):
 
 
 def _cfg(shards, out, **kw):
+    # The MLM path (off by default) is under test, on batches without SimCLR's views: SimCLR (the
+    # default) only where a test asks for it.
     base = dict(data=shards[0].rsplit("/", 1)[0], out=str(out), model="ca-nano", batch_size=16, lr=2e-3,
                 warmup=2, workers=0, shuffle_buffer=32, log_every=1, checkpoint_every=100, precision="fp32",
-                tensorboard=False, mlm_weight=0.1)  # the MLM path is under test; the default is off
+                tensorboard=False, mlm_weight=0.1, image_ssl="none")
     return TrainConfig(**{**base, **kw})
 
 
@@ -125,6 +127,45 @@ def test_loader_makes_two_different_views_per_image(shards, tmp_path):
     batch, _ = next(iter(pipeline))
     assert batch["views"].shape == (16, 2, 3, 32, 32)
     assert not torch.equal(batch["views"][:, 0], batch["views"][:, 1])
+
+
+def test_the_default_objective_is_contrastive_plus_simclr_and_image_ssl_none_turns_it_off(shards, tmp_path):
+    from clipalign.cli import main
+
+    argv = ["train", "--data", shards[0].rsplit("/", 1)[0], "--model", "ca-nano", "--steps", "2", "--batch-size", "8",
+            "--workers", "0", "--shuffle-buffer", "16", "--precision", "fp32", "--log-every", "1",
+            "--no-tensorboard", "--no-progress"]
+    runs = {name: RunFolder(tmp_path / name) for name in ("default", "off")}
+    assert main([*argv, "--out", str(runs["default"].root)]) == 0
+    assert main([*argv, "--out", str(runs["off"].root), "--image-ssl", "none"]) == 0
+    rows = {name: [json.loads(line) for line in run.metrics.read_text().splitlines()] for name, run in runs.items()}
+    config = {name: json.loads(run.config.read_text()) for name, run in runs.items()}
+    assert (config["default"]["image_ssl"], config["default"]["image_ssl_weight"]) == ("simclr", 0.5)
+    assert config["off"]["image_ssl"] == "none"
+    for r in rows["default"]:  # the SimCLR loss is logged and summed into the loss, beside the contrastive one
+        assert r["image_ssl_loss"] > 0 and "mlm_loss" not in r
+        assert r["loss"] == pytest.approx(r["contrastive_loss"] + r["image_ssl_loss"], rel=1e-6)
+    assert all("image_ssl_loss" not in r and r["loss"] == r["contrastive_loss"] for r in rows["off"])
+    assert "ssl_head" in ckpt.load_checkpoint(runs["default"].root)
+    assert "ssl_head" not in ckpt.load_checkpoint(runs["off"].root)
+
+
+def test_the_default_simclr_objective_resumes_step_exact(shards, tmp_path):
+    kw = dict(steps=4, batch_size=8, mlm_weight=0.0, image_ssl="simclr", image_ssl_weight=0.5, checkpoint_every=2,
+              keep_checkpoints=0)
+    whole = Trainer(_cfg(shards, tmp_path / "whole", **kw))
+    whole_final = whole.fit()["final"]
+    half = ckpt.load_checkpoint(tmp_path / "whole" / "checkpoints" / "step_00000002.pt")
+    assert "ssl_head" in half
+    ckpt.save_checkpoint(tmp_path / "resumed" / "checkpoints" / "step_00000002.pt", half)
+    resumed = Trainer(_cfg(shards, tmp_path / "resumed", resume=True, **kw))
+    resumed_final = resumed.fit()["final"]
+    # step 4 to the bit: the views are drawn per sample, the head's BatchNorm statistics are in the checkpoint
+    for key in ("contrastive_loss", "image_ssl_loss"):
+        assert resumed_final[key] == whole_final[key], key
+    for mine, theirs in ((resumed.model, whole.model), (resumed.objectives.ssl_head, whole.objectives.ssl_head)):
+        for k, v in theirs.state_dict().items():
+            assert torch.equal(mine.state_dict()[k], v), k
 
 
 def test_evaluation_during_training_is_logged_and_sent_to_tensorboard(shards, tmp_path):

@@ -1,7 +1,8 @@
 """One training step on a fixed global batch of 8, saved for comparison by tests/test_distributed.py.
 
 Run alone (one process, the whole batch) or under ``torchrun --nproc_per_node N`` (each rank
-takes its 8/N rows): ``python tests/helpers/dist_step.py OUT_FILE [MLM_CONDITION]``.
+takes its 8/N rows): ``python tests/helpers/dist_step.py OUT_FILE [MLM_CONDITION]``. The MLM's
+equality is under test, so SimCLR (the default, whose negatives are each rank's own) is off.
 """
 import sys
 
@@ -14,7 +15,7 @@ GLOBAL_BATCH = 8
 
 def main(out_file: str, mlm_condition: str = "none") -> None:
     cfg = TrainConfig(data="", out="", model="ca-nano", batch_size=GLOBAL_BATCH, precision="fp32", grad_clip=0.0,
-                      mlm_weight=0.5, mlm_condition=mlm_condition, tensorboard=False)
+                      mlm_weight=0.5, mlm_condition=mlm_condition, image_ssl="none", tensorboard=False)
     trainer = Trainer(cfg)
     env = trainer.env
     g = torch.Generator().manual_seed(1234)
