@@ -71,10 +71,12 @@ def check_resumable(state: dict[str, Any], cfg: TrainConfig, model: ClipAlign, o
     had_fusion = any(k.startswith("mlm_fusion.") for k in state["model"])
     if had_fusion != (model.mlm_fusion is not None):
         raise ResumeMismatchError(f"the checkpoint was trained with --mlm-condition {'image' if had_fusion else 'none'}")
-    for key, flag in (("ssl_head", "--image-ssl simclr"), ("mae_decoder", "--image-ssl mae"),
-                      ("queues", "--queue-size")):
+    for key, flag, off in (("ssl_head", "--image-ssl simclr", "--image-ssl none"),
+                           ("mae_decoder", "--image-ssl mae", "--image-ssl none"), ("queues", "--queue-size", "--queue-size 0")):
         if (key in state) != (key in objectives.stateful()):
-            raise ResumeMismatchError(f"the checkpoint was trained {'with' if key in state else 'without'} {flag}")
+            had = key in state
+            raise ResumeMismatchError(f"the checkpoint was trained {'with' if had else 'without'} {flag}; "
+                                      f"resume with {flag if had else off}")
 
 
 def resume_stream(state: dict[str, Any], cfg: TrainConfig, rank: int = 0,
