@@ -306,7 +306,8 @@ def read_folder(root: str | os.PathLike) -> Iterator[Record]:
     root = Path(root)
     if not root.is_dir():
         raise ManifestError(f"{root} is not a folder")
-    images = [p.relative_to(root).as_posix() for p in image_files(root)]
+    # a folder, FIFO or device named like an image is listed, to be counted as not_a_file
+    images = [p.relative_to(root).as_posix() for p in image_files(root, regular_only=False)]
     for index, rel in enumerate(images):
         path = root / rel
         txt = path.with_suffix(".txt")

@@ -329,3 +329,19 @@ def test_directories_fifos_and_devices_are_not_image_files(data, tmp_path):
     errors = {e["index"]: e for e in map(json.loads, (out / "errors.jsonl").read_text().splitlines())}
     assert {i: e["reason"] for i, e in errors.items()} == {1: "not_a_file", 2: "not_a_file", 3: "not_a_file"}
     assert "directory" in errors[1]["detail"] and "FIFO" in errors[2]["detail"] and "device" in errors[3]["detail"]
+
+
+def test_a_folder_counts_what_is_named_like_an_image_but_is_not_a_file(tmp_path):
+    folder = tmp_path / "photos"
+    _make_image(folder / "a.png", ROWS[0][2], 0)
+    (folder / "a.txt").write_text("fine")
+    (folder / "b.png").mkdir()
+    os.mkfifo(folder / "c.png")  # reading it would block forever
+    for stem in "bc":
+        (folder / f"{stem}.txt").write_text("a caption")  # so the image is what is wrong
+    out = tmp_path / "out"
+    assert main([str(folder), "--out", str(out), "--image-size", "16"]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["written"] == 1 and stats["skipped_by_reason"] == {"not_a_file": 2}
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert [(e["source"], e["reason"]) for e in errors] == [("b.png", "not_a_file"), ("c.png", "not_a_file")]

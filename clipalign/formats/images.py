@@ -31,10 +31,13 @@ def is_regular_file(path: str | os.PathLike) -> bool:
         return False
 
 
-def image_files(root: str | os.PathLike) -> list[Path]:
-    """The image files under ``root``, recursively, sorted by their path relative to ``root``."""
+def image_files(root: str | os.PathLike, *, regular_only: bool = True) -> list[Path]:
+    """The image files under ``root``, recursively, sorted by their path relative to ``root``;
+    with ``regular_only=False`` also what is named like one but is not a regular file (a folder,
+    FIFO or device), for a reader that counts it as skipped instead of leaving it out unsaid."""
     root = Path(root)
-    return sorted((p for p in root.rglob("*") if is_image_file(p)), key=lambda p: p.relative_to(root).as_posix())
+    wanted = is_image_file if regular_only else (lambda p: p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted((p for p in root.rglob("*") if wanted(p)), key=lambda p: p.relative_to(root).as_posix())
 
 
 def open_regular_file(path: str | os.PathLike) -> BinaryIO:
