@@ -1,5 +1,6 @@
 """Data parallel training with torchrun (gloo on this CPU): two ranks = one process on the same global batch."""
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -37,12 +38,17 @@ def _free_port() -> int:
 
 
 def test_two_nodes_of_one_process_equal_one_node_of_two(tmp_path):
-    """Two torchrun agents meeting by c10d rendezvous on 127.0.0.1, as two machines would."""
-    subprocess.run([*TORCHRUN, HELPER, str(tmp_path / "one_node.pt")], check=True, capture_output=True)
+    """Two torchrun agents meeting by c10d rendezvous on 127.0.0.1, as two machines would.
+
+    One thread a rank: torch's multi-threaded reductions may sum in another order from run to run.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*TORCHRUN, HELPER, str(tmp_path / "one_node.pt")], check=True, capture_output=True, env=env)
     nodes = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
              "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{_free_port()}", "--rdzv_id", "two-nodes",
              "--local_addr", "127.0.0.1", HELPER, str(tmp_path / "two_nodes.pt")]
-    agents = [subprocess.Popen(nodes, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    agents = [subprocess.Popen(nodes, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+              for _ in range(2)]
     errors = [agent.communicate(timeout=300)[1] for agent in agents]
     assert [a.returncode for a in agents] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
     one, two = torch.load(tmp_path / "one_node.pt"), torch.load(tmp_path / "two_nodes.pt")
