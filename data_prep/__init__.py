@@ -25,6 +25,7 @@ Modules, one job each:
 * ``memory``    -- keep freed heap pages in workers (glibc ``mallopt``).
 * ``resample``  -- torch's uint8 bicubic resize for prep.
 * ``splits``    -- where each shard's rows start in a CSV/TSV/JSONL or Parquet manifest, without reading them.
+* ``ranges``    -- a manifest's records read from a row range, as a Ray task reads its shard's.
 * ``shard_plan`` -- a run's shard jobs: which are left, and their rows or the row range their task reads.
 * ``retry``     -- ``--retry-failed``: only the rows that failed for a reason that may pass, fetched again.
 * ``ray_prep``  -- shard jobs as Ray tasks (``--engine ray``), retried when a worker dies.

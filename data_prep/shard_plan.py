@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from data_prep.manifest import Manifest, RowRange, read_range
+from data_prep.manifest import Manifest
+from data_prep.ranges import RowRange, read_range
 from data_prep.records import Record
 from data_prep.retry import rows_to_retry
 from data_prep.sample import SampleConfig

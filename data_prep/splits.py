@@ -1,6 +1,6 @@
 """Where each shard's rows start in a manifest file, found without reading the rows.
 
-A Ray run's driver hands every task a ``RowRange`` (see ``data_prep.manifest``) and the task
+A Ray run's driver hands every task a ``RowRange`` (see ``data_prep.ranges``) and the task
 reads its own rows with ``read_range``, so the driver never parses the manifest:
 
 * Parquet: the row groups' row counts in the file's footer give each range's first row group
@@ -25,7 +25,8 @@ import io
 import re
 from typing import BinaryIO, Iterator
 
-from data_prep.manifest import MANIFEST_EXTENSIONS, Manifest, ManifestError, RowRange
+from data_prep.manifest import MANIFEST_EXTENSIONS, Manifest, ManifestError
+from data_prep.ranges import RowRange
 
 BOM = b"\xef\xbb\xbf"
 _ASCII_SPACE = b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"  # the ASCII bytes str.strip() removes

@@ -23,7 +23,8 @@ from PIL import Image
 import data_prep.manifest as manifest_module
 from clipalign.cli import main as clipalign
 from data_prep.fetch import FetchConfig
-from data_prep.manifest import Manifest, read_range
+from data_prep.manifest import Manifest
+from data_prep.ranges import read_range
 from data_prep.prep import PrepConfig, run_prep
 from data_prep.sample import SampleConfig
 from data_prep.splits import shard_ranges
