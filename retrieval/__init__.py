@@ -11,6 +11,7 @@ owns what an embeddings and an index folder hold), never ``data_prep`` or the CL
 * ``identity`` -- a model's identity (name + weights hash), checked between embeddings, index and queries,
   and a file's (size + sha256), checked between an index's info and its files.
 * ``choose``, ``tune`` -- the automatic index choice and the search-parameter tuning.
+* ``faiss_parts`` -- one FAISS index trained on a sample, filled in parts, merged in row order, tuned.
 * ``index``    -- FAISS indexes + metadata on disk, loaded memory-mapped.
 * ``build``    -- whole index folders: from embeddings, in one step from shards, or appended to.
 * ``atomic_folder`` -- a folder written in a temporary sibling and swapped into place whole.

@@ -22,7 +22,8 @@ from retrieval.atomic_folder import replaced_folder
 from retrieval.embed import ENGINES, embed_folder, load_embeddings, summary
 from retrieval.embeddings import Embeddings
 from retrieval.identity import ModelMismatch, file_digest
-from retrieval.index import PART_ROWS, SearchIndex, add_to_index, build_indexes, load_index, write_index
+from retrieval.faiss_parts import PART_ROWS
+from retrieval.index import SearchIndex, add_to_index, build_indexes, load_index, write_index
 from retrieval.query_encoder import export_text_query
 
 
@@ -66,7 +67,7 @@ def build_index_folder(embeddings: str | os.PathLike, out: str | os.PathLike, *,
         engine: ``"local"`` (the vectors in this process's memory) or ``"ray"``: the parts of
             each index filled as Ray tasks on the cluster at ``ray_address``
             (``retrieval.ray_index``); the folder is the same either way.
-        part_rows: rows of each part an index is filled in (``retrieval.index.plan_target``).
+        part_rows: rows of each part an index is filled in (``retrieval.faiss_parts.plan_target``).
 
     Returns:
         ``(the index, the number of vectors it holds)``.

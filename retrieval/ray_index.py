@@ -1,11 +1,11 @@
 """Index building on a Ray cluster (``--engine ray``), for collections whose vectors outgrow one machine.
 
-The driver plans each target as the local build does (``retrieval.index.plan_target``: the
+The driver plans each target as the local build does (``retrieval.faiss_parts.plan_target``: the
 same index, training sample, tuning queries and parts), reads only the sample and the
 queries, and trains the empty index. Each part is a Ray task that reads its own rows from the
 embeddings folder (which every node must see), fills a copy of the empty index with them and
 finds the queries' exact neighbours among them; the driver merges the parts in row order as
-they come back (``retrieval.index.merge_part``), a bounded number in flight, then tunes. The
+they come back (``retrieval.faiss_parts.merge_part``), a bounded number in flight, then tunes. The
 merged index is the one the local build makes, byte for byte.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import faiss
 import numpy as np
 
 from retrieval.embeddings import Embeddings
-from retrieval.index import PART_ROWS, Filled, Parts, build_planned, fill_part, mergeable, plan_target
+from retrieval.faiss_parts import PART_ROWS, Filled, Parts, build_planned, fill_part, mergeable, plan_target
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from retrieval.choose import parse_memory  # noqa: E402
-from retrieval.index import build_target  # noqa: E402
+from retrieval.faiss_parts import build_target  # noqa: E402
 from retrieval.tune import batched_ms, recall_at_k  # noqa: E402
 
 AUTOFAISS = """
