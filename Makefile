@@ -11,8 +11,8 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev,ray]'
+	$(PY) -m pip install -q --no-cache-dir torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q --no-cache-dir -e '.[dev,ray]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -71,7 +71,7 @@ def _run(name: str, seed: int, args: argparse.Namespace) -> dict:
              "--seed", str(seed), "--workers", str(args.workers), "--precision", args.precision, "--no-progress",
              "--checkpoint-every", str(steps), "--resume", *VARIANTS[name], *args.train_args]
     subprocess.run(train, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    subprocess.run([sys.executable, "-m", "clipalign", "eval", "--checkpoint", str(run), "--data", *_sets(args.eval),
+    subprocess.run([sys.executable, "-m", "clipalign", "eval", "--checkpoint", str(run), "--data", *args.eval,
                     "--out", str(run / "eval.json"), "--no-progress"], check=True, capture_output=True)
     results = json.loads((run / "eval.json").read_text())["results"]
     summary = json.loads(RunFolder(run).summary.read_text())
@@ -82,13 +82,20 @@ def _run(name: str, seed: int, args: argparse.Namespace) -> dict:
 
 
 def _sets(paths: list[str]) -> list[str]:
-    """The wds/ sets given, or found one level below a given folder (synth's eval/)."""
+    """The wds/ sets given, or found one level below a given folder (synth's eval/).
+
+    Files are passed over, so that a glob such as ``EMOJI/eval_*`` may also match the CSVs beside the sets.
+    """
     found = []
     for path in map(Path, paths):
+        if not path.is_dir():
+            continue
         if (path / "test").is_dir():
             found.append(str(path))
         else:
             found += sorted(str(p) for p in path.iterdir() if (p / "test").is_dir())
+    if not found:
+        raise SystemExit(f"ablation: no wds/ evaluation set in {' '.join(paths)}")
     return found
 
 
@@ -127,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", type=int, default=1, help="runs at a time (one per GPU or a big CPU)")
     p.add_argument("--train-args", nargs=argparse.REMAINDER, default=[], help="passed to every clipalign train")
     args = p.parse_args(argv)
+    args.eval = _sets(args.eval)  # before any training, so that a wrong path fails at once
     jobs = [(name, seed) for seed in args.seeds for name in args.variants]
     with ThreadPoolExecutor(args.parallel) as pool:
         rows = list(pool.map(lambda job: _run(*job, args), jobs))

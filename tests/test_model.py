@@ -6,7 +6,7 @@ from clipalign.factory import create_model, get_tokenizer, list_models
 from clipalign.masking import IGNORE_INDEX, mask_tokens
 from clipalign.model import text_length, trims_text
 
-PROJECT_MODELS = ["ca-nano", "ca-tiny", "ca-small", "ca-coca-nano"]
+PROJECT_MODELS = ["ca-nano", "ca-tiny", "ca-tiny-vit", "ca-small", "ca-coca-nano"]
 
 
 @pytest.fixture(scope="module")
