@@ -13,6 +13,7 @@ import heapq
 import os
 import re
 import tarfile
+import uuid
 from pathlib import Path
 from typing import AbstractSet, Any, Iterator
 
@@ -72,7 +73,7 @@ def merge_retried(out_dir: Path, result: ShardResult, dropped: AbstractSet[str] 
     name = shard_name(result.shard_id)
     new = {row["index"]: row for row in result.rows}
     rows = [new.get(row["index"], row) for row in pq.read_table(out_dir / f"{name}.parquet").to_pylist()]
-    merged = out_dir / f"{name}.tar.{os.getpid()}.merged.tmp"
+    merged = out_dir / f"{name}.tar.{uuid.uuid4().hex[:16]}.merged.tmp"
     with TarShard(merged) as tar:
         old, refetched = _samples(out_dir / f"{name}.tar"), _samples(Path(result.tmp_tar))
         for sample in heapq.merge(old, refetched, key=lambda s: int(s["__key__"])):  # row order

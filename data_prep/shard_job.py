@@ -6,7 +6,8 @@ be built independently and the output never depends on the number of workers.
 * ``build_shard`` (worker): ``threads`` threads read or download the rows' images ahead
   (downloads run in libcurl, without the GIL), a few more decode and re-encode them (as
   many as the worker's share of the cores: more only contend for caches and the GIL), and
-  it writes ``NNNNN.tar.<pid>.tmp`` in row order.
+  it writes ``NNNNN.tar.<random>.tmp`` in row order (a name of its own, so that two builds of one
+  shard, a retry beside a worker thought dead on another node, never write one file).
 * ``commit_shard`` (main process, in shard order): drops exact duplicates of earlier
   images, then writes ``NNNNN.parquet``, renames the tar to ``NNNNN.tar`` and writes
   ``NNNNN_stats.json`` last. A shard is complete when its tar and stats file exist.
@@ -17,6 +18,7 @@ import contextlib
 import json
 import os
 import re
+import uuid
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -147,7 +149,7 @@ def build_shard(
         OSError: the tar could not be written (a full disk, ...), naming ``NNNNN.tar``; the
             temporary tar is removed.
     """
-    tmp = Path(out_dir) / f"{shard_name(shard_id)}.tar.{os.getpid()}.tmp"
+    tmp = Path(out_dir) / f"{shard_name(shard_id)}.tar.{uuid.uuid4().hex[:16]}.tmp"  # a pid repeats across nodes
     rows = []
     # One torch thread: the encoding threads keep the cores busy, and each resize is small.
     with _cleaned_up(Path(out_dir) / f"{shard_name(shard_id)}.tar", tmp), single_thread(), TarShard(tmp) as tar:

@@ -1,12 +1,13 @@
 """The fetch -> encode stages of a shard: record order and outcomes whatever the thread counts."""
 import os
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from data_prep.manifest import read_folder
 from data_prep.sample import SampleConfig, safe_process_record
-from data_prep.shard_job import _outcomes, encode_threads
+from data_prep.shard_job import _outcomes, build_shard, commit_shard, encode_threads
 
 
 @pytest.fixture
@@ -35,3 +36,19 @@ def test_encode_threads_share_the_cores():
     assert encode_threads(1) == cores
     assert encode_threads(2) == max(1, cores // 2)
     assert encode_threads(10_000) == 1  # never none
+
+
+def test_two_builds_of_one_shard_never_share_a_temporary_file(records, tmp_path):
+    """A retried shard may build beside a worker thought dead (on another node, whose pid can be
+    this one's): each build writes its own file, and either one commits the same shard."""
+    out = tmp_path / "out"
+    out.mkdir()
+    config = SampleConfig(image_size=8)
+    first, second = (build_shard(0, records, out, config, threads=2, encoders=1) for _ in range(2))
+    assert first.tmp_tar != second.tmp_tar
+    assert Path(first.tmp_tar).read_bytes() == Path(second.tmp_tar).read_bytes()
+    commit_shard(out, second, seen=None)
+    built = (out / "00000.tar").read_bytes()
+    commit_shard(out, first, seen=None)
+    assert (out / "00000.tar").read_bytes() == built
+    assert sorted(p.name for p in out.iterdir() if ".tmp" in p.name) == []
