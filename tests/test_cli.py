@@ -1,3 +1,6 @@
+import importlib
+import sys
+
 import pytest
 
 from clipalign.cli import COMMANDS, main
@@ -82,3 +85,17 @@ def test_synth_into_a_file_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "a-file").write_text("")
     assert main(["synth", "--out", str(tmp_path / "a-file"), "--n", "1", "--n-eval", "1"]) == 2
     assert capsys.readouterr().err == f"clipalign synth: error: {tmp_path / 'a-file'} exists and is not a folder\n"
+
+
+
+@pytest.mark.parametrize("command", ["prep", "synth", "train", "eval", "embed", "index"])
+def test_every_long_command_takes_no_progress(command):
+    assert "--no-progress" in importlib.import_module(f"clipalign.cli.{command}").build_parser().format_help()
+
+
+@pytest.mark.parametrize("no_progress", [False, True])
+def test_synth_draws_its_bar_on_a_terminal_unless_told_not_to(no_progress, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # tqdm draws where stderr is a terminal
+    argv = ["synth", "--out", str(tmp_path / "c"), "--n", "4", "--n-eval", "1", "--workers", "1"]
+    assert main(argv + ["--no-progress"] * no_progress) == 0
+    assert ("synth: 100%" in capsys.readouterr().err) is not no_progress

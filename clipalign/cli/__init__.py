@@ -23,7 +23,7 @@ DEBUG_ENV = "CLIPALIGN_DEBUG"  # =1: tracebacks instead of one-line errors
 COMMANDS: dict[str, str] = {
     "synth": "generate the embedded synthetic corpus (training manifest + held-out eval sets)",
     "prep": "turn an image-caption manifest or folder into WebDataset shards",
-    "train": "train a dual encoder with the contrastive + masked-token objective",
+    "train": "train a dual encoder: contrastive + SimCLR by default; masked-token, MAE, queue and caption heads",
     "plot": "draw a run's training curves as a PNG",
     "eval": "zero-shot classification and retrieval on CLIP_benchmark wds/ sets",
     "classify": "zero-shot classify your own images against class names you give",

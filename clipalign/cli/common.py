@@ -19,6 +19,11 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     )
 
 
+def add_progress_arg(p: argparse.ArgumentParser) -> None:
+    """``--no-progress``, on every command that runs long (bars go to stderr, on a terminal only)."""
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (one is drawn only on a terminal)")
+
+
 def add_engine_args(p: argparse.ArgumentParser, ray_does: str, *, embeds: bool = False) -> None:
     """``--engine``, ``--ray-address`` and, where images are embedded, ``--num-gpus`` and ``--actors``;
     ``ray_does``: what ``--engine ray`` does in this command, for its help."""

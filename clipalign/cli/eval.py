@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import json
 
-from clipalign.cli.common import CliError, add_model_args, existing_path, model_source_of, parser, read_templates
+from clipalign.cli.common import (CliError, add_model_args, add_progress_arg, existing_path, model_source_of, parser,
+                                  read_templates)
 
 
 def build_parser():
@@ -28,7 +29,7 @@ def build_parser():
     p.add_argument("--plot", default=None, metavar="DIR",
                    help="write each classification set's confusion matrix as DIR/<set>_confusion.png")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_arg(p)
     return p
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from clipalign.cli.common import (CliError, add_engine_args, add_model_args, engine_options, existing_path, model_source_of,
-                                  parser)
+from clipalign.cli.common import (CliError, add_engine_args, add_model_args, add_progress_arg, engine_options, existing_path,
+                                  model_source_of, parser)
 
 
 def build_parser():
@@ -30,7 +30,7 @@ def build_parser():
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32",
                    help="of the model's pass: bf16 is 2-3x faster where the CPU runs it natively (AMX, AVX-512 "
                    "BF16), vectors within ~1e-2 of fp32's; 'auto' picks it there, else fp32")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_arg(p)
     add_engine_args(p, "embed with a pool of Ray actors and fill the index's parts as Ray tasks, merged here; "
                        "the same folder 'local' writes", embeds=True)
     return p

@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-from clipalign.cli.common import CliError, add_engine_args, engine_options, existing_path, parser, read_templates
+from clipalign.cli.common import (CliError, add_engine_args, add_progress_arg, engine_options, existing_path, parser,
+                                  read_templates)
 
 if TYPE_CHECKING:
     from data_prep.manifest import Manifest
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--label-col", default="label", help="manifest column holding class labels (--eval-set classification)")
     g.add_argument("--templates-file", default=None,
                    help="prompt templates for --eval-set classification, one per line with {c} (default: CLIP's simple ones)")
+    add_progress_arg(p)
     return p
 
 
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         raise CliError(str(err)) from None
     keep_freed_memory()  # this process builds the shards when --workers is 1
     try:
-        with tqdm(unit="row", desc="prep", file=sys.stderr, disable=None) as bar:
+        with tqdm(unit="row", desc="prep", file=sys.stderr, disable=True if args.no_progress else None) as bar:
             stats = run_prep(records, args.out, config, source=str(source.resolve()), progress=bar.update,
                              retry_failed=args.retry_failed, overwrite=args.overwrite, **engine)
     except ResumeMismatch as err:

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from clipalign.cli.common import CliError, parser
+from clipalign.cli.common import CliError, add_progress_arg, parser
 
 
 def _default_workers() -> int:
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra bad training rows (missing file, corrupt/truncated images, empty captions)")
     p.add_argument("--workers", type=int, default=_default_workers(),
                    help="processes rendering images (files do not depend on it)")
+    add_progress_arg(p)
     return p
 
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         with tqdm(total=synth.corpus_images(args.n, args.n_eval), unit="img", desc="synth", file=sys.stderr,
-                  disable=None) as bar:
+                  disable=True if args.no_progress else None) as bar:
             info = synth.write_corpus(args.out, progress=bar.update, **options)
     except ValueError as err:  # an option write_corpus cannot use (checked before anything is written)
         raise CliError(str(err)) from None

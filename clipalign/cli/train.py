@@ -13,7 +13,7 @@ import types
 import typing
 from typing import TYPE_CHECKING, Any, Callable
 
-from clipalign.cli.common import CliError, parser
+from clipalign.cli.common import CliError, add_progress_arg, parser
 
 if TYPE_CHECKING:
     from clipalign.train_config import TrainConfig
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     hints = field_types()
     for f in dataclasses.fields(TrainConfig):
         _add_field(p, f, hints[f.name])
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_arg(p)
     return p
 
 
