@@ -51,18 +51,25 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
 def ordered(submit: Callable[[J], Any], jobs: Iterable[J], in_flight: int) -> Iterator[tuple[J, Any]]:
     """``(job, result)`` in the order of ``jobs``, with at most ``in_flight`` submitted and not yet
     taken; ``submit(job)`` returns a Ray object ref (or None for a job with nothing to do, given
-    back as its result). A task's error is raised when its turn comes, after the earlier ones.
+    back as its result). A task's error is raised when its turn comes, after the earlier ones;
+    then, or when the caller stops taking results, the tasks still in flight are cancelled, so
+    that none goes on writing for a run that has ended.
     """
     import ray
 
     if in_flight < 1:
         raise ValueError(f"in_flight must be >= 1, got {in_flight}")
     pending: deque[tuple[J, Any]] = deque()
-    for job in jobs:
-        pending.append((job, submit(job)))
-        while len(pending) >= in_flight:
+    try:
+        for job in jobs:
+            pending.append((job, submit(job)))
+            while len(pending) >= in_flight:
+                done, ref = pending.popleft()
+                yield done, None if ref is None else ray.get(ref)
+        while pending:
             done, ref = pending.popleft()
             yield done, None if ref is None else ray.get(ref)
-    while pending:
-        done, ref = pending.popleft()
-        yield done, None if ref is None else ray.get(ref)
+    finally:
+        for _, ref in pending:
+            if ref is not None:
+                ray.cancel(ref)  # a queued task never starts; a running one is interrupted

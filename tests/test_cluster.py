@@ -53,3 +53,36 @@ def test_a_failed_task_raises_at_its_turn(ray):
         for job, result in ordered(check.remote, range(5), in_flight=3):
             seen.append(result)
     assert seen == [0, 1]  # the jobs before it were given back first
+
+
+@pytest.mark.parametrize("stop", ["a failed task", "the caller"])
+def test_tasks_in_flight_are_cancelled_when_the_run_stops(ray, stop, tmp_path):
+    @ray.remote(max_retries=0)
+    def job(x: int, gate: str) -> int:
+        import pathlib
+        import time
+
+        if x == 0 and stop == "a failed task":
+            raise ValueError("bad job")
+        deadline = time.monotonic() + 120  # the others wait for a gate never opened: only a cancel ends them
+        while x and not pathlib.Path(gate).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return x
+
+    refs = []
+
+    def submit(x: int):
+        refs.append(job.remote(x, str(tmp_path / "gate")))
+        return refs[-1]
+
+    results = ordered(submit, range(4), in_flight=3)
+    if stop == "a failed task":
+        with pytest.raises(ray.exceptions.RayTaskError, match="bad job"):
+            next(results)
+    else:
+        assert next(results) == (0, 0)
+        results.close()  # the caller stops taking results
+    assert len(refs) == 3  # job 3 was never submitted
+    for ref in refs[1:]:
+        with pytest.raises(ray.exceptions.TaskCancelledError):
+            ray.get(ref, timeout=60)
