@@ -140,6 +140,32 @@ def robots_forbid(values: list[str]) -> str | None:
     return None
 
 
+# The reasons a later attempt may not meet: the network, a slow or busy server. Every other
+# reason (404, 403, robots, not an image, too large, undecodable, ...) is the answer itself.
+RETRYABLE_REASONS: frozenset[str] = frozenset({CONNECTION_ERROR, TIMEOUT, TRUNCATED, HTTP_ERROR})
+_STATUS_DETAIL = re.compile(r"HTTP (\d{3})")
+
+
+def _status_detail(status: int) -> str:
+    """An ``http_error``'s detail: the status, as ``is_retryable`` reads it back from ``errors.jsonl``."""
+    return f"HTTP {status}"
+
+
+def _transient_status(status: int) -> bool:
+    return status == 429 or status >= 500
+
+
+def is_retryable(reason: str | None, detail: str | None) -> bool:
+    """Whether a row skipped for ``reason`` (with ``detail``) is worth fetching again: a connection
+    error, a timeout, a truncated body, or HTTP 429 or 5xx (not another status, nor too many redirects)."""
+    if reason not in RETRYABLE_REASONS:
+        return False
+    if reason != HTTP_ERROR:
+        return True
+    status = _STATUS_DETAIL.fullmatch(detail or "")
+    return status is not None and _transient_status(int(status.group(1)))
+
+
 def retry_after(value: str | None, now: datetime | None = None) -> float | None:
     """Seconds asked for by a ``Retry-After`` header (delay seconds or an HTTP date); ``None`` if absent or invalid."""
     if value is None:
@@ -223,7 +249,7 @@ class _Response:
         if not 200 <= self.status < 300:
             after = retry_after(self.get("retry-after")) if self.status in RETRY_AFTER_STATUSES else None
             reason = NOT_FOUND if self.status in (404, 410) else HTTP_ERROR
-            return FetchError(reason, f"HTTP {self.status}", transient=self.status == 429 or self.status >= 500,
+            return FetchError(reason, _status_detail(self.status), transient=_transient_status(self.status),
                               retry_after=after)
         robots = [value for key, value in self.headers if key == "x-robots-tag"]
         if config.respect_robots and (directive := robots_forbid(robots)):

@@ -1,7 +1,7 @@
 """``--retry-failed``: fetch again only the rows that failed for a reason that may pass.
 
 A finished shard's parquet lists every row's status and reason. The rows whose download
-failed for a reason a later attempt may not meet (``is_retryable``) are fetched and encoded
+failed for a reason a later attempt may not meet (``data_prep.fetch.is_retryable``) are fetched and encoded
 again, in a job of their own; ``merge_retried`` then puts their outcomes in their places among
 the shard's kept samples and rows, so the shard comes out exactly as a run in which those
 rows had gone so the first time would have written it. Shards without such rows are not
@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import heapq
 import os
-import re
 import tarfile
 import uuid
 from pathlib import Path
 from typing import AbstractSet, Any, Iterator
 
-from clipalign.formats.skips import CONNECTION_ERROR, HTTP_ERROR, TIMEOUT, TRUNCATED
+from data_prep.fetch import RETRYABLE_REASONS, is_retryable
 from data_prep.shard_job import (
     SHARD_FILE,
     SUCCESS,
@@ -28,19 +27,6 @@ from data_prep.shard_job import (
     shard_name,
 )
 from data_prep.shards import TarShard
-
-# The reasons a later attempt may not meet: the network, a slow or busy server. Every other
-# reason (404, 403, robots, not an image, too large, undecodable, ...) is the answer itself.
-RETRYABLE_REASONS: frozenset[str] = frozenset({CONNECTION_ERROR, TIMEOUT, TRUNCATED, HTTP_ERROR})
-_RETRYABLE_HTTP = re.compile(r"HTTP (429|5\d\d)")  # http_error's detail names the status (data_prep.fetch)
-
-
-def is_retryable(reason: str | None, detail: str | None) -> bool:
-    """Whether a row skipped for ``reason`` (with ``detail``) is worth fetching again: a connection
-    error, a timeout, a truncated body, or HTTP 429 or 5xx (not another status, nor too many redirects)."""
-    if reason not in RETRYABLE_REASONS:
-        return False
-    return reason != HTTP_ERROR or bool(detail and _RETRYABLE_HTTP.fullmatch(detail))
 
 
 def rows_to_retry(out_dir: Path, shard_id: int) -> frozenset[int]:

@@ -17,7 +17,7 @@ from clipalign.cli import main as clipalign
 from data_prep.fetch import FetchConfig
 from data_prep.manifest import Manifest
 from data_prep.prep import PrepConfig, run_prep
-from data_prep.retry import is_retryable
+from data_prep.fetch import is_retryable
 from data_prep.sample import SampleConfig
 from tests.prep_server import LoopbackServer, send
 
