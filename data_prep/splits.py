@@ -23,10 +23,11 @@ from __future__ import annotations
 import csv
 import io
 import re
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 from data_prep.manifest import MANIFEST_EXTENSIONS, Manifest, ManifestError
 from data_prep.ranges import RowRange
+from data_prep.records import Record
 
 BOM = b"\xef\xbb\xbf"
 _ASCII_SPACE = b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"  # the ASCII bytes str.strip() removes
@@ -59,6 +60,16 @@ def shard_ranges(manifest: Manifest, shard_size: int) -> list[RowRange] | None:
             return _ranges(starts, shard_size)
     except _LoneCarriageReturn:
         return None
+
+
+def prep_input(manifest: Manifest, engine: str) -> Iterable[Record] | Manifest:
+    """What a prep run on ``engine`` reads: the manifest itself where Ray's tasks can read their own
+    row ranges (its header checked here), else its records (opened here). Either way a bad header
+    raises ``ManifestError`` now, before a run deletes anything."""
+    if engine == "ray" and splittable(manifest):
+        manifest.check()
+        return manifest
+    return manifest.records()
 
 
 def splittable(manifest: Manifest) -> bool:

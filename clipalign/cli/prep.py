@@ -4,15 +4,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 from clipalign.cli.common import (CliError, add_engine_args, add_progress_arg, engine_options, existing_path, parser,
                                   read_templates)
 
 if TYPE_CHECKING:
-    from data_prep.manifest import Manifest
     from data_prep.prep import PrepConfig
-    from data_prep.records import Record
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,18 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     from data_prep.memory import keep_freed_memory
     from data_prep.prep import ResumeMismatch, run_prep
     from data_prep.ray_prep import ClusterError
-    from data_prep.splits import splittable
+    from data_prep.splits import prep_input
 
     extra_cols = _extra_cols(args.extra_cols)
     manifest = Manifest(source, image_col=args.image_col, caption_col=args.caption_col,
                         extra_cols=None if extra_cols is None else tuple(extra_cols), caption_mode=args.caption_mode,
                         image_root=None if args.image_root is None else Path(args.image_root))
     try:  # opened here, so that a bad header fails before --overwrite deletes anything
-        if engine["engine"] == "ray" and splittable(manifest):
-            manifest.check()
-            records: Iterable[Record] | Manifest = manifest  # the tasks read their own rows
-        else:
-            records = manifest.records()
+        records = prep_input(manifest, engine["engine"])
     except ManifestError as err:
         raise CliError(str(err)) from None
     keep_freed_memory()  # this process builds the shards when --workers is 1
