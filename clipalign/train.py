@@ -324,6 +324,7 @@ class Trainer:
         batches = iter(train_loader(self._pipeline(shards), cfg.workers))
         bar = progress(total=cfg.steps, initial=self.step, unit="step") if progress else None
         first_step, start = self.step, time.perf_counter()
+        self.data_wait_s = 0.0  # this run's seconds spent waiting for the loader
         self.model.train()
         with attention_backend(cfg.attention):
             try:
@@ -339,6 +340,7 @@ class Trainer:
             "resumed_from": resumed_from,
             "seconds": elapsed,
             "samples_per_s": steps_run * cfg.batch_size * self.env.world_size / elapsed if elapsed > 0 else 0.0,
+            "data_wait_frac": self.data_wait_s / elapsed if elapsed > 0 else 0.0,  # of the time, the step waited
             "final": logs,
             "skipped": self.skipped_total(),
             "nonfinite_steps": self.nonfinite_steps,
@@ -348,9 +350,12 @@ class Trainer:
     def _loop(self, batches: Iterator, bar: Any, run: RunWriter | None) -> dict[str, float]:
         """Steps until ``cfg.steps``, logging, evaluating and checkpointing on schedule."""
         cfg, logs = self.cfg, {}
-        window_start, window_samples = time.perf_counter(), 0
+        window_start, window_samples, window_steps, window_wait = time.perf_counter(), 0, 0, 0.0
         while self.step < cfg.steps:
+            asked = time.perf_counter()
             batch, info = next(batches)
+            waited = time.perf_counter() - asked
+            window_wait, window_steps, self.data_wait_s = window_wait + waited, window_steps + 1, self.data_wait_s + waited
             self.skipped[info["role"]] = info["skipped"]
             self.position = self.position.advance(info["role"], info["consumed"])
             logs = self.train_step(batch)
@@ -366,13 +371,15 @@ class Trainer:
                     "lr": self.scheduler.get_last_lr()[0],
                     **logs,
                     "samples_per_s": window_samples / (now - window_start),
+                    "data_wait_s": window_wait / window_steps,  # mean seconds a step waited for its batch
                     "skipped": self.skipped_total(),
                     "nonfinite_steps": self.nonfinite_steps,
                     **evals,
                 }
                 if run is not None:
                     run.log(record)
-                window_start, window_samples = time.perf_counter(), 0  # evaluation time is not training time
+                # evaluation time is not training time
+                window_start, window_samples, window_steps, window_wait = time.perf_counter(), 0, 0, 0.0
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self.save()
         return logs

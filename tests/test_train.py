@@ -51,6 +51,28 @@ def test_tiny_run_learns(shards, tmp_path):
     assert json.loads(RunFolder(tmp_path).summary.read_text()) == summary
 
 
+def test_the_wait_for_each_batch_is_measured(shards, tmp_path, monkeypatch):
+    """A loader whose every batch takes 1000 s (of a clock that only the loader moves) shows as
+    1000 s of wait a step, and as nearly all of the run's time."""
+    import time
+
+    import clipalign.train as train
+
+    offset, real_clock, real_loader = [0.0], time.perf_counter, train.train_loader
+
+    def slow_loader(*args, **kwargs):
+        for batch in real_loader(*args, **kwargs):
+            offset[0] += 1000.0
+            yield batch
+
+    monkeypatch.setattr(train.time, "perf_counter", lambda: real_clock() + offset[0])
+    monkeypatch.setattr(train, "train_loader", slow_loader)
+    summary = Trainer(_cfg(shards, tmp_path, steps=3, log_every=1)).fit()
+    waits = [r["data_wait_s"] for r in _metrics(tmp_path)]
+    assert len(waits) == 3 and all(1000 <= w < 1060 for w in waits)  # the real step took under a minute
+    assert 3000 / (3000 + 180) < summary["data_wait_frac"] <= 1
+
+
 def test_mlm_weight_zero_turns_the_head_off(shards, tmp_path):
     trainer = Trainer(_cfg(shards, tmp_path, steps=2, mlm_weight=0.0))
     trainer.fit()

@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(
             f"trained {summary['steps']} steps ({summary['steps_this_run']} this run) in {summary['seconds']:.0f} s, "
-            f"{summary['samples_per_s']:.0f} samples/s; loss {final['loss']:.3f}"
+            f"{summary['samples_per_s']:.0f} samples/s ({100 * summary['data_wait_frac']:.0f} % of it waiting for data); "
+            f"loss {final['loss']:.3f}"
             + (f", mlm acc {final['mlm_acc']:.2f}" if "mlm_acc" in final else ""),
             file=sys.stderr,
         )
