@@ -32,6 +32,9 @@ ROWS = {
     "MLM on": {"mlm_weight": 0.1, "image_ssl": "none"},
     "MLM on, image-conditioned": {"mlm_weight": 0.1, "mlm_condition": "image", "image_ssl": "none"},
     "MLM off, SimCLR (default)": {"image_ssl": "simclr", "image_ssl_weight": 0.5},
+    # ViT towers only: FLIP's patch dropout, and MAE on the patches it hid (one encoder pass)
+    "MLM off, patch dropout 0.5": {"image_ssl": "none", "patch_dropout": 0.5},
+    "MLM off, patch dropout 0.5 + MAE": {"image_ssl": "mae", "image_ssl_weight": 1.0, "patch_dropout": 0.5},
 }
 WORDS = "a red blue green small large circle square star triangle at the top left bottom right of".split()
 
@@ -87,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=6, help="timed steps per row (after 2 warm-up steps)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--clock", choices=["cpu", "wall"], default="wall")
-    p.add_argument("--only", nargs="*", choices=list(ROWS), default=list(ROWS))
+    p.add_argument("--only", nargs="*", choices=list(ROWS), default=[n for n in ROWS if "patch dropout" not in n],
+                   help="rows to run; the patch-dropout rows (ViT towers only) run only when named here")
     p.add_argument("--open-clip-attention", action="store_true", help="run the towers on nn.MultiheadAttention")
     p.add_argument("--profile", action="store_true", help="also print an operator profile of one step per row")
     p.add_argument("--json", default=None)

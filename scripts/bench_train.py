@@ -142,14 +142,15 @@ def _open_clip_cmd(row: Row, pattern: str, out: Path, a: argparse.Namespace) -> 
             "--val-frequency", "0", "--report-to", "", "--logs", str(out), "--name", "run"]
 
 
-def step_rates(row: Row, output: str, out: Path) -> list[float]:
-    """Samples/s of every logged step, in order."""
+def step_rates(row: Row, output: str, out: Path) -> list[tuple[float, float]]:
+    """(samples/s, seconds waiting for the batch) of every logged step, in order."""
     if row.trainer == "clipalign":
         from clipalign.formats.folders import RunFolder
 
-        lines = RunFolder(out).metrics.read_text().splitlines()
-        return [json.loads(line)["samples_per_s"] for line in lines]
-    return [float(m) for m in re.findall(r"Batch \(t\): [0-9.]+, ([0-9.]+)/s,", output)]
+        lines = [json.loads(line) for line in RunFolder(out).metrics.read_text().splitlines()]
+        return [(r["samples_per_s"], r["data_wait_s"]) for r in lines]
+    return [(float(rate), float(wait)) for wait, rate in
+            re.findall(r"Data \(t\): ([0-9.]+) Batch \(t\): [0-9.]+, ([0-9.]+)/s,", output)]
 
 
 def run_row(row: Row, pattern: str, a: argparse.Namespace) -> dict:
@@ -166,7 +167,8 @@ def run_row(row: Row, pattern: str, a: argparse.Namespace) -> dict:
     if len(rates) <= a.warmup:
         raise RuntimeError(f"{row.name}: only {len(rates)} steps logged")
     return {"name": row.name, "trainer": row.trainer, "precision": row.precision, "args": row.args,
-            "math_attention": row.math_attention, "samples_per_s": statistics.median(rates[a.warmup:]),
+            "math_attention": row.math_attention, "samples_per_s": statistics.median(r for r, _ in rates[a.warmup:]),
+            "data_wait_ms": 1000 * statistics.median(w for _, w in rates[a.warmup:]),
             "steps": len(rates), "wall_s": wall, "command": " ".join(cmd)}
 
 
@@ -197,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 
         pattern = write_shards(Path(tmp) / "shards", a.model, a.shards, a.per_shard, create_model(a.model).image_size)
         results = []
-        print(f"{'run':<46} {'samples/s':>9} {'GFLOP/sample':>12} {'MFU':>6}")
+        print(f"{'run':<46} {'samples/s':>9} {'GFLOP/sample':>12} {'MFU':>6} {'data wait':>9}")
         for row in rows:
             theirs = row.trainer == "open_clip_train"  # the same model and loss, over the full padded context
             flops = step_flops(a.model, pattern, a.batch_size, OFF if theirs else row.args, full_context=theirs)
@@ -205,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             res["gflop_per_sample"] = flops / 1e9
             res["mfu"] = flops * res["samples_per_s"] / ceilings[row.precision]
             results.append(res)
-            print(f"{row.name:<46} {res['samples_per_s']:9.1f} {flops / 1e9:12.2f} {100 * res['mfu']:5.1f}%", flush=True)
+            print(f"{row.name:<46} {res['samples_per_s']:9.1f} {flops / 1e9:12.2f} {100 * res['mfu']:5.1f}% "
+                  f"{res['data_wait_ms']:6.1f} ms", flush=True)
     by_name = {r["name"]: r for r in results}
     ratios = {}
     for ours, theirs in [("clipalign bf16, MLM off", "open_clip_train amp_bf16"),
