@@ -144,3 +144,35 @@ def test_towers_that_see_padding_are_not_trimmed():
     assert not trims_text(coca_like)
     coca_like.pool_type, coca_like.attn_mask = "argmax", None  # bidirectional attention
     assert not trims_text(coca_like)
+
+
+def test_a_convolutional_tower_sees_channels_last_images_and_gives_the_same_features():
+    torch.manual_seed(0)
+    model = create_model("ca-tiny").eval()  # open_clip's ModifiedResNet
+    assert model.channels_last and not create_model("ca-nano").channels_last  # a ViT keeps its layout
+    seen = []
+    model.clip.visual.conv1.register_forward_pre_hook(
+        lambda _, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    images = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        fast = model.encode_image(images)
+        features, _ = model.encode_image_and_tokens(images)
+        plain = model.clip.encode_image(images)  # open_clip's own call, on the contiguous batch
+    assert seen == [True, True, False]
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(features, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = create_model("ca-tiny")
+    images = torch.randn(4, 3, 64, 64)
+    grads = []
+    for fast in (True, False):
+        model.zero_grad()
+        model.channels_last = fast
+        model.encode_image(images).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.clip.visual.parameters()])
+    scale = max(g.abs().max().item() for g in grads[1])
+    for fast, plain in zip(*grads):  # the same sums in another order: fp32 rounding apart
+        torch.testing.assert_close(fast, plain, rtol=1e-3, atol=1e-5 * scale)
