@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import text_global_pool
 from torch import nn
 
@@ -15,10 +16,11 @@ from clipalign.masking import IGNORE_INDEX
 MLM_CONDITIONS = ("none", "image")
 
 
-def convolutional(visual: nn.Module) -> bool:
-    """Whether an image tower is a convolutional network (open_clip's ModifiedResNet, a timm
-    ConvNet), not a ViT whose one convolution is its patch embedding."""
-    return sum(isinstance(m, nn.Conv2d) for m in visual.modules()) > 1
+def runs_channels_last(visual: nn.Module) -> bool:
+    """Whether an image tower gets channels-last images: open_clip's ModifiedResNet, the one
+    measured (1.3x a ca-tiny step, BENCHMARKS.md). ViTs gain nothing, and timm's ConvNet towers
+    keep their layout: MobileCLIP2's crashed torch 2.14.1's channels-last backward (a segfault)."""
+    return isinstance(visual, ModifiedResNet)
 
 
 class MlmHead(nn.Module):
@@ -157,8 +159,8 @@ class ClipAlign(nn.Module):
         else:
             self.mlm_head = MlmHead(emb.embedding_dim, emb.num_embeddings, learned_mask=mask_id is None)
         # oneDNN's convolutions run a ca-tiny step 1.3x faster on channels-last images, in bf16 and
-        # fp32 alike (BENCHMARKS.md); the weights keep their layout, and ViTs gain nothing
-        self.channels_last = convolutional(clip.visual)
+        # fp32 alike (BENCHMARKS.md); the weights keep their layout
+        self.channels_last = runs_channels_last(clip.visual)
         self.mlm_fusion = None
         if mlm_condition == "image":
             embed_dim = getattr(clip.visual, "output_dim", None) or emb.embedding_dim

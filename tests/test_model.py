@@ -146,7 +146,7 @@ def test_towers_that_see_padding_are_not_trimmed():
     assert not trims_text(coca_like)
 
 
-def test_a_convolutional_tower_sees_channels_last_images_and_gives_the_same_features():
+def test_a_resnet_tower_sees_channels_last_images_and_gives_the_same_features():
     torch.manual_seed(0)
     model = create_model("ca-tiny").eval()  # open_clip's ModifiedResNet
     assert model.channels_last and not create_model("ca-nano").channels_last  # a ViT keeps its layout
