@@ -10,6 +10,7 @@ import fcntl
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -50,6 +51,31 @@ def truncate_metrics(path: Path, step: int) -> None:
     kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
     if len(kept) != len(lines):
         replace_file(path, lambda tmp: tmp.write_text("".join(kept)))
+
+
+class StepTimes:
+    """A run's throughput and wait for data: per logging window (``window``) and in all (``waited_s``)."""
+
+    def __init__(self) -> None:
+        self.waited_s = 0.0  # the whole run's seconds spent waiting for batches
+        self._open()
+
+    def _open(self) -> None:
+        self._start, self._samples, self._steps, self._waited = time.perf_counter(), 0, 0, 0.0
+
+    def step(self, samples: int, waited_s: float) -> None:
+        """One step of ``samples`` (all ranks), whose batch took ``waited_s`` to arrive."""
+        self._samples, self._steps, self._waited = self._samples + samples, self._steps + 1, self._waited + waited_s
+        self.waited_s += waited_s
+
+    def window(self) -> dict[str, float]:
+        """``samples_per_s`` and ``data_wait_s`` (mean a step) since the window opened."""
+        return {"samples_per_s": self._samples / (time.perf_counter() - self._start),
+                "data_wait_s": self._waited / max(self._steps, 1)}
+
+    def restart(self) -> None:
+        """Open the next window now (time spent logging is not training time)."""
+        self._open()
 
 
 class RunWriter:

@@ -29,7 +29,7 @@ from clipalign.objectives import build_objectives, optimizer_groups
 from clipalign.precision import attention_backend, autocast
 from clipalign.resume import (TRAINING_STATE, ResumeMismatchError, check_resumable, resume_stream, rng_state,
                               set_rng_state)
-from clipalign.run_folder import RunLockedError, RunWriter
+from clipalign.run_folder import RunLockedError, RunWriter, StepTimes
 from clipalign.schedule import warmup_cosine_scheduler
 from clipalign.train_config import TrainConfig
 
@@ -323,12 +323,11 @@ class Trainer:
         cfg = self.cfg
         batches = iter(train_loader(self._pipeline(shards), cfg.workers))
         bar = progress(total=cfg.steps, initial=self.step, unit="step") if progress else None
-        first_step, start = self.step, time.perf_counter()
-        self.data_wait_s = 0.0  # this run's seconds spent waiting for the loader
+        first_step, start, times = self.step, time.perf_counter(), StepTimes()
         self.model.train()
         with attention_backend(cfg.attention):
             try:
-                logs = self._loop(batches, bar, run)
+                logs = self._loop(batches, bar, run, times)
             finally:
                 if bar is not None:
                     bar.close()
@@ -340,46 +339,41 @@ class Trainer:
             "resumed_from": resumed_from,
             "seconds": elapsed,
             "samples_per_s": steps_run * cfg.batch_size * self.env.world_size / elapsed if elapsed > 0 else 0.0,
-            "data_wait_frac": self.data_wait_s / elapsed if elapsed > 0 else 0.0,  # of the time, the step waited
+            "data_wait_frac": times.waited_s / elapsed if elapsed > 0 else 0.0,  # of the time, the step waited
             "final": logs,
             "skipped": self.skipped_total(),
             "nonfinite_steps": self.nonfinite_steps,
             "checkpoint": str(ckpt.latest_checkpoint(self.out)),
         }
 
-    def _loop(self, batches: Iterator, bar: Any, run: RunWriter | None) -> dict[str, float]:
+    def _loop(self, batches: Iterator, bar: Any, run: RunWriter | None, times: StepTimes) -> dict[str, float]:
         """Steps until ``cfg.steps``, logging, evaluating and checkpointing on schedule."""
         cfg, logs = self.cfg, {}
-        window_start, window_samples, window_steps, window_wait = time.perf_counter(), 0, 0, 0.0
         while self.step < cfg.steps:
             asked = time.perf_counter()
             batch, info = next(batches)
             waited = time.perf_counter() - asked
-            window_wait, window_steps, self.data_wait_s = window_wait + waited, window_steps + 1, self.data_wait_s + waited
             self.skipped[info["role"]] = info["skipped"]
             self.position = self.position.advance(info["role"], info["consumed"])
             logs = self.train_step(batch)
-            window_samples += batch["image"].shape[0] * self.env.world_size
+            times.step(batch["image"].shape[0] * self.env.world_size, waited)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{logs['loss']:.3f}", T=f"{logs['temperature']:.3f}")
             evals = self.evaluate() if cfg.eval_every and self.step % cfg.eval_every == 0 else {}
             if self.step % cfg.log_every == 0 or self.step == cfg.steps or evals:
-                now = time.perf_counter()
                 record = {
                     "step": self.step,
                     "lr": self.scheduler.get_last_lr()[0],
                     **logs,
-                    "samples_per_s": window_samples / (now - window_start),
-                    "data_wait_s": window_wait / window_steps,  # mean seconds a step waited for its batch
+                    **times.window(),
                     "skipped": self.skipped_total(),
                     "nonfinite_steps": self.nonfinite_steps,
                     **evals,
                 }
                 if run is not None:
                     run.log(record)
-                # evaluation time is not training time
-                window_start, window_samples, window_steps, window_wait = time.perf_counter(), 0, 0, 0.0
+                times.restart()  # the next window starts after this evaluation and log
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self.save()
         return logs
