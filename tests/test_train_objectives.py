@@ -9,7 +9,7 @@ import torch
 from toydata import COLOURS, square_image, write_toy_shards
 
 from clipalign import checkpoint as ckpt
-from clipalign.data import SampleDecoder
+from clipalign.data import SampleDecoder, seeded_cpu_rng
 from clipalign.formats.folders import RunFolder
 from clipalign.momentum import FeatureQueue, MomentumQueues
 from clipalign.train import Trainer, split_batch
@@ -127,6 +127,28 @@ def test_loader_makes_two_different_views_per_image(shards, tmp_path):
     batch, _ = next(iter(pipeline))
     assert batch["views"].shape == (16, 2, 3, 32, 32)
     assert not torch.equal(batch["views"][:, 0], batch["views"][:, 1])
+
+
+def _draws():
+    return torch.rand(4), torch.randint(100, (3,)), torch.empty(2).uniform_(0.5, 2.0)
+
+
+def test_seeded_cpu_rng_draws_what_manual_seed_draws_and_gives_the_rng_back():
+    # the loader's per-sample augmentation seed: the same numbers as fork_rng + manual_seed,
+    # without manual_seed's per-backend calls
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        reference = _draws()
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    with seeded_cpu_rng(1234):
+        got = _draws()
+    assert all(torch.equal(a, b) for a, b in zip(got, reference))
+    assert torch.equal(torch.get_rng_state(), state)
+    with pytest.raises(ValueError), seeded_cpu_rng(99):
+        torch.rand(1)
+        raise ValueError("a bad sample")
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_the_default_objective_is_contrastive_plus_simclr_and_image_ssl_none_turns_it_off(shards, tmp_path):
