@@ -62,6 +62,7 @@ ROWS = [
     Row("open_clip_train amp_bf16", "open_clip_train", "bf16"),
     Row("open_clip_train amp_bf16 + math attention", "open_clip_train", "bf16", math_attention=True),
     Row("clipalign fp32, MLM off", "clipalign", "fp32", OFF),
+    Row("clipalign fp32, MLM on", "clipalign", "fp32", MLM),
     Row("clipalign bf16, MLM off", "clipalign", "bf16", OFF),
     Row("clipalign bf16, MLM on", "clipalign", "bf16", MLM),
     Row("clipalign bf16, MLM on half the batch", "clipalign", "bf16", [*MLM, "--mlm-fraction", "0.5"]),
@@ -215,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                          ("clipalign fp32, MLM off", "open_clip_train fp32"),
                          ("clipalign bf16, MLM off", "open_clip_train fp32"),
                          ("clipalign bf16, MLM on", "clipalign bf16, MLM off"),
+                         ("clipalign fp32, MLM on", "clipalign fp32, MLM off"),
                          ("clipalign bf16, MLM on half the batch", "clipalign bf16, MLM off"),
                          ("clipalign bf16, MLM off, SimCLR", "clipalign bf16, MLM off"),
                          ("clipalign bf16, MLM off, MoCo queue 4096", "clipalign bf16, MLM off")]:
