@@ -26,6 +26,7 @@ from clipalign.loss import mlm_hits
 from clipalign.masking import IGNORE_INDEX
 from clipalign.model import text_length
 from clipalign.objectives import build_objectives, optimizer_groups
+from clipalign.pixels import loader_transforms, normalize_batch
 from clipalign.precision import attention_backend, autocast
 from clipalign.resume import (TRAINING_STATE, ResumeMismatchError, check_resumable, resume_stream, rng_state,
                               set_rng_state)
@@ -89,6 +90,9 @@ class Trainer:
         self.tokenizer = get_tokenizer(cfg.model)
         self.objectives = build_objectives(cfg, self.model, self.tokenizer, self.env.rank, self.env.world_size,
                                            self.device)
+        # the loader hands over uint8 images; train_step normalises them a batch at a time
+        self.loader_transform, self.loader_views, self.normalizers = loader_transforms(
+            self.train_transform, self.objectives.view_transform)
         for head in self.objectives.trained_heads():
             D.broadcast_parameters(head, self.env)
         params = optimizer_groups(self.model, self.objectives, cfg.weight_decay)
@@ -159,7 +163,7 @@ class Trainer:
         """Forward, backward and update on one batch; returns the logged scalars.
 
         Args:
-            batch: ``image`` (B, 3, H, W) normalised images, ``text`` (B, L) token ids; with the
+            batch: ``image`` (B, 3, H, W) images, normalised or uint8 from the loader, ``text`` (B, L) token ids; with the
                 MLM head ``masked_text`` and ``mlm_labels`` (B, L) from ``mask_tokens``; with
                 ``--image-ssl simclr`` ``views`` (B, 2, 3, H, W).
 
@@ -169,7 +173,7 @@ class Trainer:
         ``--accum-freq``), so the gradient equals that of one pass over the whole batch.
         """
         cfg, model, obj = self.cfg, self.model, self.objectives
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        batch = normalize_batch({k: v.to(self.device, non_blocking=True) for k, v in batch.items()}, self.normalizers)
         if obj.mlm is not None and "masked_text" not in batch:
             batch["masked_text"], batch["mlm_labels"] = self.mask(batch["text"])
         batch = self.drop_padding(batch)
@@ -312,9 +316,9 @@ class Trainer:
         the MLM inputs where those objectives are on)."""
         cfg = self.cfg
         return train_pipeline(
-            shards, transform=self.train_transform, tokenizer=self.tokenizer, batch_size=cfg.batch_size,
+            shards, transform=self.loader_transform, tokenizer=self.tokenizer, batch_size=cfg.batch_size,
             seed=self.stream_seed, shuffle_buffer=cfg.shuffle_buffer, workers=cfg.workers, rank=self.env.rank,
-            position=self.position, view_transform=self.objectives.view_transform,
+            position=self.position, view_transform=self.loader_views,
             masker=self.objectives.masker,
         )
 
