@@ -63,7 +63,7 @@ def _stored_tokenizer(sample: dict) -> str | None:
 def seeded_cpu_rng(seed: int) -> Iterator[None]:
     """Run the block on torch's CPU RNG seeded with ``seed``, then give the RNG back its state.
 
-    ``torch.random.fork_rng(devices=[])`` with ``torch.manual_seed`` draws the same numbers,
+    ``torch.random.fork_rng(devices=[])`` with ``torch.manual_seed`` draws the same numbers, but
     ``manual_seed`` also queues a seed for every accelerator backend, and a CUDA build of
     torch formats a stack trace for each: 0.7-1 ms a sample, about a third of the loader.
     """

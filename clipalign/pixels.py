@@ -40,9 +40,9 @@ def uint8_transform(transform: Callable) -> tuple[Callable, BatchNormalize | Non
     Only a ``Compose`` that ends with ``ToTensor`` (or open_clip's ``MaybeToTensor``) and a
     ``Normalize`` in place is split; any other transform comes back as it is, with ``None``.
     """
-    steps = getattr(transform, "transforms", None)
-    if not isinstance(transform, T.Compose) or not steps or len(steps) < 2:
+    if not isinstance(transform, T.Compose) or len(transform.transforms) < 2:
         return transform, None
+    steps = transform.transforms
     to_tensor, normalize = steps[-2], steps[-1]
     if not isinstance(to_tensor, (T.ToTensor, MaybeToTensor)) or type(normalize) is not T.Normalize:
         return transform, None

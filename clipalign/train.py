@@ -90,7 +90,6 @@ class Trainer:
         self.tokenizer = get_tokenizer(cfg.model)
         self.objectives = build_objectives(cfg, self.model, self.tokenizer, self.env.rank, self.env.world_size,
                                            self.device)
-        # the loader hands over uint8 images; train_step normalises them a batch at a time
         self.loader_transform, self.loader_views, self.normalizers = loader_transforms(
             self.train_transform, self.objectives.view_transform)
         for head in self.objectives.trained_heads():
@@ -163,9 +162,9 @@ class Trainer:
         """Forward, backward and update on one batch; returns the logged scalars.
 
         Args:
-            batch: ``image`` (B, 3, H, W) images, normalised or uint8 from the loader, ``text`` (B, L) token ids; with the
-                MLM head ``masked_text`` and ``mlm_labels`` (B, L) from ``mask_tokens``; with
-                ``--image-ssl simclr`` ``views`` (B, 2, 3, H, W).
+            batch: ``image`` (B, 3, H, W) images, normalised or the loader's uint8 (normalised here,
+                ``self.normalizers``), ``text`` (B, L) token ids; with the MLM head ``masked_text`` and
+                ``mlm_labels`` (B, L) from ``mask_tokens``; with SimCLR ``views`` (B, 2, 3, H, W).
 
         With ``accum_steps`` K > 1 the batch is run as K micro-batches. Their features are
         first computed without gradients, then each micro-batch is recomputed with gradients
