@@ -8,6 +8,7 @@ order, so a Ray run commits what it gets exactly as the local loop does.
 from __future__ import annotations
 
 import socket
+import warnings
 from collections import deque
 from types import ModuleType
 from typing import Any, Callable, Iterable, Iterator, TypeVar
@@ -15,6 +16,9 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 RAY_MISSING = "--engine ray needs Ray: pip install 'clipalign[ray]'"
 # A task whose worker process or node dies is run again this many times (Ray's own retry).
 MAX_RETRIES = 3
+# Seconds a cancelled task has to end after its KeyboardInterrupt before its worker is killed.
+CANCEL_GRACE_S = 10.0
+FORCE_TRIES = 3
 
 J = TypeVar("J")
 
@@ -52,8 +56,8 @@ def ordered(submit: Callable[[J], Any], jobs: Iterable[J], in_flight: int) -> It
     """``(job, result)`` in the order of ``jobs``, with at most ``in_flight`` submitted and not yet
     taken; ``submit(job)`` returns a Ray object ref (or None for a job with nothing to do, given
     back as its result). A task's error is raised when its turn comes, after the earlier ones;
-    then, or when the caller stops taking results, the tasks still in flight are cancelled, so
-    that none goes on writing for a run that has ended.
+    then, or when the caller stops taking results, the tasks still in flight are stopped
+    (``stop_tasks``), so that none goes on writing for a run that has ended.
     """
     import ray
 
@@ -70,6 +74,27 @@ def ordered(submit: Callable[[J], Any], jobs: Iterable[J], in_flight: int) -> It
             done, ref = pending.popleft()
             yield done, None if ref is None else ray.get(ref)
     finally:
-        for _, ref in pending:
-            if ref is not None:
-                ray.cancel(ref)  # a queued task never starts; a running one is interrupted
+        stop_tasks([ref for _, ref in pending if ref is not None])
+
+
+def stop_tasks(refs: list[Any], grace_s: float | None = None) -> None:
+    """Cancel the tasks of ``refs`` and return once each has ended (finished, cancelled or
+    killed), so that none goes on after its run.
+
+    Ray's cancel is best-effort: a cancel that reaches a worker while it is still starting the
+    task can be lost (ray-project/ray#24359), and a task can catch the ``KeyboardInterrupt``.
+    So a task not ended ``grace_s`` (default ``CANCEL_GRACE_S``) after the interrupt is cancelled
+    again with ``force=True``, which ends its worker process; after ``FORCE_TRIES`` of those, a
+    warning names how many are left.
+    """
+    import ray
+
+    grace_s = CANCEL_GRACE_S if grace_s is None else grace_s
+    for attempt in range(1 + FORCE_TRIES):
+        if not refs:
+            return
+        for ref in refs:
+            ray.cancel(ref, force=attempt > 0)  # a queued task never starts; a running one is interrupted
+        _, refs = ray.wait(refs, num_returns=len(refs), timeout=grace_s)
+    if refs:
+        warnings.warn(f"{len(refs)} Ray task(s) still running after {FORCE_TRIES} forced cancels", stacklevel=2)

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
-from clipalign.cluster import connect, ordered
+from clipalign.cluster import connect, ordered, stop_tasks
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1:1", "no-port"])
@@ -83,6 +84,36 @@ def test_tasks_in_flight_are_cancelled_when_the_run_stops(ray, stop, tmp_path):
         assert next(results) == (0, 0)
         results.close()  # the caller stops taking results
     assert len(refs) == 3  # job 3 was never submitted
-    for ref in refs[1:]:
-        with pytest.raises(ray.exceptions.TaskCancelledError):
-            ray.get(ref, timeout=60)
+    _, running = ray.wait(refs[1:], num_returns=2, timeout=0)
+    assert not running  # the run's end waited for its tasks to end
+    for ref in refs[1:]:  # cancelled; or killed, where Ray lost the cancel of a task just starting
+        with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.WorkerCrashedError)):
+            ray.get(ref, timeout=0)
+
+
+def test_a_task_that_outlives_its_cancel_is_killed(ray, tmp_path):
+    @ray.remote(max_retries=0)
+    def stubborn(started: str, finished: str) -> None:
+        import pathlib
+        import time
+
+        pathlib.Path(started).touch()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                time.sleep(0.05)
+            except KeyboardInterrupt:  # what a graceful cancel raises: this task carries on
+                pass
+        pathlib.Path(finished).touch()
+
+    started, finished = tmp_path / "started", tmp_path / "finished"
+    ref = stubborn.remote(str(started), str(finished))
+    deadline = time.monotonic() + 60
+    while not started.exists():  # interrupt it running, not queued
+        assert time.monotonic() < deadline, "the task never started"
+        time.sleep(0.05)
+    stop_tasks([ref], grace_s=1.0)
+    assert ray.wait([ref], timeout=0)[0] == [ref]  # ended when stop_tasks returned: killed
+    with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.WorkerCrashedError)):
+        ray.get(ref, timeout=0)
+    assert not finished.exists()
