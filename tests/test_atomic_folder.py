@@ -101,21 +101,25 @@ def test_a_folder_of_something_else_is_never_replaced(tmp_path):
     assert [p.name for p in mine.iterdir()] == ["holiday.jpg"] and _siblings(mine) == []
 
 
+# Writes the index of argv[1] from the vectors and rows in the folder argv[2] (importing retrieval
+# alone, not the tests' model helpers), and hangs once its metadata is written.
 KILLED_WRITER = """
-import sys, time
+import json, sys, time
 from pathlib import Path
+import numpy as np
 import retrieval.index as ix
-from tests.test_atomic_folder import VECTORS, _meta
+out, given, how = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+vectors, rows = np.load(given / "vectors.npy"), json.loads((given / "rows.json").read_text())
 real = ix._save_metadata
 def slow(path, rows):
     real(path, rows)
-    Path(sys.argv[2]).write_text("written")
+    (given / "marker").write_text("written")
     time.sleep(120)
 ix._save_metadata = slow
-if sys.argv[3] == "add":
-    ix.add_to_index(sys.argv[1], {"image": VECTORS[100:]}, _meta(200, 100))
+if how == "add":
+    ix.add_to_index(out, {"image": vectors}, rows)
 else:
-    ix.save_index(sys.argv[1], {"image": VECTORS}, _meta(300), {"model": "toy"}, kind="flat")
+    ix.save_index(out, {"image": vectors}, rows, {"model": "toy"}, kind="flat")
 """
 
 
@@ -123,9 +127,12 @@ else:
 def test_a_writer_killed_mid_write_leaves_the_previous_index(tmp_path, how):
     out = tmp_path / "idx"
     save_index(out, {"image": VECTORS[:100]}, _meta(100), {"model": "toy"}, kind="flat")
-    (tmp_path / "m").mkdir()
-    marker = tmp_path / "m" / "marker"
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(out), str(marker), how], cwd=ROOT)
+    given = tmp_path / "m"
+    given.mkdir()
+    np.save(given / "vectors.npy", VECTORS[100:] if how == "add" else VECTORS)
+    (given / "rows.json").write_text(json.dumps(_meta(200, 100) if how == "add" else _meta(300)))
+    marker = given / "marker"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(out), str(given), how], cwd=ROOT)
     try:
         deadline = time.monotonic() + 120
         while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:

@@ -1,4 +1,4 @@
-"""Streaming: peak memory while reading and sharding a 1M-row manifest stays that of a 10k-row one."""
+"""Streaming: peak memory while reading and sharding a 400k-row manifest stays that of a 10k-row one."""
 from __future__ import annotations
 
 import subprocess
@@ -34,9 +34,9 @@ def _peak_kib(path: Path) -> tuple[int, int]:
     return int(rows), int(peak)
 
 
-def test_million_row_manifest_streams_in_flat_memory(tmp_path):
+def test_a_big_manifest_streams_in_flat_memory(tmp_path):
     small_rows, small_peak = _peak_kib(_manifest(tmp_path / "small.csv", 10_000))
-    big_rows, big_peak = _peak_kib(_manifest(tmp_path / "big.csv", 1_000_000))
-    assert (small_rows, big_rows) == (10_000, 1_000_000)
-    # Holding the rows would take hundreds of MB; streaming keeps the peak within a few MB.
+    big_rows, big_peak = _peak_kib(_manifest(tmp_path / "big.csv", 400_000))
+    assert (small_rows, big_rows) == (10_000, 400_000)
+    # Holding the rows would take over 100 MB; streaming keeps the peak within a few MB.
     assert big_peak - small_peak < 20 * 1024, (small_peak, big_peak)

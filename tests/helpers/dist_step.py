@@ -1,8 +1,9 @@
-"""One training step on a fixed global batch of 8, saved for comparison by tests/test_distributed.py.
+"""One training step on a fixed global batch of 8 per MLM condition, for tests/test_distributed.py.
 
 Run alone (one process, the whole batch) or under ``torchrun --nproc_per_node N`` (each rank
-takes its 8/N rows): ``python tests/helpers/dist_step.py OUT_FILE [MLM_CONDITION]``. The MLM's
-equality is under test, so SimCLR (the default, whose negatives are each rank's own) is off.
+takes its 8/N rows): ``python tests/helpers/dist_step.py OUT_FILE [MLM_CONDITION...]`` saves
+``{condition: one_step(condition)}`` from rank 0. The MLM's equality is under test, so SimCLR
+(the default, whose negatives are each rank's own) is off.
 """
 import sys
 
@@ -13,7 +14,8 @@ from clipalign.train import TrainConfig, Trainer
 GLOBAL_BATCH = 8
 
 
-def main(out_file: str, mlm_condition: str = "none") -> None:
+def one_step(mlm_condition: str = "none") -> dict:
+    """This rank's step on its rows of the batch: ``{"world_size", "logs", "grads"}``."""
     cfg = TrainConfig(data="", out="", model="ca-nano", batch_size=GLOBAL_BATCH, precision="fp32", grad_clip=0.0,
                       mlm_weight=0.5, mlm_condition=mlm_condition, image_ssl="none", tensorboard=False)
     trainer = Trainer(cfg)
@@ -25,9 +27,14 @@ def main(out_file: str, mlm_condition: str = "none") -> None:
              "masked_text": masked, "mlm_labels": labels}
     rows = slice(env.rank * GLOBAL_BATCH // env.world_size, (env.rank + 1) * GLOBAL_BATCH // env.world_size)
     logs = trainer.train_step({k: v[rows] for k, v in batch.items()})
-    if env.is_main:
-        grads = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
-        torch.save({"world_size": env.world_size, "logs": logs, "grads": grads}, out_file)
+    grads = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return {"world_size": env.world_size, "rank": env.rank, "logs": logs, "grads": grads}
+
+
+def main(out_file: str, *conditions: str) -> None:
+    steps = {condition: one_step(condition) for condition in conditions or ("none",)}
+    if all(step["rank"] == 0 for step in steps.values()):
+        torch.save(steps, out_file)
 
 
 if __name__ == "__main__":
