@@ -3,6 +3,8 @@ VENV   ?= .venv
 # The browser test drives Debian's chromium (never a downloaded one: `playwright install` is not used).
 CHROMIUM ?= /usr/bin/chromium
 PY     := $(VENV)/bin/python
+# pytest-xdist workers for `make test`: a test's subprocess spends seconds importing on one core.
+TEST_WORKERS ?= 2
 STAMP  := $(VENV)/.installed
 
 .PHONY: demo test venv clean chromium
@@ -24,7 +26,7 @@ $(CHROMIUM):
 	$$( [ "$$(id -u)" -eq 0 ] || echo sudo ) sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium'
 
 test: $(STAMP) $(CHROMIUM)
-	CLIPALIGN_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q
+	CLIPALIGN_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15
 
 clean:
 	rm -rf demo_out .pytest_cache

@@ -12,6 +12,28 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The tests' Ray clusters listen on 127.0.0.1 only; Ray's token authentication would tie them to a
 # token file in ~/.ray that every Ray on the machine shares (and may regenerate).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# `make test` runs the suite in pytest-xdist workers, one a core: one thread each (and in the
+# processes they start), so that the workers' OpenMP pools do not fight over the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+# The test files that share one Ray cluster (``ray_cluster``): one xdist worker runs them all.
+RAY_TESTS = {"test_cluster.py", "test_prep_ray.py", "test_ray_retrieval.py"}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """``make test``'s workers take whole files, as ``--dist loadfile`` does, so that a file's module
+    fixtures (a trained run, a torchrun launch) are built once, and the Ray files together.
+    (``--dist loadgroup`` would say it with marks, but xdist 3.8 loses them under pytest 9.)"""
+    from xdist.scheduler import LoadFileScheduling
+
+    class FilesAndRay(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return "ray" if Path(scope).name in RAY_TESTS else scope
+
+    return FilesAndRay(config, log)
 
 
 def _read_shards(paths: list[Path] | list[str], decode: bool = True) -> list[dict]:

@@ -35,9 +35,9 @@ def coca_run(tmp_path_factory):
     data = write_toy_shards(root / "shards", n=64, per_shard=64)[0].rsplit("/", 1)[0]
     # through the CLI in a fresh process, as a user runs it (and free of what earlier tests set)
     subprocess.run([sys.executable, "-m", "clipalign", "train", "--data", data, "--out", str(root / "run"),
-                    "--model", "ca-coca-nano", "--batch-size", "16", "--steps", "30", "--lr", "3e-3", "--warmup", "3",
+                    "--model", "ca-coca-nano", "--batch-size", "16", "--steps", "10", "--lr", "3e-3", "--warmup", "3",
                     "--workers", "0", "--shuffle-buffer", "16", "--precision", "fp32", "--no-tensorboard",
-                    "--log-every", "1", "--caption-weight", "1", "--mlm-weight", "0.1", "--checkpoint-every", "30",
+                    "--log-every", "1", "--caption-weight", "1", "--mlm-weight", "0.1", "--checkpoint-every", "10",
                     "--image-ssl", "none", "--no-progress"],  # the caption loss with clipalign's text objectives
                    check=True, capture_output=True)
     rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]

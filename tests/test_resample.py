@@ -61,9 +61,13 @@ def test_refuses_other_modes():
 
 def test_single_thread_restores_the_thread_count():
     before = torch.get_num_threads()
-    with single_thread():
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == before
+    torch.set_num_threads(3)  # not 1, which the test workers run with (tests/conftest.py)
+    try:
+        with single_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_torch_is_imported_on_first_use():
