@@ -77,19 +77,17 @@ def ordered(submit: Callable[[J], Any], jobs: Iterable[J], in_flight: int) -> It
         stop_tasks([ref for _, ref in pending if ref is not None])
 
 
-def stop_tasks(refs: list[Any], grace_s: float | None = None) -> None:
+def stop_tasks(refs: list[Any], grace_s: float = CANCEL_GRACE_S) -> None:
     """Cancel the tasks of ``refs`` and return once each has ended (finished, cancelled or
     killed), so that none goes on after its run.
 
     Ray's cancel is best-effort: a cancel that reaches a worker while it is still starting the
     task can be lost (ray-project/ray#24359), and a task can catch the ``KeyboardInterrupt``.
-    So a task not ended ``grace_s`` (default ``CANCEL_GRACE_S``) after the interrupt is cancelled
-    again with ``force=True``, which ends its worker process; after ``FORCE_TRIES`` of those, a
-    warning names how many are left.
+    So a task not ended ``grace_s`` after the interrupt is cancelled again with ``force=True``,
+    which ends its worker process; after ``FORCE_TRIES`` of those, a warning names how many are left.
     """
     import ray
 
-    grace_s = CANCEL_GRACE_S if grace_s is None else grace_s
     for attempt in range(1 + FORCE_TRIES):
         if not refs:
             return

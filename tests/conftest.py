@@ -23,8 +23,8 @@ RAY_TESTS = {"test_cluster.py", "test_prep_ray.py", "test_ray_retrieval.py"}
 # The files that take longest, longest first (seconds on one thread of the AVX2 EPYC, 2026-12-02:
 # the Ray three 124, distributed 105, registry 103, train 74, caption 68, hostile 65, resume_exact
 # 53): the workers start on them, so that neither is left with one at the end. Order only.
-LONGEST_FIRST = ["test_cluster.py", "test_prep_ray.py", "test_ray_retrieval.py", "test_distributed.py",
-                 "test_registry.py", "test_train.py", "test_caption.py", "test_hostile.py", "test_resume_exact.py"]
+LONGEST_FIRST = [*sorted(RAY_TESTS), "test_distributed.py", "test_registry.py", "test_train.py", "test_caption.py",
+                 "test_hostile.py", "test_resume_exact.py"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
