@@ -13,7 +13,7 @@ from PIL import Image
 from clipalign.formats.images import read_image
 from clipalign.formats.sample import sample_image
 from clipalign.formats.skips import SkipCounter
-from clipalign.model import ClipAlign
+from clipalign.model import ClipAlign, text_length, token_lengths
 from clipalign.precision import autocast, model_device, resolve_precision
 
 
@@ -134,6 +134,9 @@ def image_features(
     return (torch.cat(feats) if feats else torch.empty(0, dim)), payloads
 
 
+TEXT_WINDOW = 16  # batches of texts tokenised and sorted together: bounds the ids held at once
+
+
 @torch.no_grad()
 def text_features(
     model: ClipAlign,
@@ -143,13 +146,31 @@ def text_features(
     batch_size: int = 512,
     precision: str = "fp32",
 ) -> torch.Tensor:
-    """Normalised features of ``texts``: (N, D) float32."""
+    """Normalised features of ``texts``: (N, D) float32, in input order.
+
+    Where the text tower allows it (``ClipAlign.trims_text``: CLIP's causal tower), texts are
+    embedded shortest first, a window of ``TEXT_WINDOW`` batches at a time, and each batch
+    is cut to its longest text (``text_length``): the same features without the padding's
+    FLOPs (a demo caption is ~12 of the context's 32 tokens).
+    """
     if not texts:
         raise ValueError("no texts to embed")
-    out, device = [], model_device(model)
+    device = model_device(model)
     precision = resolve_precision(precision, device.type)
-    for start in range(0, len(texts), batch_size):
-        with autocast(precision, device.type):
-            ids = tokenizer(texts[start : start + batch_size]).to(device)
-            out.append(model.encode_text(ids, normalize=True).float().cpu())
-    return torch.cat(out)
+    trims = bool(getattr(model, "trims_text", False))
+    out: torch.Tensor | None = None
+    for window in range(0, len(texts), batch_size * TEXT_WINDOW):
+        ids = tokenizer(texts[window : window + batch_size * TEXT_WINDOW])  # (W, L)
+        # shortest first, ties in input order
+        order = torch.argsort(token_lengths(ids, model.eot_id), stable=True) if trims else torch.arange(len(ids))
+        for start in range(0, len(ids), batch_size):
+            rows = order[start : start + batch_size]
+            batch = ids[rows]
+            if trims:
+                batch = batch[:, : text_length(batch, model.eot_id)]
+            with autocast(precision, device.type):
+                feats = model.encode_text(batch.to(device), normalize=True).float().cpu()
+            if out is None:
+                out = torch.empty(len(texts), feats.shape[1])
+            out[window + rows] = feats
+    return out

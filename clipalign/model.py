@@ -61,16 +61,19 @@ def _text_tower(clip: nn.Module) -> nn.Module:
     return tower
 
 
+def token_lengths(ids: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """(B, L) ids → (B,) each row's tokens up to and including its end-of-text; ``L`` for a
+    row without one (a caption cut at the context length)."""
+    is_eot = ids == eot_id
+    return torch.where(is_eot.any(1), is_eot.int().argmax(1) + 1, ids.shape[1])
+
+
 def text_length(ids: torch.Tensor, eot_id: int) -> int:
     """Columns of (B, L) ids that hold a real token in some row: up to the batch's last end-of-text.
 
-    The columns after it are padding in every row. ``L`` when a row has no end-of-text (a
-    caption cut at the context length).
+    The columns after it are padding in every row. ``L`` when a row has no end-of-text.
     """
-    is_eot = ids == eot_id
-    if not bool(is_eot.any(1).all()):
-        return ids.shape[1]
-    return int(is_eot.int().argmax(1).max()) + 1
+    return int(token_lengths(ids, eot_id).max())
 
 
 def _token_embedding(clip: nn.Module) -> nn.Embedding:

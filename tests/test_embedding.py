@@ -58,3 +58,24 @@ def test_auto_precision_embeds_as_the_precision_it_resolves_to():
                               precision="fp32" if resolve_precision("auto") == "bf16" else "bf16")
     assert torch.equal(auto, chosen)
     assert not torch.equal(auto, other)
+
+
+def test_text_features_trimmed_shortest_first_equal_open_clip_on_the_padded_ids(monkeypatch):
+    from clipalign import embedding
+    from clipalign.factory import create_model, get_tokenizer
+
+    torch.manual_seed(0)
+    model = create_model("ca-nano", mlm_head=False).eval()
+    tok = get_tokenizer("ca-nano")
+    texts = [" ".join(["word"] * n) for n in (9, 1, 30, 4, 4, 12, 2, 7, 100, 3)]  # 100 words: cut, no end-of-text
+    monkeypatch.setattr(embedding, "TEXT_WINDOW", 2)  # windows of 2 batches of 3: the sort stays within each
+    widths = []
+    encode = model.encode_text
+    monkeypatch.setattr(model, "encode_text", lambda ids, normalize: widths.append(ids.shape[1]) or encode(ids, normalize))
+    got = embedding.text_features(model, tok, texts, batch_size=3)
+    with torch.no_grad():
+        expected = model.clip.encode_text(tok(texts), normalize=True)  # open_clip's own, one padded batch
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    context = tok(texts).shape[1]
+    # window 1 (texts 0-5): lengths 11, 3, 32, 6, 6, 14 -> batches [3, 6, 6] and [11, 14, 32]
+    assert widths == [6, context, 9, context]
