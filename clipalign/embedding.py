@@ -13,7 +13,9 @@ from PIL import Image
 from clipalign.formats.images import read_image
 from clipalign.formats.sample import sample_image
 from clipalign.formats.skips import SkipCounter
+from clipalign.inference import image_encoder
 from clipalign.model import ClipAlign, text_length, token_lengths
+from clipalign.pixels import uint8_transform
 from clipalign.precision import autocast, model_device, resolve_precision
 
 
@@ -103,7 +105,9 @@ def image_features(
     progress: Callable[..., Any] | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, list[Any]]:
-    """Normalised features of ``(image, payload)`` items (batches made ahead: ``prefetched_batches``).
+    """Normalised features of ``(image, payload)`` items (batches made ahead: ``prefetched_batches``;
+    the image tower's batch norms folded: ``clipalign.inference.image_encoder``; ``transform``'s
+    ``ToTensor`` and ``Normalize`` run on the whole batch: ``clipalign.pixels.uint8_transform``).
 
     Args:
         precision: ``fp32``, ``bf16``, or ``auto`` (``clipalign.precision.resolve_precision``).
@@ -118,10 +122,14 @@ def image_features(
     bar = progress(unit="img") if progress else None
     device = model_device(model)
     precision = resolve_precision(precision, device.type)
+    encode = image_encoder(model)  # batch norms folded where the tower has them
+    pixels, normalize = uint8_transform(transform)  # the thread stops at uint8; the batch is normalised here
     try:
-        for images, batch_payloads in prefetched_batches(items, transform, batch_size):
+        for images, batch_payloads in prefetched_batches(items, pixels, batch_size):
+            if normalize is not None:
+                images = normalize(images)
             with autocast(precision, device.type):
-                feats.append(model.encode_image(images.to(device), normalize=True).float().cpu())
+                feats.append(encode(images.to(device)).float().cpu())
             payloads.extend(batch_payloads)
             if bar is not None:
                 bar.update(len(images))

@@ -190,17 +190,17 @@ class ClipAlign(nn.Module):
     def logit_scale(self) -> nn.Parameter:
         return self.clip.logit_scale
 
-    def _layout(self, image: torch.Tensor) -> torch.Tensor:
+    def channel_layout(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images in the memory layout the image tower runs fastest on."""
         return image.contiguous(memory_format=torch.channels_last) if self.channels_last else image
 
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """(B, 3, H, W) → (B, D)."""
-        return self.clip.encode_image(self._layout(image), normalize=normalize)
+        return self.clip.encode_image(self.channel_layout(image), normalize=normalize)
 
     def encode_image_and_tokens(self, image: torch.Tensor, normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """One image-tower pass: ``(encode_image(image) (B, D), tokens (B, N, C))`` for the fusion."""
-        features, tokens = image_features_and_tokens(self.clip.visual, self._layout(image))
+        features, tokens = image_features_and_tokens(self.clip.visual, self.channel_layout(image))
         return (F.normalize(features, dim=-1) if normalize else features), tokens
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
