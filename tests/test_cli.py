@@ -99,3 +99,12 @@ def test_synth_draws_its_bar_on_a_terminal_unless_told_not_to(no_progress, tmp_p
     argv = ["synth", "--out", str(tmp_path / "c"), "--n", "4", "--n-eval", "1", "--workers", "1"]
     assert main(argv + ["--no-progress"] * no_progress) == 0
     assert ("synth: 100%" in capsys.readouterr().err) is not no_progress
+
+
+@pytest.mark.parametrize("cores, workers", [(1, 1), (3, 3), (16, 8)])
+@pytest.mark.parametrize("command", ["prep", "synth"])  # CPU-bound: one process a usable core, at most 8
+def test_cpu_bound_commands_default_to_a_process_per_usable_core(command, cores, workers, monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
+    args = importlib.import_module(f"clipalign.cli.{command}").build_parser().parse_args(
+        ["manifest.csv", "--out", "o"] if command == "prep" else ["--out", "o"])
+    assert args.workers == workers

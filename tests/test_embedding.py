@@ -71,7 +71,8 @@ def test_text_features_trimmed_shortest_first_equal_open_clip_on_the_padded_ids(
     monkeypatch.setattr(embedding, "TEXT_WINDOW", 2)  # windows of 2 batches of 3: the sort stays within each
     widths = []
     encode = model.encode_text
-    monkeypatch.setattr(model, "encode_text", lambda ids, normalize: widths.append(ids.shape[1]) or encode(ids, normalize))
+    monkeypatch.setattr(model, "encode_text",
+                        lambda ids, normalize: widths.append(ids.shape[1]) or encode(ids, normalize))
     got = embedding.text_features(model, tok, texts, batch_size=3)
     with torch.no_grad():
         expected = model.clip.encode_text(tok(texts), normalize=True)  # open_clip's own, one padded batch

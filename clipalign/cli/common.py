@@ -11,6 +11,12 @@ class CliError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
+def default_workers() -> int:
+    """Processes for a CPU-bound command: this process's usable cores, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, 8))
+
+
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(
         prog=f"clipalign {prog}",

@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clipalign.cli.common import (CliError, add_engine_args, add_progress_arg, engine_options, existing_path, parser,
-                                  read_templates)
+from clipalign.cli.common import (CliError, add_engine_args, add_progress_arg, default_workers, engine_options,
+                                  existing_path, parser, read_templates)
 
 if TYPE_CHECKING:
     from data_prep.prep import PrepConfig
@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("sharding")
     g.add_argument("--shard-size", type=int, default=10_000,
                    help="input rows per shard (skipped rows leave a shard with fewer samples)")
-    g.add_argument("--workers", type=int, default=1, help="processes (shards do not depend on it)")
+    g.add_argument("--workers", type=int, default=default_workers(),
+                   help="processes (shards do not depend on it; default: the usable cores, at most 8)")
     g.add_argument("--threads", type=int, default=4, help="images each process reads or downloads at once (use many for URLs); "
                         "decoding runs on each process's share of the cores")
     g.add_argument("--overwrite", action="store_true", help="delete what --out holds and start afresh")

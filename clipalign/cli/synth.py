@@ -2,17 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-from clipalign.cli.common import CliError, add_progress_arg, parser
-
-
-def _default_workers() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, 8))
+from clipalign.cli.common import CliError, add_progress_arg, default_workers, parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-eval", type=int, default=600, help="images per held-out set")
     p.add_argument("--n-bad", type=int, default=0,
                    help="extra bad training rows (missing file, corrupt/truncated images, empty captions)")
-    p.add_argument("--workers", type=int, default=_default_workers(),
+    p.add_argument("--workers", type=int, default=default_workers(),
                    help="processes rendering images (files do not depend on it)")
     add_progress_arg(p)
     return p
