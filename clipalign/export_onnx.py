@@ -48,12 +48,14 @@ class _Tower(nn.Module):
         return self.model.encode_image(x, normalize=True) if self.image else self.model.clip.encode_text(x, normalize=True)
 
 
-def export_tower(model: nn.Module, tower: str, example: torch.Tensor, path: str | Path) -> None:
+def export_tower(model: nn.Module, tower: str, example: torch.Tensor, path: str | Path, *,
+                 optimize: bool = True) -> None:
     """Write ``model``'s ``tower`` (``"image"`` or ``"text"``) as an ONNX graph at ``path``.
 
     The graph maps ``INPUTS[tower]`` (batch, ...) to ``features`` (batch, D), the L2-normalised
     ``encode_*`` output, with the batch dimension dynamic; ``example`` is a batch it is traced
-    on. Checking it against torch is the caller's.
+    on. ``optimize``: run the exporter's graph optimizer (onnxruntime optimizes the graph again
+    when it loads it). Checking it against torch is the caller's.
     """
     name = INPUTS[tower]
     # torch.export's exporter: the TorchScript one gets a ResNet tower's attention pool wrong
@@ -63,7 +65,7 @@ def export_tower(model: nn.Module, tower: str, example: torch.Tensor, path: str 
         warnings.simplefilter("ignore")
         torch.onnx.export(_Tower(model, tower == "image"), (example,), str(path), input_names=[name],
                           output_names=["features"], dynamic_axes={name: {0: "batch"}, "features": {0: "batch"}},
-                          opset_version=OPSET, dynamo=True, external_data=False)
+                          opset_version=OPSET, dynamo=True, external_data=False, optimize=optimize)
 
 
 def export_onnx(checkpoint: ModelSource | str | Path, out_dir: str | Path) -> dict[str, Any]:

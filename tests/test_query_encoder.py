@@ -105,7 +105,7 @@ def test_a_tower_that_does_not_reproduce_the_model_is_not_kept(model, tmp_path, 
     other, _, _, _ = load_model_source(make_checkpoint(tmp_path / "other.pt", seed=1))
     real = clipalign.export_onnx.export_tower
     monkeypatch.setattr(clipalign.export_onnx, "export_tower",
-                        lambda _model, tower, example, path: real(other, tower, example, path))
+                        lambda _model, tower, example, path, **options: real(other, tower, example, path, **options))
     assert export_text_query(built, tokenizer, tmp_path, identity) is None
     assert not IndexFolder(tmp_path).text_query.exists()
 
