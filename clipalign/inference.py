@@ -12,7 +12,6 @@ import copy
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -60,15 +59,19 @@ def image_encoder(model: ClipAlign) -> Callable[[torch.Tensor], torch.Tensor]:
 
     In eval mode, an image tower with batch norms after its convolutions runs as a folded
     copy (``fold_batch_norms``), made now: the encoder sees the weights as they are at this call.
+    The features still come from open_clip's own ``encode_image``, on a shallow copy of the model
+    that holds the folded tower.
     """
     def plain(images: torch.Tensor) -> torch.Tensor:
         return model.encode_image(images, normalize=True)
 
-    visual = getattr(getattr(model, "clip", None), "visual", None)
+    clip = getattr(model, "clip", None)
+    visual = getattr(clip, "visual", None)
     if model.training or visual is None or not any(isinstance(m, _BATCH_NORMS) for m in visual.modules()):
         return plain
     folded = copy.deepcopy(visual)
     if not fold_batch_norms(folded):
         return plain
-    # open_clip's encode_image is the tower's output, normalised
-    return lambda images: F.normalize(folded(model.channel_layout(images)), dim=-1)
+    inference_clip = copy.copy(clip)  # the same modules and parameters, but for its image tower
+    inference_clip._modules = {**clip._modules, "visual": folded}
+    return lambda images: inference_clip.encode_image(model.channel_layout(images), normalize=True)

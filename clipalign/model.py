@@ -259,9 +259,8 @@ class ClipAlign(nn.Module):
         """Additive (B*heads, L, L) mask hiding the keys after end-of-text."""
         batch, length = ids.shape
         heads = transformer.resblocks[0].attn.num_heads
-        is_eot = ids == self.eot_id
-        eot_pos = torch.where(is_eot.any(1), is_eot.int().argmax(1), length - 1)
-        pad = torch.arange(length, device=ids.device)[None, :] > eot_pos[:, None]  # (B, L) keys
+        # (B, L) keys after end-of-text (a row without one hides nothing)
+        pad = torch.arange(length, device=ids.device)[None, :] >= token_lengths(ids, self.eot_id)[:, None]
         mask = torch.zeros(batch, 1, 1, length, dtype=dtype, device=ids.device)
         mask = mask.masked_fill(pad[:, None, None, :], float("-inf"))
         return mask.expand(batch, heads, length, length).reshape(batch * heads, length, length)

@@ -77,7 +77,9 @@ def time_row(name: str, overrides: dict, a: argparse.Namespace) -> dict:
 
             with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
                 trainer.train_step(batch)
-            print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=40))
+            table = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=25,
+                                                                         max_name_column_width=40)
+            print(table)
     step = statistics.median(times)
     return {"name": name, "overrides": overrides, "ms_per_step": 1000 * step, "samples_per_s": a.batch_size / step}
 

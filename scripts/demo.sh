@@ -29,7 +29,7 @@ step "4/6 eval: zero-shot shape / colour (seen and unseen colour-shape pairs) an
 clipalign eval --checkpoint "$OUT/run" --data "$OUT"/corpus/eval/* --out "$OUT/eval.json"
 
 step "5/6 embed + index: image and caption embeddings (resumable), then a tuned FAISS index"
-# --precision auto: bf16 where the CPU runs it natively (2.5-2.7x fp32's images/s, BENCHMARKS.md), else fp32
+# --precision auto: bf16 where the CPU runs it natively (ca-small: 2.5-2.7x fp32's images/s, BENCHMARKS.md), else fp32
 clipalign embed --checkpoint "$OUT/run" --data "$OUT/shards" --out "$OUT/embeddings" --precision auto
 clipalign index --embeddings "$OUT/embeddings" --out "$OUT/index" --max-memory 1G
 
