@@ -39,10 +39,11 @@ def test_freed_buffers_are_reused_instead_of_faulted_in_again():
                                  check=True).stdout)
         for mode in ("keep", "churn")
     }
-    # Seen on the project machine: keep 0-2 faults in all, once in a while ~120 (a late heap
-    # growth); churn ~72,000 (1,440 an image).
-    assert faults["keep"] < 300, faults  # under 6 faults an image
-    assert faults["churn"] > 20 * 300, faults
+    # Seen on the project machine: keep 1-2 faults in all, or 185-320 when the heap grows once
+    # more late (3 of 8 runs on the AVX2 EPYC, 320 beside another test worker); churn ~72,000
+    # (1,440 an image). The bound leaves room for one late growth and stays 70x under churn.
+    assert faults["keep"] < 1000, faults  # under 20 faults an image
+    assert faults["churn"] > 20 * 1000, faults
 
 
 def test_reports_whether_it_applied():
