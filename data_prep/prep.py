@@ -23,6 +23,8 @@ import multiprocessing
 import os
 import time
 from collections import Counter, deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -55,6 +57,10 @@ ENGINES = ("local", "ray")
 
 class ResumeMismatch(ValueError):
     """``out_dir`` holds shards made with other options or from another input."""
+
+
+class WorkerDied(RuntimeError):
+    """A worker process building shards died; what was committed is kept for a re-run."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,10 @@ def _local_results(
     no result where there is no job.
 
     With several workers at most ``2 * workers`` shards are in flight, so memory stays
-    flat whatever the input's length.
+    flat whatever the input's length. On an error the queued shards are dropped and the
+    running ones finish before it is raised (``multiprocessing.Pool`` would kill them, and a
+    worker killed while sending its result leaves a lock held and the run hung); a worker
+    that dies (the system's out-of-memory killer) raises ``WorkerDied`` instead of a hang.
     """
     args = (str(out_dir), config.sample, config.threads, encode_threads(config.workers))
     if config.workers == 1:
@@ -104,16 +113,27 @@ def _local_results(
         return
     import torch  # noqa: F401  (for the resizes: imported once here, shared by the forked workers)
 
-    with multiprocessing.Pool(config.workers, initializer=keep_freed_memory) as pool:
-        pending: deque = deque()
+    pool = ProcessPoolExecutor(config.workers, multiprocessing.get_context("fork"), initializer=keep_freed_memory)
+    pending: deque[tuple[int, ShardJob | None, Future[ShardResult] | None]] = deque()
+    try:
         for shard_id, job in plan:
-            pending.append((shard_id, job, None if job is None else pool.apply_async(run_job, (job, *args))))
+            pending.append((shard_id, job, None if job is None else pool.submit(run_job, job, *args)))
             while len(pending) >= 2 * config.workers:
-                done_id, done_job, done = pending.popleft()
-                yield done_id, done_job, None if done is None else done.get()
+                yield _first_done(pending)
         while pending:
-            done_id, done_job, done = pending.popleft()
-            yield done_id, done_job, None if done is None else done.get()
+            yield _first_done(pending)
+    except BrokenProcessPool:
+        raise WorkerDied(f"a prep worker process died (killed by the system? out of memory?) while building "
+                         f"{out_dir}; the shards committed are kept: run the same command again to resume") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _first_done(
+    pending: deque[tuple[int, ShardJob | None, Future[ShardResult] | None]]
+) -> tuple[int, ShardJob | None, ShardResult | None]:
+    shard_id, job, future = pending.popleft()
+    return shard_id, job, None if future is None else future.result()
 
 
 def _check_resume(out_dir: Path, options: dict[str, Any]) -> None:
@@ -211,6 +231,7 @@ def run_prep(
         NotADirectoryError: ``out_dir`` exists and is not a folder.
         OSError: a file could not be written (a full disk, ...), naming it; no temporary
             file is left.
+        WorkerDied: a worker process died (``engine="local"`` with several workers).
         RuntimeError, ConnectionError: ``engine="ray"`` without Ray, or without a cluster.
     """
     if engine not in ENGINES:

@@ -46,6 +46,7 @@ import clipalign.cli
 for name in clipalign.cli.COMMANDS:
     __import__(f"clipalign.cli.{name}")
 import clipalign.evaluate, clipalign.train, data_prep.eval_source, retrieval.build, retrieval.embed, retrieval.server
+import matplotlib.font_manager  # its font cache built here, not by a full-disk child (a fresh machine has none)
 
 def drop_dac_override():
     class Header(ctypes.Structure):

@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 
 from data_prep.manifest import open_records
-from data_prep.prep import PrepConfig, ResumeMismatch, run_prep
+from data_prep.prep import PrepConfig, ResumeMismatch, WorkerDied, run_prep
+from data_prep.shard_plan import run_job
 from data_prep.sample import SampleConfig
 from tests.prep_server import LoopbackServer, send
 
@@ -145,3 +146,26 @@ def test_output_does_not_depend_on_workers_or_threads(tmp_path, workers):
                  PrepConfig(SampleConfig(image_size=8, tokenize=None), shard_size=2, workers=w, threads=t, dedup=True))
         outs.append(_files(out))
     assert outs[0] == outs[1] and len(outs[0]) == 5 * 3 + 2
+
+
+def _die_on_shard_1(job, *args):
+    if job.shard_id == 1:
+        os._exit(1)  # as the out-of-memory killer ends a worker: no exception, no result
+    return run_job(job, *args)
+
+
+def test_a_worker_that_dies_stops_the_run_in_one_error_and_a_rerun_completes(tmp_path, monkeypatch):
+    for i in range(8):
+        Image.new("RGB", (10, 10), (30 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(f"c{i}")
+    config = PrepConfig(SampleConfig(image_size=8, tokenize=None), shard_size=2, workers=2)
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr("data_prep.prep.run_job", _die_on_shard_1)  # the forked workers inherit it
+        with pytest.raises(WorkerDied, match="run the same command again"):  # multiprocessing.Pool waited forever
+            run_prep(open_records(tmp_path), out, config)
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+    assert run_prep(open_records(tmp_path), out, config)["written"] == 8
+    reference = tmp_path / "reference"
+    run_prep(open_records(tmp_path), reference, PrepConfig(SampleConfig(image_size=8, tokenize=None), shard_size=2))
+    assert _files(out) == _files(reference)  # nothing lost or doubled

@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from data_prep.manifest import Manifest, ManifestError
     from data_prep.memory import keep_freed_memory
-    from data_prep.prep import ResumeMismatch, run_prep
+    from data_prep.prep import ResumeMismatch, WorkerDied, run_prep
     from data_prep.ray_prep import ClusterError
     from data_prep.splits import prep_input
 
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         raise CliError(f"{err}; pass --overwrite to replace them") from None
     except (ManifestError, NotADirectoryError) as err:
         raise CliError(str(err)) from None
-    except ClusterError as err:
+    except (ClusterError, WorkerDied) as err:
         raise CliError(str(err)) from None
     print(_summary(stats))
     return 0
