@@ -19,6 +19,7 @@ import csv
 import io
 import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -130,13 +131,17 @@ def _retrieval_item(index: int, seed: int, image_size: int) -> tuple[bytes, list
 
 
 def _ordered_map(fn: Callable[[int], T], n: int, workers: int, progress: Callable[[int], None] | None) -> Iterator[T]:
-    """``fn(0), ..., fn(n - 1)`` in order, computed in ``workers`` processes."""
+    """``fn(0), ..., fn(n - 1)`` in order, computed in ``workers`` processes.
+
+    Closed early (a full disk while writing), the queued work is dropped and the running
+    chunks finish: no worker is killed while it may hold a queue's lock.
+    """
     if workers <= 1:
         results: Iterator[T] = map(fn, range(n))
         pool = None
     else:
-        pool = multiprocessing.Pool(workers)
-        results = pool.imap(fn, range(n), chunksize=64)
+        pool = ProcessPoolExecutor(workers, multiprocessing.get_context("fork"))
+        results = pool.map(fn, range(n), chunksize=64)
     try:
         for item in results:
             if progress is not None:
@@ -144,7 +149,7 @@ def _ordered_map(fn: Callable[[int], T], n: int, workers: int, progress: Callabl
             yield item
     finally:
         if pool is not None:
-            pool.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 _BAD_KINDS = ("random_bytes", "truncated_png", "empty_caption")
