@@ -24,15 +24,17 @@ from retrieval.embeddings import Embeddings
 from retrieval.identity import ModelMismatch, file_digest
 from retrieval.faiss_parts import PART_ROWS
 from retrieval.index import SearchIndex, add_to_index, build_indexes, load_index, write_index
+from retrieval.image_query import export_image_query
 from retrieval.query_encoder import export_text_query
 
 
-def _model_copy(source: EmbeddingsFolder, info: dict[str, Any]) -> tuple[Any, Callable, dict[str, str], dict[str, Any]]:
+def _model_copy(source: EmbeddingsFolder, info: dict[str, Any]
+                ) -> tuple[Any, Callable, Callable, dict[str, str], dict[str, Any]]:
     """Load the embeddings folder's own model copy (before any index is built: a file that does
     not load fails at once, named as it is) and check it is the model its info names.
 
     Returns:
-        ``(model, tokenizer, its identity, the file's digest)``.
+        ``(model, its eval transform, tokenizer, its identity, the file's digest)``.
 
     Raises:
         FileNotFoundError: no model copy; ValueError: one that does not load, or
@@ -44,14 +46,14 @@ def _model_copy(source: EmbeddingsFolder, info: dict[str, Any]) -> tuple[Any, Ca
     if not source.model.is_file():
         raise FileNotFoundError(f"{source.model} is missing: an embeddings folder holds the model of its vectors")
     digest = file_digest(source.model)
-    model, _, tokenizer, meta = load_model_source(source.model)
+    model, transform, tokenizer, meta = load_model_source(source.model)
     identity = model_identity(meta["model_name"], model.state_dict())
     named = info["model"]
     if any(identity[f] != named.get(f) for f in ("name", "weights_sha256")):  # the weights, not their label
         raise ModelMismatch(f"{source.model} holds model {identity['name']!r} "
                             f"(weights {identity['weights_sha256']}), not the {named.get('name')!r} (weights {named.get('weights_sha256')}) that "
                             f"{source.info} names")
-    return model, tokenizer, identity, digest
+    return model, transform, tokenizer, identity, digest
 
 
 def build_index_folder(embeddings: str | os.PathLike, out: str | os.PathLike, *, kind: str = "auto",
@@ -85,7 +87,7 @@ def build_index_folder(embeddings: str | os.PathLike, out: str | os.PathLike, *,
     emb = Embeddings.open(source.root)
     if emb.count < 2:
         raise ValueError(f"{source.root} holds {emb.count} vectors; an index needs at least 2")
-    model, tokenizer, identity, digest = _model_copy(source, emb.info)
+    model, transform, tokenizer, identity, digest = _model_copy(source, emb.info)
     options = {"kind": kind, "max_memory": max_memory, "target_recall": target_recall, "seed": seed,
                "part_rows": part_rows}
     if engine == "ray":
@@ -101,6 +103,7 @@ def build_index_folder(embeddings: str | os.PathLike, out: str | os.PathLike, *,
         if file_digest(folder.model) != digest:
             raise ValueError(f"{source.model} changed while the index was built; run 'clipalign index' again")
         fast = export_text_query(model, tokenizer, folder.root, identity)
+        fast_images = export_image_query(model, transform, folder.root, identity)
         # "embeddings" records where the vectors came from; no query ever opens it
         info: dict[str, Any] = {"model": emb.info["model"]["name"], "model_identity": emb.info["model"],
                                 "embeddings": str(source.root.resolve()) if record_embeddings else None,
@@ -109,6 +112,8 @@ def build_index_folder(embeddings: str | os.PathLike, out: str | os.PathLike, *,
             info["model_source"] = emb.info["model_source"]
         if fast:
             info["text_query"] = fast
+        if fast_images:
+            info["image_query"] = fast_images
         write_index(folder.root, indexes, stats, emb.metadata_tables(), info)
     return load_index(out), emb.count
 

@@ -2,9 +2,9 @@
 
 Shared by ``clipalign search`` and ``clipalign serve``, and the one place their bounds live:
 ``k``, the length of a text query, the pixels of a query image and how many images decode
-at once. Text queries use the index's ONNX text tower through onnxruntime when it has one
-(``retrieval.query_encoder``: no torch import); the full model is built only for image
-queries, or when no fast path exists (no tower, no onnxruntime). Either way the model is
+at once. Text and image queries use the index's ONNX towers through onnxruntime when it has
+them (``retrieval.query_encoder``, ``retrieval.image_query``: no torch import); the full model
+is built only where no fast path exists (no tower, no onnxruntime). Either way the model is
 checked against the index's model identity. Model
 calls run under a lock, so one engine may serve many threads, and the texts of concurrent
 queries are encoded together (``Batcher``).
@@ -12,8 +12,10 @@ queries are encoded together (``Batcher``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
@@ -128,17 +130,20 @@ class QueryEngine:
         load_model: builds ``(model, transform, tokenizer)`` and checks it against the index
             (called at most once, on first need).
         text_query: optional fast ``texts -> (Q, D)`` encoder made from the index's own model.
+        image_query: optional, gives at the first image query the fast ``PIL images -> (Q, D)``
+            encoder made from the index's own model, or None.
         max_decodes: query images decoded at once; ``max_pixels``: the largest one decoded
             (default ``clipalign.formats.images.DEFAULT_MAX_PIXELS``).
         text_batch: the most texts of concurrent queries encoded in one call (1: each alone).
     """
 
     def __init__(self, index: SearchIndex, load_model: Callable[[], tuple[Any, Callable, Callable]],
-                 text_query: Callable[[list[str]], np.ndarray] | None = None, *,
+                 text_query: Callable[[list[str]], np.ndarray] | None = None,
+                 image_query: Callable[[], Callable[[list[Any]], np.ndarray] | None] | None = None, *,
                  max_decodes: int = MAX_DECODES, max_pixels: int | None = None,
                  decode_wait_s: float = DECODE_WAIT_S, text_batch: int = TEXT_BATCH_MAX):
         self.index = index
-        self._load_model, self._text_query = load_model, text_query
+        self._load_model, self._text_query, self._image_query = load_model, text_query, image_query
         self._full: tuple[Any, Callable, Callable] | None = None
         self._lock = threading.Lock()
         self._texts = Batcher(self._embed_texts, text_batch)
@@ -193,6 +198,10 @@ class QueryEngine:
 
     def embed_images(self, images: list[Any]) -> np.ndarray:
         """(Q, D) normalised features of PIL images."""
+        fast = self._image_query() if self._image_query is not None else None
+        if fast is not None:
+            with self._lock:
+                return fast(images)
         import torch
 
         model, transform, _ = self.full_model()
@@ -236,27 +245,26 @@ class QueryEngine:
             return self.search_images([image], k, over)
 
 
-def _fast_text_query(index: SearchIndex, layout: IndexFolder) -> Callable[[list[str]], np.ndarray] | None:
-    """The folder's ONNX text tower, once it is shown to be the file the info records, exported
-    from the index's own model; None where the folder has none, an older folder does not record
-    it, or onnxruntime is missing (text queries then take the full model, checked like image
-    queries).
+def _fast_query(index: SearchIndex, layout: IndexFolder, key: str, path: Path,
+                load: Callable[[dict[str, Any], bytes], Callable]) -> Callable | None:
+    """The folder's ONNX tower of info entry ``key`` (``text_query``, ``image_query``) at ``path``,
+    once it is shown to be the file the info records, exported from the index's own model; None
+    where the folder has none, an older folder does not record it, or onnxruntime is missing
+    (those queries then take the full model, checked like any).
 
     Raises:
         ValueError: the file is not the one recorded; ``ModelMismatch``: it was exported from another model.
     """
-    from retrieval.query_encoder import load_text_query
-
-    fast = index.info.get("text_query")
-    recorded = index.info.get(FILES, {}).get(layout.text_query.name)
-    if not fast or recorded is None or not fast.get("model_identity") or not layout.text_query.is_file():
+    fast = index.info.get(key)
+    recorded = index.info.get(FILES, {}).get(path.name)
+    if not fast or recorded is None or not fast.get("model_identity") or not path.is_file():
         return None
     index.check_model(fast["model_identity"], index.dim)
-    data = layout.text_query.read_bytes()
-    check_digest(layout.text_query, recorded, layout.info.name, data=data)
+    data = path.read_bytes()
+    check_digest(path, recorded, layout.info.name, data=data)
     try:
-        return load_text_query(layout.root, fast, data)
-    except Exception:  # no onnxruntime, or a graph it cannot run: fall back to the full model
+        return load(fast, data)
+    except Exception:  # no onnxruntime, a graph it cannot run, a malformed entry: fall back to the full model
         return None
 
 
@@ -289,8 +297,19 @@ def open_engine(folder: str | os.PathLike, model: ModelSource | str | os.PathLik
         index.check_model(model_identity(meta["model_name"], built.state_dict()), int(built.clip.visual.output_dim))
         return built, transform, tokenizer
 
-    text_query = _fast_text_query(index, layout) if model is None else None
-    engine = QueryEngine(index, build, text_query, **limits)
+    text_query = image_query = None
+    if model is None:
+        from retrieval.image_query import load_image_query
+        from retrieval.query_encoder import load_text_query
+
+        text_query = _fast_query(index, layout, "text_query", layout.text_query,
+                                 lambda info, data: load_text_query(layout.root, info, data))
+        # opened at the first image query: a text search never reads the image tower
+        image_query = functools.cache(lambda: _fast_query(index, layout, "image_query", layout.image_query,
+                                                          load_image_query))
+    engine = QueryEngine(index, build, text_query, image_query, **limits)
+    if eager and image_query is not None:
+        image_query()
     if eager or model is not None or text_query is None:
         engine.full_model()
     return engine

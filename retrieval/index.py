@@ -170,7 +170,8 @@ def write_index(out: str | os.PathLike, indexes: dict[str, faiss.Index], stats: 
 
 
 def _write_info(folder: IndexFolder, info: dict[str, Any]) -> dict[str, Any]:
-    files = [folder.faiss(t) for t in info["targets"]] + [folder.metadata, folder.model, folder.text_query]
+    files = [folder.faiss(t) for t in info["targets"]] + [folder.metadata, folder.model, folder.text_query,
+                                                          folder.image_query]
     info = {**info, FILES: {f.name: file_digest(f) for f in files if f.is_file()}}
     write_json(folder.info, info)
     return info
@@ -216,7 +217,8 @@ def _check_own_files(layout: IndexFolder, info: dict[str, Any]) -> None:
     """Refuse an info that names a file to query with other than the folder's own: queries read
     only the folder's files (a model from elsewhere is passed explicitly: ``--checkpoint``)."""
     named = {"checkpoint": (info.get("checkpoint"), layout.model.name),  # older folders named their model copy
-             "text_query.file": ((info.get("text_query") or {}).get("file"), layout.text_query.name)}
+             "text_query.file": ((info.get("text_query") or {}).get("file"), layout.text_query.name),
+             "image_query.file": ((info.get("image_query") or {}).get("file"), layout.image_query.name)}
     older = {"text_query.file": layout.legacy_text_query.name}  # named by older folders, never read
     for field, (value, own) in named.items():
         if value is not None and value not in (own, older.get(field)):

@@ -93,7 +93,7 @@ def _same_kind(tokenizer: Any) -> bool:
             and getattr(tokenizer.clean_fn, "__name__", None) == standalone.clean_fn.__name__)
 
 
-def _session(model: bytes) -> Any:
+def onnx_session(model: bytes) -> Any:
     """An onnxruntime CPU session over the graph ``model``; the one way both sides open it."""
     import onnxruntime
 
@@ -140,7 +140,7 @@ def export_text_query(model: Any, tokenizer: Callable, folder: str | os.PathLike
             # has optimized it at load (demo model, AVX2 EPYC: 0.80 against 1.04 ms a query)
             export_tower(model, "text", torch.from_numpy(ids[:2]), Path(tmp) / "text.onnx", optimize=False)
             data = (Path(tmp) / "text.onnx").read_bytes()
-        encode = _encoder(_session(data), context)
+        encode = _encoder(onnx_session(data), context)
         for batch in (_SAMPLES[:1], _SAMPLES):  # other batch sizes than the exported one
             with torch.no_grad():
                 want = model.encode_text(tokenizer(batch), normalize=True).float().numpy()
@@ -166,5 +166,5 @@ def load_text_query(folder: str | os.PathLike, info: dict[str, Any], data: bytes
     """
     if info.get("tokenizer") != TOKENIZER:
         raise ValueError(f"no torch-free tokenizer of kind {info.get('tokenizer')!r}")
-    session = _session(data if data is not None else IndexFolder(folder).text_query.read_bytes())
+    session = onnx_session(data if data is not None else IndexFolder(folder).text_query.read_bytes())
     return _encoder(session, int(info["context_length"]))

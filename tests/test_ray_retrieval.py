@@ -180,7 +180,8 @@ def test_the_index_cli_on_ray_writes_the_local_folder(synthetic, ray, ray_cluste
     for out, engine in ((remote, ["--engine", "ray", "--ray-address", ray_cluster]), (local, [])):
         assert main(["index", "--embeddings", str(synthetic), "--out", str(out), "--index", "ivf", *engine]) == 0
     a, b = _files(remote), _files(local)
-    assert sorted(a) == sorted(b) == ["image.faiss", "info.json", "metadata.arrow", "model.pt", "text_query.onnx"]
+    assert sorted(a) == sorted(b) == ["image.faiss", "image_query.onnx", "info.json", "metadata.arrow",
+                                      "model.pt", "text_query.onnx"]
     assert {f: a[f] for f in a if f != "info.json"} == {f: b[f] for f in b if f != "info.json"}
     assert _info_untimed(remote) == _info_untimed(local)  # the same tuning and file digests
     engine = open_engine(remote)  # the folder passes the engine's checks of its files and model

@@ -170,12 +170,12 @@ def test_the_index_folder_is_written_whole_with_its_info_written_once_and_last(i
     names = [p.name for p in written]
     assert names.count(out.info.name) == 1 and names[-1] == out.info.name
     assert all(p.parent != out.root for p in written)  # every file was written beside, in the new version
-    files = {out.model.name, out.text_query.name, out.metadata.name, out.faiss("image").name}
+    files = {out.model.name, out.text_query.name, out.image_query.name, out.metadata.name, out.faiss("image").name}
     assert files <= set(os.listdir(out.root))
     info = json.loads(out.info.read_text())
-    assert info["text_query"]["file"] == out.text_query.name and info["files"] == old["files"]  # the export too is byte-stable
-    assert set(info["files"]) == {out.model.name, out.text_query.name, out.metadata.name, out.faiss("image").name,
-                                  out.faiss("caption").name}
+    assert info["text_query"]["file"] == out.text_query.name and info["image_query"]["file"] == out.image_query.name
+    assert info["files"] == old["files"]  # the exports too are byte-stable
+    assert set(info["files"]) == files | {out.faiss("caption").name}
     assert sorted(p.name for p in out.root.parent.iterdir()) == [out.root.name]
 
 

@@ -156,8 +156,47 @@ def test_swapped_metadata_is_detected_on_load(copy, tmp_path):
         load_index(copy.root)
 
 
+def full_model_path(folder: IndexFolder) -> IndexFolder:
+    """``folder`` without its ONNX image tower: image queries build the model from its copy."""
+    folder.image_query.unlink()
+    edit_info(folder, lambda info: (info.pop("image_query"), info["files"].pop(folder.image_query.name)))
+    return folder
+
+
+def test_a_swapped_image_tower_is_detected(copy, other, query_image, capsys):
+    shutil.copyfile(IndexFolder(other).image_query, copy.image_query)
+    err = one_line_error(capsys, image_search(copy.root, query_image))
+    assert copy.image_query.name in err and "not the file" in err
+
+
+def test_an_image_tower_of_another_model_is_refused(copy, other, query_image, capsys):
+    theirs = json.loads(IndexFolder(other).info.read_text())
+    shutil.copyfile(IndexFolder(other).image_query, copy.image_query)
+    name = copy.image_query.name
+    edit_info(copy, lambda info: (info.__setitem__("image_query", theirs["image_query"]),
+                                  info["files"].__setitem__(name, theirs["files"][name])))
+    assert "built with model" in one_line_error(capsys, image_search(copy.root, query_image))
+
+
+@pytest.mark.parametrize("preprocess", [None, {"resize": 0}, {"crop": [10 ** 9, 10 ** 9]}, {"std": [0, 1, 1]},
+                                        {"mean": ["0", 0, 0]}, {"interpolation": "exec"}, {"resize": [1, 2, 3]}])
+def test_a_malformed_image_preprocess_falls_back_to_the_full_model(copy, query_image, preprocess, capsys):
+    from retrieval.engine import open_engine
+
+    good = json.loads(copy.info.read_text())["image_query"]["preprocess"]
+    edit_info(copy, lambda info: info["image_query"].__setitem__(
+        "preprocess", None if preprocess is None else {**good, **preprocess}))
+    with pytest.raises(ValueError):
+        from retrieval.image_query import Preprocess
+
+        Preprocess.from_json(json.loads(copy.info.read_text())["image_query"]["preprocess"])
+    engine = open_engine(copy.root)
+    assert engine._image_query() is None  # refused: the hits come from the full model instead
+    assert main(image_search(copy.root, query_image, "--json")) == 0
+
+
 def test_a_swapped_model_copy_is_detected(copy, other, query_image, capsys):
-    shutil.copyfile(IndexFolder(other).model, copy.model)
+    shutil.copyfile(IndexFolder(other).model, full_model_path(copy).model)
     assert copy.model.name in one_line_error(capsys, image_search(copy.root, query_image))
 
 
@@ -168,7 +207,7 @@ def test_a_model_copy_is_judged_by_its_weights_not_by_what_it_says(copy, other, 
 
     theirs = torch.load(IndexFolder(other).model, weights_only=True)
     ours = torch.load(copy.model, weights_only=True)
-    save_checkpoint(copy.model, {**theirs, "model_identity": ours["model_identity"]})  # another model, claiming ours
+    save_checkpoint(full_model_path(copy).model, {**theirs, "model_identity": ours["model_identity"]})  # another model, claiming ours
     edit_info(copy, lambda info: info["files"].pop(copy.model.name))
     assert "built with model" in one_line_error(capsys, image_search(copy.root, query_image))
 

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{target}: {s['factory']} {s['search_param'] or ''} recall@{s['k']} {s['recall@' + str(s['k'])]:.3f} "
               f"({'reached' if s['target_reached'] else 'BELOW'} target {s['target_recall']}), "
               f"{s['memory_bytes'] / 2**20:.1f} MiB", file=sys.stderr)
-    fast = index.info.get("text_query")
-    print(f"indexed {index.info['count']} vectors (dim {index.dim}) into {out}"
-          f"{'' if fast else ' (no fast text-query path for this model: text searches load the full model)'}", file=sys.stderr)
+    slow = [kind for kind in ("text", "image") if not index.info.get(f"{kind}_query")]
+    note = f" (no fast {' or '.join(slow)}-query path for this model: those searches load the full model)" if slow else ""
+    print(f"indexed {index.info['count']} vectors (dim {index.dim}) into {out}{note}", file=sys.stderr)
     return 0

@@ -91,8 +91,9 @@ class EmbeddingsFolder(_Folder):
 @dataclass(frozen=True)
 class IndexFolder(_Folder):
     """``info.json``, ``metadata.arrow`` (or the older ``metadata.jsonl``), one ``<target>.faiss``
-    per embedded target (``image``, ``caption``), ``model.pt`` and the optional ``text_query.onnx``
-    (the text tower that answers text queries; folders before it held ``text_query.ts``)."""
+    per embedded target (``image``, ``caption``), ``model.pt`` and the optional ``text_query.onnx`` and
+    ``image_query.onnx`` (the towers that answer text and image queries; folders before them held
+    ``text_query.ts``)."""
 
     @property
     def info(self) -> Path:
@@ -113,6 +114,10 @@ class IndexFolder(_Folder):
     @property
     def text_query(self) -> Path:
         return self.root / "text_query.onnx"
+
+    @property
+    def image_query(self) -> Path:
+        return self.root / "image_query.onnx"
 
     @property
     def legacy_text_query(self) -> Path:
