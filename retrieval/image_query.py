@@ -12,15 +12,13 @@ the model and the file's sha256, all checked before it answers a query (``retrie
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from clipalign.formats.folders import IndexFolder
-from retrieval.query_encoder import TOLERANCE, onnx_session
+from retrieval.query_encoder import keep_if_reproduced, onnx_session
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")  # torchvision's names of PIL's filters
 MAX_SIDE = 4096  # the largest resize or crop an info may ask for
@@ -174,9 +172,6 @@ def export_image_query(model: Any, transform: Callable, folder: str | os.PathLik
     try:
         import torch
 
-        from clipalign.export_onnx import export_tower
-        from clipalign.formats.atomic import replace_file
-
         preprocess = preprocess_of(transform)
         if preprocess is None:
             return None
@@ -184,18 +179,15 @@ def export_image_query(model: Any, transform: Callable, folder: str | os.PathLik
         pixels = [transform(im.convert("RGB")) for im in images]  # as the full model path does
         if not all(np.array_equal(preprocess(im), want.numpy()) for im, want in zip(images, pixels)):
             return None
-        with tempfile.TemporaryDirectory(prefix="clipalign-onnx-") as tmp:
-            export_tower(model, "image", torch.stack(pixels[:2]), Path(tmp) / "image.onnx", optimize=False)
-            data = (Path(tmp) / "image.onnx").read_bytes()
-        encode = _encoder(onnx_session(data), preprocess)
-        for batch in (images[:1], images):  # other batch sizes than the exported one
-            with torch.no_grad():
-                want = model.encode_image(torch.stack([transform(im.convert("RGB")) for im in batch]),
-                                          normalize=True).float().numpy()
-            if not np.abs(encode(batch) - want).max() <= TOLERANCE:
-                return None
+
+        def reference(batch: list[Any]) -> torch.Tensor:
+            return model.encode_image(torch.stack([transform(im.convert("RGB")) for im in batch]), normalize=True)
+
         path = IndexFolder(folder).image_query
-        replace_file(path, lambda tmp: Path(tmp).write_bytes(data))
+        if not keep_if_reproduced(model, "image", torch.stack(pixels[:2]), path,
+                                  lambda data: _encoder(onnx_session(data), preprocess), reference,
+                                  (images[:1], images)):
+            return None
     except Exception:  # any failure means: no fast path, never a wrong one
         return None
     entry = {"file": path.name, "preprocess": preprocess.to_json()}

@@ -113,6 +113,32 @@ def _encoder(session: Any, context_length: int) -> Callable[[list[str]], np.ndar
     return encode
 
 
+def keep_if_reproduced(model: Any, tower: str, example: Any, path: Path,
+                       encoder: Callable[[bytes], Callable[[list[Any]], np.ndarray]],
+                       reference: Callable[[list[Any]], Any], batches: tuple[list[Any], ...]) -> bool:
+    """Export ``model``'s ``tower`` (traced on the tensor ``example``) and write it at ``path`` only
+    if ``encoder(graph bytes)`` gives ``reference``'s torch features within ``TOLERANCE`` on every
+    one of ``batches`` (other sizes than the traced one); True if it was written."""
+    import torch
+
+    from clipalign.export_onnx import export_tower
+    from clipalign.formats.atomic import replace_file
+
+    with tempfile.TemporaryDirectory(prefix="clipalign-onnx-") as tmp:
+        # unoptimized: 1.4 s less of an index build, and the same query latency once onnxruntime
+        # has optimized it at load (demo model, AVX2 EPYC: 0.80 against 1.04 ms a text query)
+        export_tower(model, tower, example, Path(tmp) / f"{tower}.onnx", optimize=False)
+        data = (Path(tmp) / f"{tower}.onnx").read_bytes()
+    encode = encoder(data)
+    for batch in batches:
+        with torch.no_grad():
+            want = reference(batch).float().numpy()
+        if not np.abs(encode(batch) - want).max() <= TOLERANCE:
+            return False
+    replace_file(path, lambda tmp: Path(tmp).write_bytes(data))
+    return True
+
+
 def export_text_query(model: Any, tokenizer: Callable, folder: str | os.PathLike,
                       identity: dict[str, str] | None = None) -> dict[str, Any] | None:
     """Write ``model.encode_text(·, normalize=True)`` as ONNX into the index folder ``folder``.
@@ -126,28 +152,18 @@ def export_text_query(model: Any, tokenizer: Callable, folder: str | os.PathLike
     try:
         import torch
 
-        from clipalign.export_onnx import export_tower
-        from clipalign.formats.atomic import replace_file
-
         if not _same_kind(tokenizer):
             return None
         context = int(tokenizer.context_length)
         ids = tokenize(_SAMPLES, context)
         if not np.array_equal(ids, tokenizer(_SAMPLES).numpy()):
             return None
-        with tempfile.TemporaryDirectory(prefix="clipalign-onnx-") as tmp:
-            # unoptimized: 1.4 s less of an index build, and the same query latency once onnxruntime
-            # has optimized it at load (demo model, AVX2 EPYC: 0.80 against 1.04 ms a query)
-            export_tower(model, "text", torch.from_numpy(ids[:2]), Path(tmp) / "text.onnx", optimize=False)
-            data = (Path(tmp) / "text.onnx").read_bytes()
-        encode = _encoder(onnx_session(data), context)
-        for batch in (_SAMPLES[:1], _SAMPLES):  # other batch sizes than the exported one
-            with torch.no_grad():
-                want = model.encode_text(tokenizer(batch), normalize=True).float().numpy()
-            if not np.abs(encode(batch) - want).max() <= TOLERANCE:
-                return None
         path = IndexFolder(folder).text_query
-        replace_file(path, lambda tmp: Path(tmp).write_bytes(data))
+        if not keep_if_reproduced(model, "text", torch.from_numpy(ids[:2]), path,
+                                  lambda data: _encoder(onnx_session(data), context),
+                                  lambda batch: model.encode_text(tokenizer(batch), normalize=True),
+                                  (_SAMPLES[:1], _SAMPLES)):
+            return None
     except Exception:  # any failure means: no fast path, never a wrong one
         return None
     entry = {"file": path.name, "tokenizer": TOKENIZER, "context_length": context}

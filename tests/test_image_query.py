@@ -102,3 +102,14 @@ def test_an_image_search_takes_the_tower_without_torch_and_finds_what_the_full_m
     full = json.loads(capsys.readouterr().out)["results"]
     assert [r["id"] for r in fast] == [r["id"] for r in full]
     assert np.allclose([r["score"] for r in fast], [r["score"] for r in full], atol=1e-5)
+
+
+def test_a_tower_that_does_not_reproduce_the_model_is_not_kept(model, tmp_path, monkeypatch):
+    import clipalign.export_onnx
+
+    other, _, _, _ = load_model_source(make_checkpoint(tmp_path / "other.pt", seed=1))
+    real = clipalign.export_onnx.export_tower
+    monkeypatch.setattr(clipalign.export_onnx, "export_tower",
+                        lambda _model, tower, example, path, **options: real(other, tower, example, path, **options))
+    assert export_image_query(*model[:2], tmp_path, model[2]) is None
+    assert not IndexFolder(tmp_path).image_query.exists()
