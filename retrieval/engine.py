@@ -26,6 +26,7 @@ from retrieval.index import FILES, SearchIndex, load_index
 
 if TYPE_CHECKING:  # PIL and the model source are imported for image queries and model builds only
     from clipalign.model_source import ModelSource
+    from retrieval.image_query import ImageQuery
 
 OVER = {"images": "image", "captions": "caption"}
 MAX_K = 100  # hits a query may ask for
@@ -130,8 +131,8 @@ class QueryEngine:
         load_model: builds ``(model, transform, tokenizer)`` and checks it against the index
             (called at most once, on first need).
         text_query: optional fast ``texts -> (Q, D)`` encoder made from the index's own model.
-        image_query: optional, gives at the first image query the fast ``PIL images -> (Q, D)``
-            encoder made from the index's own model, or None.
+        image_query: optional, gives at the first image query the fast image path made from the
+            index's own model (``retrieval.image_query.ImageQuery``), or None.
         max_decodes: query images decoded at once; ``max_pixels``: the largest one decoded
             (default ``clipalign.formats.images.DEFAULT_MAX_PIXELS``).
         text_batch: the most texts of concurrent queries encoded in one call (1: each alone).
@@ -139,7 +140,7 @@ class QueryEngine:
 
     def __init__(self, index: SearchIndex, load_model: Callable[[], tuple[Any, Callable, Callable]],
                  text_query: Callable[[list[str]], np.ndarray] | None = None,
-                 image_query: Callable[[], Callable[[list[Any]], np.ndarray] | None] | None = None, *,
+                 image_query: Callable[[], ImageQuery | None] | None = None, *,
                  max_decodes: int = MAX_DECODES, max_pixels: int | None = None,
                  decode_wait_s: float = DECODE_WAIT_S, text_batch: int = TEXT_BATCH_MAX):
         self.index = index
@@ -200,8 +201,9 @@ class QueryEngine:
         """(Q, D) normalised features of PIL images."""
         fast = self._image_query() if self._image_query is not None else None
         if fast is not None:
+            pixels = np.stack([fast.preprocess(im) for im in images])  # outside the lock, as the transform below
             with self._lock:
-                return fast(images)
+                return fast.run(pixels)
         import torch
 
         model, transform, _ = self.full_model()

@@ -147,15 +147,22 @@ def _sample_images() -> list[Any]:
     return images + [images[0].convert("L"), images[1].convert("RGBA"), images[4].convert("P")]
 
 
-def _encoder(session: Any, preprocess: Preprocess) -> Callable[[list[Any]], np.ndarray]:
-    """``PIL images -> (Q, D)`` float32 features through ``session``."""
-    name = session.get_inputs()[0].name  # the exporter's; read from the graph, not restated
+@dataclass(frozen=True)
+class ImageQuery:
+    """The fast image path: ``preprocess`` (PIL image → (3, H, W)) and the tower's ``session``;
+    called, PIL images → (Q, D) float32 features. The engine preprocesses outside its model
+    lock and holds it for ``run`` only, as it does for the torch transform."""
 
-    def encode(images: list[Any]) -> np.ndarray:
-        batch = np.stack([preprocess(im) for im in images])
-        return np.asarray(session.run(None, {name: batch})[0], dtype=np.float32)
+    preprocess: Preprocess
+    session: Any
 
-    return encode
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """(Q, 3, H, W) preprocessed pixels → (Q, D) features."""
+        name = self.session.get_inputs()[0].name  # the exporter's; read from the graph, not restated
+        return np.asarray(self.session.run(None, {name: batch})[0], dtype=np.float32)
+
+    def __call__(self, images: list[Any]) -> np.ndarray:
+        return self.run(np.stack([self.preprocess(im) for im in images]))
 
 
 def export_image_query(model: Any, transform: Callable, folder: str | os.PathLike,
@@ -185,7 +192,7 @@ def export_image_query(model: Any, transform: Callable, folder: str | os.PathLik
 
         path = IndexFolder(folder).image_query
         if not keep_if_reproduced(model, "image", torch.stack(pixels[:2]), path,
-                                  lambda data: _encoder(onnx_session(data), preprocess), reference,
+                                  lambda data: ImageQuery(preprocess, onnx_session(data)), reference,
                                   (images[:1], images)):
             return None
     except Exception:  # any failure means: no fast path, never a wrong one
@@ -194,7 +201,7 @@ def export_image_query(model: Any, transform: Callable, folder: str | os.PathLik
     return entry | ({"model_identity": dict(identity)} if identity else {})
 
 
-def load_image_query(info: dict[str, Any], data: bytes) -> Callable[[list[Any]], np.ndarray]:
+def load_image_query(info: dict[str, Any], data: bytes) -> ImageQuery:
     """``PIL images -> (Q, D)`` normalised features from the tower ``export_image_query`` wrote.
 
     ``info`` is the folder's ``image_query`` entry; ``data`` the tower's bytes, read and checked.
@@ -202,4 +209,4 @@ def load_image_query(info: dict[str, Any], data: bytes) -> Callable[[list[Any]],
     Raises:
         ValueError: a malformed ``preprocess``; ImportError: no onnxruntime.
     """
-    return _encoder(onnx_session(data), Preprocess.from_json(info.get("preprocess")))
+    return ImageQuery(Preprocess.from_json(info.get("preprocess")), onnx_session(data))

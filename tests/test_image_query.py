@@ -3,6 +3,7 @@ the ONNX image tower answers image searches as the full model does without impor
 any transform it cannot reproduce, or a missing onnxruntime, gets no fast path."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from PIL import Image
 from clipalign.cli import main
 from clipalign.formats.folders import IndexFolder
 from clipalign.model_source import load_model_source
+from retrieval.engine import open_engine
 from retrieval.identity import model_identity
 from retrieval.image_query import Preprocess, export_image_query, load_image_query, preprocess_of
 from tests.retrieval_toy import make_checkpoint, make_index
@@ -93,6 +95,12 @@ def test_an_image_search_takes_the_tower_without_torch_and_finds_what_the_full_m
     done = subprocess.run([sys.executable, "-c", code, str(index), str(query)], capture_output=True, text=True, check=True)
     assert json.loads(done.stderr.strip().splitlines()[-1]) == [False, False]
     fast = json.loads(done.stdout)["results"]
+    engine = open_engine(index)
+    tower, locked = engine._image_query(), []
+    engine._image_query = lambda: dataclasses.replace(
+        tower, preprocess=lambda im: (locked.append(engine._lock.locked()), tower.preprocess(im))[1])
+    assert [r["id"] for r in engine.search_image_file(query, 5)[0]] == [r["id"] for r in fast]
+    assert locked == [False]  # preprocessed outside the model lock: a big upload's resize holds up no text query
     folder = IndexFolder(index)
     folder.image_query.unlink()  # the same search through the full model
     info = json.loads(folder.info.read_text())
