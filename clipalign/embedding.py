@@ -1,6 +1,7 @@
 """Batched inference: shard samples → images → features, and texts → features."""
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from pathlib import Path
@@ -9,8 +10,9 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import webdataset as wds
 from PIL import Image
+from torchvision import transforms as T
 
-from clipalign.formats.images import read_image
+from clipalign.formats.images import Draft, read_image
 from clipalign.formats.sample import sample_image
 from clipalign.formats.skips import SkipCounter
 from clipalign.inference import image_encoder
@@ -36,12 +38,47 @@ def decoded(
             counter(exn)
 
 
-def open_images(items: Iterable[tuple[Path, Any]], counter: SkipCounter) -> Iterator[tuple[Image.Image, Any]]:
+DRAFT_GAP = 2.0  # a draft-decoded JPEG keeps at least this many times the size the transform resizes it to
+
+
+def jpeg_draft(transform: Callable, gap: float = DRAFT_GAP) -> Draft | None:
+    """How small a JPEG may be decoded for ``transform`` (``clipalign.formats.images.Draft``), or
+    ``None`` where it must be decoded whole.
+
+    Only a ``Compose`` that starts with a plain ``Resize`` (open_clip's eval transforms: the short
+    side to S, or both sides) gets one: the JPEG is decoded at the smallest of 1/2, 1/4 and 1/8
+    of its size that keeps ``gap`` times what the resize makes, and the resize shrinks it from
+    there. The images differ from a whole decode's by what that first shrink rounds (with ``gap``
+    2, a few hundredths of a grey level on average; ``tests/test_embedding_draft.py``), as in
+    PIL's own ``reducing_gap``.
+    """
+    steps = transform.transforms if isinstance(transform, T.Compose) else []
+    if not steps or type(steps[0]) is not T.Resize or steps[0].max_size is not None:
+        return None
+    size = steps[0].size
+    if isinstance(size, int) or len(size) == 1:  # the short side to S
+        short = size if isinstance(size, int) else size[0]
+
+        def least(stored: tuple[int, int]) -> tuple[int, int] | None:
+            scale = gap * short / min(stored)
+            return None if scale >= 1 else (math.ceil(stored[0] * scale), math.ceil(stored[1] * scale))
+    else:  # (height, width): both sides
+        height, width = size
+
+        def least(stored: tuple[int, int]) -> tuple[int, int] | None:
+            want = (min(stored[0], math.ceil(gap * width)), min(stored[1], math.ceil(gap * height)))
+            return None if want == tuple(stored) else want
+    return least
+
+
+def open_images(items: Iterable[tuple[Path, Any]], counter: SkipCounter, draft: Draft | None = None
+                ) -> Iterator[tuple[Image.Image, Any]]:
     """``(RGB image, payload)`` for each readable ``(path, payload)``; a missing or undecodable
-    file is counted in ``counter``, never fatal."""
+    file is counted in ``counter``, never fatal. ``draft``: how small a JPEG may be decoded
+    (``jpeg_draft``)."""
     for path, payload in items:
         try:
-            image = read_image(path)
+            image = read_image(path, draft=draft)
         except Exception as exn:
             counter(exn)
         else:

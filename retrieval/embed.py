@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from clipalign.embedding import image_features, text_features
+from clipalign.embedding import image_features, jpeg_draft, text_features
 from clipalign.formats.atomic import replace_file, write_json
 from clipalign.formats.folders import EmbeddingsFolder
 from clipalign.formats.sample import caption_char_limit, cut_caption
@@ -71,16 +71,20 @@ def _save_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
 
 @torch.no_grad()
 def embed_unit(model: ClipAlign, transform: Callable, tokenizer: Callable, unit: Unit, *, captions: bool,
-               batch_size: int, precision: str, on_batch: Callable[[int], None] | None = None
+               batch_size: int, precision: str, exact_decode: bool = False,
+               on_batch: Callable[[int], None] | None = None
                ) -> tuple[np.ndarray, np.ndarray | None, list[dict[str, Any]], dict[str, int]]:
     """Embed one unit. Returns ``(image (n, D), caption (n, D) or None, rows, skipped counts)``, float32.
 
     Each row's caption is cut to ``caption_char_limit`` (what is embedded is what is stored).
+    A large JPEG is decoded at a reduced scale (``clipalign.embedding.jpeg_draft``) unless
+    ``exact_decode``.
     """
     counter = SkipCounter()
     limit = caption_char_limit(int(getattr(tokenizer, "context_length", 77)))
+    draft = None if exact_decode else jpeg_draft(transform)
     items = ((item.image, item.row | {"caption": cut_caption(item.row["caption"], limit)})
-             for item in unit_items(unit, counter))
+             for item in unit_items(unit, counter, draft))
     feats, rows = image_features(model, transform, items, batch_size=batch_size, precision=precision,
                                  on_batch=on_batch)
     image = feats.numpy()
@@ -117,11 +121,12 @@ def folder_info(units: list[Unit], *, identity: dict[str, str], dim: int, dtype:
 
 
 def embed_and_write(model: ClipAlign, transform: Callable, tokenizer: Callable, unit: Unit, folder: EmbeddingsFolder,
-                    *, captions: bool, dtype: str, batch_size: int, precision: str,
+                    *, captions: bool, dtype: str, batch_size: int, precision: str, exact_decode: bool = False,
                     on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Embed ``unit`` (``embed_unit``) and write its files, the ``done`` record last; returns that record."""
     image, text, rows, skipped = embed_unit(model, transform, tokenizer, unit, captions=captions,
-                                            batch_size=batch_size, precision=precision, on_batch=on_batch)
+                                            batch_size=batch_size, precision=precision, exact_decode=exact_decode,
+                                            on_batch=on_batch)
     _save_npy(folder.image_vectors(unit.name), image.astype(dtype))
     if text is not None:
         _save_npy(folder.text_vectors(unit.name), text.astype(dtype))
@@ -135,7 +140,7 @@ def embed_collection(model: ClipAlign, transform: Callable, tokenizer: Callable,
                      out: str | os.PathLike, *, identity: dict[str, str], source: dict[str, Any] | None = None,
                      captions: bool = True,
                      dtype: str = "float16", batch_size: int = 256, precision: str = "fp32",
-                     on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
+                     exact_decode: bool = False, on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Embed every unit not yet done into ``out``; returns the folder's totals (see ``summary``).
 
     Writes the vectors, metadata and ``done`` records; ``embed_folder`` adds the model copy.
@@ -150,7 +155,7 @@ def embed_collection(model: ClipAlign, transform: Callable, tokenizer: Callable,
     for unit in units:
         if not folder.done(unit.name).is_file():
             embed_and_write(model, transform, tokenizer, unit, folder, captions=captions, dtype=dtype,
-                            batch_size=batch_size, precision=precision, on_batch=on_batch)
+                            batch_size=batch_size, precision=precision, exact_decode=exact_decode, on_batch=on_batch)
     return summary(out)
 
 
@@ -169,13 +174,16 @@ ENGINES = ("local", "ray")
 
 def embed_folder(source: ModelSource | str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
                  captions: bool = True, dtype: str = "float16", per_chunk: int = 10_000, batch_size: int = 256,
-                 precision: str = "fp32", progress: Callable[..., Any] | None = None, engine: str = "local",
+                 precision: str = "fp32", exact_decode: bool = False, progress: Callable[..., Any] | None = None,
+                 engine: str = "local",
                  ray_address: str | None = None, num_gpus: float = 0, actors: int | None = None) -> dict[str, Any]:
     """Embed the images (and captions) at ``data`` with the model of ``source`` (a checkpoint or
     run folder, or pretrained weights) into the embeddings folder ``out``, resuming after its
     last finished unit, and copy the weights beside the vectors.
 
     Args:
+        exact_decode: decode every JPEG whole, as the model's own preprocessing does; by default
+            a large one is decoded at a reduced scale (``clipalign.embedding.jpeg_draft``).
         progress: a tqdm-like factory; one bar counts the images of all units.
         engine: ``"local"`` (this process) or ``"ray"``: the units go to a pool of Ray actors,
             one model each (``retrieval.ray_embed``), on the cluster at ``ray_address``, with
@@ -209,13 +217,13 @@ def embed_folder(source: ModelSource | str | os.PathLike, data: str | os.PathLik
             todo = [u for u in units if not folder.done(u.name).is_file()]
             embed_on_ray(pinned_source(ModelSource.of(source), meta["path"]), identity, todo, out, embed_and_write,
                          captions=captions, dtype=dtype, batch_size=batch_size, precision=precision,
-                         address=ray_address, num_gpus=num_gpus, actors=actors,
+                         exact_decode=exact_decode, address=ray_address, num_gpus=num_gpus, actors=actors,
                          on_unit=(lambda _, n: bar.update(n)) if bar is not None else None)
             totals = summary(out)
         else:
             totals = embed_collection(model, transform, tokenizer, units, out, identity=identity, source=record,
                                       captions=captions, dtype=dtype, batch_size=batch_size, precision=precision,
-                                      on_batch=bar.update if bar is not None else None)
+                                      exact_decode=exact_decode, on_batch=bar.update if bar is not None else None)
     finally:
         if bar is not None:
             bar.close()

@@ -42,9 +42,11 @@ class UnitEmbedder:
     with ``write_unit`` (handed in: ``retrieval.embed`` owns the work, and calls this module)."""
 
     def __init__(self, source: ModelSource, identity: dict[str, str], out: str, write_unit: WriteUnit, *,
-                 captions: bool, dtype: str, batch_size: int, precision: str, device: str) -> None:
+                 captions: bool, dtype: str, batch_size: int, precision: str, exact_decode: bool = False,
+                 device: str) -> None:
         self.folder, self.write_unit = EmbeddingsFolder(out), write_unit
-        self.options = {"captions": captions, "dtype": dtype, "batch_size": batch_size, "precision": precision}
+        self.options = {"captions": captions, "dtype": dtype, "batch_size": batch_size, "precision": precision,
+                        "exact_decode": exact_decode}
         self.failed: Exception | None = None
         try:
             self._build(source, identity, device)
@@ -78,7 +80,7 @@ class UnitEmbedder:
 
 def embed_on_ray(source: ModelSource, identity: dict[str, str], units: list[Unit], out: str | os.PathLike,
                  write_unit: WriteUnit, *, captions: bool, dtype: str, batch_size: int, precision: str,
-                 address: str | None = None, num_gpus: float = 0, actors: int | None = None,
+                 exact_decode: bool = False, address: str | None = None, num_gpus: float = 0, actors: int | None = None,
                  on_unit: Callable[[str, int], None] | None = None) -> None:
     """Embed ``units`` into the started embeddings folder ``out`` with a pool of Ray actors.
 
@@ -112,7 +114,8 @@ def embed_on_ray(source: ModelSource, identity: dict[str, str], units: list[Unit
         UnitEmbedder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=size), num_cpus=1,
         num_gpus=num_gpus or None, fn_constructor_args=(source, identity, str(Path(out).resolve()), write_unit),
         fn_constructor_kwargs={"captions": captions, "dtype": dtype, "batch_size": batch_size,
-                               "precision": precision, "device": "cuda" if num_gpus else "cpu"})
+                               "precision": precision, "exact_decode": exact_decode,
+                               "device": "cuda" if num_gpus else "cpu"})
     with task_errors():
         for row in dataset.iter_rows():
             if on_unit is not None:

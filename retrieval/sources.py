@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 from PIL import Image
 
-from clipalign.formats.images import decode_image, image_files, is_regular_file, open_regular_file, read_image
+from clipalign.formats.images import Draft, decode_image, image_files, is_regular_file, open_regular_file, read_image
 from clipalign.formats.sample import JSON, KEY, image_key, sample_text
 from clipalign.formats.skips import SkipCounter
 
@@ -86,11 +86,11 @@ def tar_samples(shard: str, counter: SkipCounter) -> Iterator[dict[str, Any]]:
         yield current
 
 
-def shard_items(unit: Unit, counter: SkipCounter) -> Iterator[Item]:
+def shard_items(unit: Unit, counter: SkipCounter, draft: Draft | None = None) -> Iterator[Item]:
     for sample in tar_samples(unit.shard, counter):
         try:
             ext = image_key(sample)
-            image = decode_image(sample[ext], sample[KEY])
+            image = decode_image(sample[ext], sample[KEY], draft=draft)
             info = json.loads(sample[JSON]) if JSON in sample else {}
         except Exception as exn:
             counter(exn)
@@ -100,12 +100,12 @@ def shard_items(unit: Unit, counter: SkipCounter) -> Iterator[Item]:
                            "source": str(info.get("source", "")), "shard": unit.shard, "offset": offset, "size": size})
 
 
-def folder_items(unit: Unit, counter: SkipCounter) -> Iterator[Item]:
+def folder_items(unit: Unit, counter: SkipCounter, draft: Draft | None = None) -> Iterator[Item]:
     root = Path(unit.root)
     for rel in unit.files:
         path = root / rel
         try:
-            image = read_image(path)
+            image = read_image(path, draft=draft)
         except Exception as exn:
             counter(exn)
             continue
@@ -121,9 +121,10 @@ def folder_items(unit: Unit, counter: SkipCounter) -> Iterator[Item]:
                            "shard": "", "offset": -1, "size": path.stat().st_size})
 
 
-def unit_items(unit: Unit, counter: SkipCounter) -> Iterator[Item]:
-    """The readable images of a unit, in order; unreadable ones are counted in ``counter``."""
-    return shard_items(unit, counter) if unit.shard else folder_items(unit, counter)
+def unit_items(unit: Unit, counter: SkipCounter, draft: Draft | None = None) -> Iterator[Item]:
+    """The readable images of a unit, in order; unreadable ones are counted in ``counter``.
+    ``draft``: how small a JPEG may be decoded (``clipalign.embedding.jpeg_draft``)."""
+    return shard_items(unit, counter, draft) if unit.shard else folder_items(unit, counter, draft)
 
 
 def read_image_bytes(row: dict[str, Any], max_bytes: int = 32 << 20) -> bytes:

@@ -9,7 +9,9 @@ weights into a file, then embeds the folder, one after the other in this process
   preprocessing, and the loop its README shows, batched: ``Image.open`` → ``preprocess`` →
   ``torch.stack`` → ``model.encode_image`` under ``torch.no_grad()`` in fp32;
 - clipalign: what ``clipalign embed DIR --model M --pretrained F`` runs once its model is built
-  (``retrieval.embed.embed_collection``: vectors and metadata written), in fp32 and in bf16.
+  (``retrieval.embed.embed_collection``: vectors and metadata written), in fp32 and in bf16,
+  each with ``--exact-decode`` (every JPEG decoded whole, as open_clip does) and without (the
+  default: a JPEG over twice the model's input decoded at a reduced scale).
 
 Each row is timed from the first file opened to the last vector (model build excluded), best of
 ``--repeats``; the machine is printed with the table. Run nothing else meanwhile.
@@ -66,7 +68,7 @@ def open_clip_loop(model_name: str, weights: Path, folder: Path, batch_size: int
 
 
 def clipalign_embed(model_name: str, weights: Path, folder: Path, batch_size: int, precision: str,
-                    out: Path) -> tuple[float, np.ndarray]:
+                    out: Path, exact_decode: bool = False) -> tuple[float, np.ndarray]:
     """``clipalign embed FOLDER --model M --pretrained F``'s work after the model is built."""
     from clipalign.model_source import ModelSource, load_model_source
     from retrieval.embed import embed_collection, load_embeddings, resolve_units
@@ -76,7 +78,7 @@ def clipalign_embed(model_name: str, weights: Path, folder: Path, batch_size: in
     identity = model_identity(meta["model_name"], model.state_dict())
     start = time.perf_counter()
     embed_collection(model, transform, tokenizer, resolve_units(folder), out, identity=identity, captions=False,
-                     batch_size=batch_size, precision=precision, dtype="float32")
+                     batch_size=batch_size, precision=precision, exact_decode=exact_decode, dtype="float32")
     seconds = time.perf_counter() - start
     vectors, rows, _ = load_embeddings(out)
     return seconds, vectors["image"][np.argsort([r["key"] for r in rows])]
@@ -106,10 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.save(create_model(a.model, mlm_head=False).clip.state_dict(), weights)
         runs = [("open_clip encode_image loop, fp32", lambda r: open_clip_loop(a.model, weights, folder, a.batch_size))]
         for precision in ("fp32", "bf16") if native_bf16() else ("fp32",):
-            runs.append((f"clipalign embed, {precision}", lambda r, precision=precision: clipalign_embed(
-                a.model, weights, folder, a.batch_size, precision, Path(tmp) / f"emb_{precision}_{r}")))
+            for exact in (True, False):
+                runs.append((f"clipalign embed, {precision}" + (", --exact-decode" if exact else ""),
+                             lambda r, precision=precision, exact=exact: clipalign_embed(
+                                 a.model, weights, folder, a.batch_size, precision,
+                                 Path(tmp) / f"emb_{precision}_{exact}_{r}", exact)))
         reference = None
-        print(f"{'run':<36} {'images/s':>9} {'vs open_clip':>12} {'max |Δ| to open_clip':>21}")
+        print(f"{'run':<40} {'images/s':>9} {'vs open_clip':>12} {'max |Δ| to open_clip':>21}")
         for name, run in runs:
             best, vectors = None, None
             for r in range(a.repeats):
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                    "max_abs_diff": float(np.abs(vectors - reference).max())}
             row["speedup"] = rate / rows[0]["images_per_s"] if rows else 1.0
             rows.append(row)
-            print(f"{name:<36} {rate:9.1f} {row['speedup']:11.2f}x {row['max_abs_diff']:21.2e}", flush=True)
+            print(f"{name:<40} {rate:9.1f} {row['speedup']:11.2f}x {row['max_abs_diff']:21.2e}", flush=True)
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps({"model": a.model, "images": a.images, "size": a.size,

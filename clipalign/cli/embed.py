@@ -23,6 +23,10 @@ def build_parser():
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32",
                    help="of the model's pass: bf16 is 2-3x faster where the CPU runs it natively (AMX, AVX-512 "
                    "BF16), vectors within ~1e-2 of fp32's; 'auto' picks it there, else fp32")
+    p.add_argument("--exact-decode", action="store_true",
+                   help="decode every JPEG whole, as the model's own preprocessing does; by default a JPEG of more "
+                   "than twice the model's input size is decoded at 1/2, 1/4 or 1/8 scale (2-4x faster, vectors "
+                   "within ~1e-3)")
     add_progress_arg(p)
     add_engine_args(p, "embed with a pool of Ray actors, one model each; the same folder 'local' writes", embeds=True)
     return p
@@ -39,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = embed_folder(source, args.data, args.out, captions=not args.no_captions, dtype=args.dtype,
                                per_chunk=args.per_chunk, batch_size=args.batch_size, precision=args.precision,
-                               progress=None if args.no_progress else tqdm, **engine)
+                               exact_decode=args.exact_decode, progress=None if args.no_progress else tqdm, **engine)
     except (FileNotFoundError, KeyError, ValueError, ConnectionError) as err:
         raise CliError(str(err)) from None
     if not summary["count"]:
