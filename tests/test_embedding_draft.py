@@ -92,3 +92,25 @@ def test_embedding_drafts_by_default_and_decodes_whole_when_asked(tmp_path):
     gap = dict(zip((r["key"] for r in rows), np.abs(drafted - exact).max(axis=1)))
     assert gap.pop("small") == 0  # a PNG is never drafted
     assert all(0 < g < 5e-3 for g in gap.values()), gap
+
+
+def test_the_embed_command_decodes_whole_with_exact_decode(tmp_path):
+    from clipalign.cli import main
+    from retrieval.embed import load_embeddings
+
+    checkpoint = make_checkpoint(tmp_path / "checkpoint.pt")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.jpg").write_bytes(_jpeg(_photo(480, 360, seed=i)))
+    vectors = {}
+    for name, extra in (("draft", []), ("exact", ["--exact-decode"])):
+        assert main(["embed", "--checkpoint", str(checkpoint), "--data", str(folder), "--out", str(tmp_path / name),
+                     "--no-progress", "--no-captions", "--dtype", "float32", *extra]) == 0
+        vectors[name] = load_embeddings(tmp_path / name)[0]["image"]
+    model, transform, _, _ = load_model(checkpoint)
+    with torch.no_grad():
+        reference = model.encode_image(torch.stack([transform(read_image(folder / f"{i}.jpg")) for i in range(3)]),
+                                       normalize=True).numpy()
+    assert np.allclose(vectors["exact"], reference, atol=1e-5)
+    assert 0 < np.abs(vectors["draft"] - reference).max() < 5e-3

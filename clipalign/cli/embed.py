@@ -25,7 +25,7 @@ def build_parser():
                    "BF16), vectors within ~1e-2 of fp32's; 'auto' picks it there, else fp32")
     p.add_argument("--exact-decode", action="store_true",
                    help="decode every JPEG whole, as the model's own preprocessing does; by default a JPEG of more "
-                   "than twice the model's input size is decoded at 1/2, 1/4 or 1/8 scale (2-4x faster, vectors "
+                   "than twice the model's input size is decoded at 1/2, 1/4 or 1/8 scale (1.5-2x faster to decode, vectors "
                    "within ~1e-3)")
     add_progress_arg(p)
     add_engine_args(p, "embed with a pool of Ray actors, one model each; the same folder 'local' writes", embeds=True)
