@@ -51,7 +51,8 @@ def test_transforms_that_do_not_start_with_a_plain_resize_decode_whole(transform
     assert jpeg_draft(transform) is None
 
 
-@pytest.mark.parametrize("size, mode", [((640, 480), "RGB"), ((480, 700), "RGB"), ((800, 600), "L"), ((640, 480), "CMYK")])
+@pytest.mark.parametrize("size, mode", [((640, 480), "RGB"), ((480, 700), "RGB"), ((800, 600), "L"),
+                                        ((640, 480), "CMYK")])
 def test_a_draft_decode_gives_the_transform_nearly_the_whole_decodes_pixels(size, mode):
     transform = open_clip.image_transform(64, is_train=False)
     pixels, _ = uint8_transform(transform)

@@ -24,9 +24,9 @@ def build_parser():
                    help="of the model's pass: bf16 is 2-3x faster where the CPU runs it natively (AMX, AVX-512 "
                    "BF16), vectors within ~1e-2 of fp32's; 'auto' picks it there, else fp32")
     p.add_argument("--exact-decode", action="store_true",
-                   help="decode every JPEG whole, as the model's own preprocessing does; by default a JPEG of more "
-                   "than twice the model's input size is decoded at 1/2, 1/4 or 1/8 scale (1.5-2x faster to decode, vectors "
-                   "within ~1e-3)")
+                   help="decode every JPEG whole, as the model's own preprocessing does; by default a JPEG of "
+                   "more than twice the model's input size is decoded at 1/2, 1/4 or 1/8 scale (1.5-2x faster "
+                   "to decode, vectors within ~1e-3)")
     add_progress_arg(p)
     add_engine_args(p, "embed with a pool of Ray actors, one model each; the same folder 'local' writes", embeds=True)
     return p
