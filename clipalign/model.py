@@ -118,11 +118,6 @@ def encode_text(clip: nn.Module, text: torch.Tensor, normalize: bool = False) ->
     cast_dtype = tower.transformer.get_cast_dtype()
     x = tower.token_embedding(text).to(cast_dtype) + tower.positional_embedding[:length].to(cast_dtype)
     x = tower.ln_final(tower.transformer(x, attn_mask=tower.attn_mask[:length, :length]))
-    return _pooled_features(tower, x, text, normalize)
-
-
-def _pooled_features(tower: nn.Module, x: torch.Tensor, text: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """open_clip's end of ``encode_text``: (B, L, W) final token states of ``text`` → (B, D)."""
     x = text_global_pool(x, text, _pool_type(tower), eos_token_id=getattr(tower, "text_eos_id", getattr(tower, "eos_id", None)))
     proj = tower.text_projection
     if proj is not None:
@@ -169,9 +164,6 @@ class ClipAlign(nn.Module):
         # oneDNN's convolutions run a ca-tiny step 1.3x faster on channels-last images, in bf16 and
         # fp32 alike (BENCHMARKS.md); the weights keep their layout
         self.channels_last = runs_channels_last(clip.visual)
-        # the contrastive and MLM text passes as one where exact (``encode_text_and_tokens``);
-        # False runs them apart (benchmarks, tests)
-        self.joint_text_pass = True
         self.mlm_fusion = None
         if mlm_condition == "image":
             embed_dim = getattr(clip.visual, "output_dim", None) or emb.embedding_dim
@@ -252,42 +244,16 @@ class ClipAlign(nn.Module):
         if is_hf_tower(self.clip):  # an encoder that already attends both ways; [MASK] is in its vocabulary
             attention = (ids != tower.config.pad_token_id).long()
             return tower.transformer(input_ids=ids, attention_mask=attention).last_hidden_state
-        x = self._token_inputs(tower, ids)
-        x = tower.transformer(x, attn_mask=self._padding_mask(ids, tower.transformer, x.dtype))
-        return tower.ln_final(x)
-
-    def _token_inputs(self, tower: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        """(B, L) ids, mask ids among them → (B, L, W) token + position embeddings."""
+        emb = tower.token_embedding
         cast_dtype = tower.transformer.get_cast_dtype()
         is_mask = ids == self.mask_id
-        x = tower.token_embedding(ids.masked_fill(is_mask, 0))
+        x = emb(ids.masked_fill(is_mask, 0))
         if self.mlm_head is not None:
             x = torch.where(is_mask[..., None], self.mlm_head.mask_embedding.to(x.dtype), x)
         # [:L]: towers that append a CLS token (CoCa) have one position more than the ids
-        return x.to(cast_dtype) + tower.positional_embedding[: ids.shape[1]].to(cast_dtype)
-
-    def joins_text_passes(self, text: torch.Tensor, masked_ids: torch.Tensor) -> bool:
-        """Whether ``encode_text_and_tokens`` can run the contrastive and the MLM text passes
-        as one: an open_clip causal tower pooled at end-of-text (``trims_text``), ids of one length."""
-        return (self.joint_text_pass and not is_hf_tower(self.clip) and trims_text(self.clip)
-                and text.shape[1] == masked_ids.shape[1])
-
-    def encode_text_and_tokens(self, text: torch.Tensor, masked_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``encode_text(text, normalize=True)`` and ``encode_text_tokens(masked_ids)`` in one pass
-        of the tower, its matmuls B + b rows tall: (B, L) ids, (b, L) masked ids → ((B, D), (b, L, W)).
-
-        Exact: every row attends within itself only, the clean rows causally, the masked rows
-        both ways short of their padding, so each gets what its own pass gives it
-        (``joins_text_passes`` says where this holds).
-        """
-        tower = _text_tower(self.clip)
-        batch, length = text.shape
-        x = self._token_inputs(tower, torch.cat([text, masked_ids]))
-        heads = tower.transformer.resblocks[0].attn.num_heads
-        causal = tower.attn_mask[:length, :length].to(x.dtype).expand(batch * heads, length, length)
-        mask = torch.cat([causal, self._padding_mask(masked_ids, tower.transformer, x.dtype)])
-        x = tower.ln_final(tower.transformer(x, attn_mask=mask))
-        return _pooled_features(tower, x[:batch], text, normalize=True), x[batch:]
+        x = x.to(cast_dtype) + tower.positional_embedding[: ids.shape[1]].to(cast_dtype)
+        x = tower.transformer(x, attn_mask=self._padding_mask(ids, tower.transformer, x.dtype))
+        return tower.ln_final(x)
 
     def _padding_mask(self, ids: torch.Tensor, transformer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
         """Additive (B*heads, L, L) mask hiding the keys after end-of-text."""
@@ -313,11 +279,7 @@ class ClipAlign(nn.Module):
         """
         if self.mlm_head is None:
             raise RuntimeError("this model was built without an MLM head")
-        return self._mlm_predictions(self.encode_text_tokens(masked_ids), labels, image_tokens)
-
-    def _mlm_predictions(self, hidden: torch.Tensor, labels: torch.Tensor, image_tokens: torch.Tensor | None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L, W) token states of masked ids → ``mlm_logits``' ``(logits (M, V), targets (M,))``."""
+        hidden = self.encode_text_tokens(masked_ids)  # (B, L, W)
         if self.mlm_fusion is not None:
             if image_tokens is None:
                 raise ValueError("this model's MLM is image-conditioned: pass the image tokens")
@@ -338,10 +300,6 @@ class ClipAlign(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Features for the contrastive loss and, given masked text, logits for the MLM loss.
 
-        ``masked_text`` and ``mlm_labels`` (b, L) are the masked ids of the batch's first b ≤ B
-        captions (``mask_tokens``); with ``text`` of the same length their pass joins the
-        contrastive one where that is exact (``joins_text_passes``).
-
         Returns:
             A dict with ``image_features`` (B, D) and ``text_features`` (B, D), both
             L2-normalised, ``logit_scale`` (scalar, already exponentiated), ``logit_bias`` for
@@ -358,19 +316,11 @@ class ClipAlign(nn.Module):
             out["image_features"], out["image_tokens"] = self.encode_image_and_tokens(image, normalize=True)
         elif image is not None:
             out["image_features"] = self.encode_image(image, normalize=True)
-        mlm = masked_text is not None and mlm_labels is not None
-        if mlm and self.mlm_head is None:
-            raise RuntimeError("this model was built without an MLM head")
-        hidden = None  # (b, L, W) token states of the masked text
         if text is not None and caption:
             out["text_features"], out["caption_logits"], out["caption_labels"] = self.caption_logits(
                 out["image_tokens"], text)
-        elif text is not None and mlm and self.joins_text_passes(text, masked_text):
-            out["text_features"], hidden = self.encode_text_and_tokens(text, masked_text)
         elif text is not None:
             out["text_features"] = self.encode_text(text, normalize=True)
-        if mlm:
-            hidden = self.encode_text_tokens(masked_text) if hidden is None else hidden
-            tokens = out["image_tokens"][: len(masked_text)] if "image_tokens" in out else None
-            out["mlm_logits"], out["mlm_targets"] = self._mlm_predictions(hidden, mlm_labels, tokens)
+        if masked_text is not None and mlm_labels is not None:
+            out["mlm_logits"], out["mlm_targets"] = self.mlm_logits(masked_text, mlm_labels, out.get("image_tokens"))
         return out

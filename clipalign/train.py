@@ -195,10 +195,8 @@ class Trainer:
         step_features = []
         for j, mb in enumerate(micro):
             with autocast(cfg.precision, self.device.type):
-                rows = self._mlm_rows(len(mb["text"])) if obj.mlm is not None else 0
-                masked = {"masked_text": mb["masked_text"][:rows], "mlm_labels": mb["mlm_labels"][:rows]} if rows else {}
                 out = model(mb["image"], mb["text"], image_tokens=model.mlm_fusion is not None or obj.mae is not None,
-                            caption=obj.caption is not None, **masked)
+                            caption=obj.caption is not None)
                 image, text = out["image_features"], out["text_features"]
                 step_features.append((image.detach(), text.detach()))
                 if cached is not None:
@@ -206,8 +204,10 @@ class Trainer:
                     text = torch.cat(cached[1][:j] + [text] + cached[1][j + 1:])
                 # every micro-batch's loss is the whole batch's: its temperature gradient counts once
                 losses = obj.contrastive_loss(image, text, out, scale_grad=j == 0)
-                if rows:
-                    logits, targets = out["mlm_logits"], out["mlm_targets"]
+                if obj.mlm is not None:
+                    rows = self._mlm_rows(len(mb["text"]))
+                    tokens = out["image_tokens"][:rows] if "image_tokens" in out else None  # same image pass
+                    logits, targets = model.mlm_logits(mb["masked_text"][:rows], mb["mlm_labels"][:rows], tokens)
                     losses.update(obj.mlm(logits, targets, mlm_count))
                     logs["mlm_correct"] += mlm_hits(logits, targets)
                     logs["mlm_total"] += targets.numel()

@@ -69,9 +69,9 @@ def test_accumulated_step_equals_one_pass_over_the_whole_batch(shards, tmp_path,
 def test_mlm_fraction_runs_the_mlm_pass_on_part_of_the_batch(shards, tmp_path, monkeypatch):
     trainer = Trainer(_cfg(shards, tmp_path, mlm_fraction=0.25))
     rows = []
-    original = trainer.model._mlm_predictions
-    monkeypatch.setattr(trainer.model, "_mlm_predictions",
-                        lambda hidden, labels, tokens: rows.append(len(hidden)) or original(hidden, labels, tokens))
+    original = trainer.model.mlm_logits
+    monkeypatch.setattr(trainer.model, "mlm_logits",
+                        lambda ids, labels, *tokens: rows.append(len(ids)) or original(ids, labels, *tokens))
     logs = trainer.train_step(_batch(trainer, n=8))
     assert rows == [2] and np.isfinite(logs["mlm_loss"])
 
