@@ -49,8 +49,8 @@ def jpeg_draft(transform: Callable, gap: float = DRAFT_GAP) -> Draft | None:
     side to S, or both sides) gets one: the JPEG is decoded at the smallest of 1/2, 1/4 and 1/8
     of its size that keeps ``gap`` times what the resize makes, and the resize shrinks it from
     there. The images differ from a whole decode's by what that first shrink rounds (with ``gap``
-    2, a few hundredths of a grey level on average; ``tests/test_embedding_draft.py``), as in
-    PIL's own ``reducing_gap``.
+    2, under half a grey level on average; ``tests/test_embedding_draft.py``), as with PIL's own
+    ``reducing_gap``.
     """
     steps = transform.transforms if isinstance(transform, T.Compose) else []
     if not steps or type(steps[0]) is not T.Resize or steps[0].max_size is not None:
