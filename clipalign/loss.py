@@ -1,6 +1,11 @@
 """Losses: each a small module that returns a dict of named, already-weighted losses.
 
 The training step sums every ``*_loss`` entry of every loss module it uses.
+
+The contrastive losses score their similarities in fp32 whatever the autocast: a bf16 logit
+near CLIP's scale (about 14-100) is rounded to steps of 0.06-0.5, coarser than the cosine
+differences between an image's caption and its near-miss negatives (BENCHMARKS.md, 2026-12-04).
+The matmul is (B, D) x (D, B), a negligible share of a step.
 """
 from __future__ import annotations
 
@@ -10,11 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _autocast_off(t: torch.Tensor) -> torch.autocast:
+    """Autocast off on ``t``'s device: the math inside runs in the dtypes it is given."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 class ClipLoss(open_clip.loss.ClipLoss):
     """Symmetric InfoNCE (CLIP): cross-entropy over image→text and text→image similarities.
 
     open_clip's implementation, with its gather of features across ranks (gradients kept,
-    labels offset by rank), returning a named loss.
+    labels offset by rank), returning a named loss; logits in fp32.
 
     Args:
         rank: this process's rank.
@@ -32,13 +42,15 @@ class ClipLoss(open_clip.loss.ClipLoss):
     def forward(
         self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        return super().forward(image_features, text_features, logit_scale, output_dict=True)
+        with _autocast_off(image_features):
+            return super().forward(
+                image_features.float(), text_features.float(), logit_scale.float(), output_dict=True)
 
 
 class SigLipLoss(open_clip.loss.SigLipLoss):
     """Sigmoid loss (SigLIP): every image-text pair is an independent binary decision.
 
-    open_clip's implementation, returning a named loss. The model needs a learnable
+    open_clip's implementation, returning a named loss; logits in fp32. The model needs a learnable
     ``logit_bias`` (``create_model(..., init_logit_bias=-10)``).
 
     Shape:
@@ -53,7 +65,9 @@ class SigLipLoss(open_clip.loss.SigLipLoss):
         self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
         logit_bias: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        return super().forward(image_features, text_features, logit_scale, logit_bias, output_dict=True)
+        with _autocast_off(image_features):
+            return super().forward(image_features.float(), text_features.float(), logit_scale.float(),
+                                   logit_bias.float(), output_dict=True)
 
 
 class MlmLoss(nn.Module):
@@ -91,7 +105,7 @@ class QueueClipLoss(nn.Module):
     and caption i against every image of the batch and every queued image feature; the
     positive is the pair's own online feature. With empty queues it is CLIP's loss. On
     several ranks the batch part is gathered from all of them (gradients kept); the queues
-    are each rank's own.
+    are each rank's own. Logits in fp32.
 
     Shape:
         image_features, text_features: (B, D), L2-normalised.
@@ -110,11 +124,12 @@ class QueueClipLoss(nn.Module):
         if self.world_size > 1:
             image_features, text_features = open_clip.loss.gather_features(
                 image_features, text_features, gather_with_grad=True, rank=self.rank, world_size=self.world_size)
-        queue_dtype = image_features.dtype
-        i2t = logit_scale * image_features @ torch.cat([text_features, text_queue.to(queue_dtype)]).T
-        t2i = logit_scale * text_features @ torch.cat([image_features, image_queue.to(queue_dtype)]).T
-        labels = torch.arange(image_features.shape[0], device=image_features.device)
-        return {"contrastive_loss": (F.cross_entropy(i2t, labels) + F.cross_entropy(t2i, labels)) / 2}
+        img, txt, scale = image_features.float(), text_features.float(), logit_scale.float()
+        with _autocast_off(img):
+            i2t = scale * img @ torch.cat([txt, text_queue.float()]).T
+            t2i = scale * txt @ torch.cat([img, image_queue.float()]).T
+            labels = torch.arange(img.shape[0], device=img.device)
+            return {"contrastive_loss": (F.cross_entropy(i2t, labels) + F.cross_entropy(t2i, labels)) / 2}
 
 
 class SimClrLoss(nn.Module):

@@ -1,10 +1,11 @@
 import math
 
 import open_clip
+import pytest
 import torch
 import torch.nn.functional as F
 
-from clipalign.loss import ClipLoss, MlmLoss, QueueClipLoss, SimClrLoss, mlm_accuracy
+from clipalign.loss import ClipLoss, MlmLoss, QueueClipLoss, SigLipLoss, SimClrLoss, mlm_accuracy
 
 
 def _features(b=8, d=16, seed=0):
@@ -73,8 +74,6 @@ def reference_sigmoid_loss(img, txt, scale, bias):
 
 
 def test_sigmoid_loss_matches_plain_reference():
-    from clipalign.loss import SigLipLoss
-
     img, txt = _features(b=6, d=8, seed=2)
     got = SigLipLoss()(img, txt, torch.tensor(10.0), torch.tensor(-10.0))["contrastive_loss"].item()
     assert abs(got - reference_sigmoid_loss(img, txt, 10.0, -10.0)) < 1e-4
@@ -151,3 +150,34 @@ def test_mlm_hits_counts_as_argmax_does_ties_included():
     targets[:100] = logits[:100].float().argmax(-1)
     assert mlm_hits(logits, targets) == int((logits.argmax(-1) == targets).sum())
     assert mlm_hits(logits, targets) >= 100
+
+
+def _near_miss_features(b=64, d=32, seed=4):
+    """bf16 features whose captions are near misses of one another (as captions that differ
+    in one word are), the case where bf16 logits round the differences away."""
+    img, txt = _features(b, d, seed)
+    txt = F.normalize(txt[:1] + 0.1 * txt, dim=-1)
+    img = F.normalize(txt + 0.05 * img, dim=-1)
+    return img.bfloat16().requires_grad_(), txt.bfloat16().requires_grad_()
+
+
+CONTRASTIVE = {
+    "clip": (ClipLoss(), ()),
+    "siglip": (SigLipLoss(), (torch.tensor(-10.0),)),
+    "queue": (QueueClipLoss(), tuple(f.detach()[:16] for f in _near_miss_features())),
+}
+
+
+@pytest.mark.parametrize("name", CONTRASTIVE)
+def test_contrastive_losses_score_in_fp32_under_bf16_autocast(name):
+    loss, extra = CONTRASTIVE[name]
+    img, txt = _near_miss_features()
+    scale = torch.tensor(100.0, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loss(img, txt, scale, *extra)["contrastive_loss"]
+    fp32 = loss(img.float(), txt.float(), scale, *(e.float() for e in extra))["contrastive_loss"]
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, fp32, rtol=1e-6)  # bf16 logits miss by 2 % here
+    got.backward()
+    assert img.grad.dtype == torch.bfloat16 and img.grad.abs().sum() > 0 and txt.grad.abs().sum() > 0
+    assert scale.grad != 0
