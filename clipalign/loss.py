@@ -2,10 +2,10 @@
 
 The training step sums every ``*_loss`` entry of every loss module it uses.
 
-The contrastive losses score their similarities in fp32 whatever the autocast: a bf16 logit
-near CLIP's scale (about 14-100) is rounded to steps of 0.06-0.5, coarser than the cosine
-differences between an image's caption and its near-miss negatives (BENCHMARKS.md, 2026-12-04).
-The matmul is (B, D) x (D, B), a negligible share of a step.
+The contrastive losses score their similarities in fp32 whatever the autocast, so that the loss
+is the fp32 loss of the features it is given: a bf16 logit near CLIP's scale (about 14-100) is
+rounded to steps of 0.06-0.5. The matmul is (B, D) x (D, B), a negligible share of a step; what
+it changed in held-out quality, little (BENCHMARKS.md, "The demo's recipe", 2026-12-04).
 """
 from __future__ import annotations
 
