@@ -20,7 +20,7 @@ echo "errors.jsonl:"; head -n 3 "$OUT/shards/errors.jsonl"
 
 step "3/6 train: $MODEL, contrastive (InfoNCE), bf16 where native, $STEPS steps"
 # --image-ssl none: on this synthetic corpus SimCLR (the default) cost shape accuracy, its crops cut shapes in two.
-# --lr 1e-3: shape acc@1 61 / 47 % seen / unseen and R@10 94 % over 3 seeds, against 40 / 33 % and 88 % at 2e-3
+# --lr 1e-3: shape acc@1 63 / 43 % seen / unseen and R@10 94 % over 3 seeds, against 40 / 33 % and 88 % at 2e-3
 # (BENCHMARKS.md, "The demo's recipe")
 clipalign train --data "$OUT/shards" --out "$OUT/run" --model "$MODEL" --steps "$STEPS" \
     --batch-size 128 --lr 1e-3 --warmup 30 --checkpoint-every 100 --image-ssl none --resume
