@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import builtins
 import importlib.util
+import logging
 import os
 import sys
 import tempfile
@@ -24,6 +25,8 @@ from typing import Any, Callable
 import numpy as np
 
 from clipalign.formats.folders import IndexFolder
+
+log = logging.getLogger(__name__)
 
 TOKENIZER = "SimpleTokenizer"  # the one tokenizer kind with a torch-free twin (open_clip's CLIP BPE)
 TOLERANCE = 1e-5  # max abs difference from the torch model's normalised features
@@ -133,7 +136,10 @@ def keep_if_reproduced(model: Any, tower: str, example: Any, path: Path,
     for batch in batches:
         with torch.no_grad():
             want = reference(batch).float().numpy()
-        if not np.abs(encode(batch) - want).max() <= TOLERANCE:
+        error = float(np.abs(encode(batch) - want).max())
+        if not error <= TOLERANCE:
+            log.info("the ONNX %s tower misses the model by %g (over %g) on %d inputs: not kept", tower, error,
+                     TOLERANCE, len(batch))
             return False
     replace_file(path, lambda tmp: Path(tmp).write_bytes(data))
     return True
@@ -153,10 +159,12 @@ def export_text_query(model: Any, tokenizer: Callable, folder: str | os.PathLike
         import torch
 
         if not _same_kind(tokenizer):
+            log.info("no ONNX text tower: the tokenizer is not open_clip's SimpleTokenizer")
             return None
         context = int(tokenizer.context_length)
         ids = tokenize(_SAMPLES, context)
         if not np.array_equal(ids, tokenizer(_SAMPLES).numpy()):
+            log.info("no ONNX text tower: the torch-free tokenizer does not reproduce the model's")
             return None
         path = IndexFolder(folder).text_query
         if not keep_if_reproduced(model, "text", torch.from_numpy(ids[:2]), path,
@@ -164,7 +172,8 @@ def export_text_query(model: Any, tokenizer: Callable, folder: str | os.PathLike
                                   lambda batch: model.encode_text(tokenizer(batch), normalize=True),
                                   (_SAMPLES[:1], _SAMPLES)):
             return None
-    except Exception:  # any failure means: no fast path, never a wrong one
+    except Exception as err:  # any failure means: no fast path, never a wrong one
+        log.info("no ONNX text tower: %s: %s", type(err).__name__, err)
         return None
     entry = {"file": path.name, "tokenizer": TOKENIZER, "context_length": context}
     return entry | ({"model_identity": dict(identity)} if identity else {})

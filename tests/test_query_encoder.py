@@ -3,6 +3,7 @@ kept only where onnxruntime reproduces the model, never without onnxruntime or f
 from __future__ import annotations
 
 import json
+import logging
 import random
 import subprocess
 import sys
@@ -91,22 +92,26 @@ def test_the_tower_is_read_from_the_bytes_given(exported):
                           load_text_query(folder, entry)(["a red circle"]))
 
 
-def test_no_fast_path_without_onnxruntime(model, exported, tmp_path, monkeypatch):
+def test_no_fast_path_without_onnxruntime(model, exported, tmp_path, monkeypatch, caplog):
     built, tokenizer, identity = model
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime raises ImportError
+    caplog.set_level(logging.INFO, logger="retrieval.query_encoder")
     assert export_text_query(built, tokenizer, tmp_path, identity) is None
+    assert "no ONNX text tower: ModuleNotFoundError" in caplog.text  # the reason is logged
     assert not IndexFolder(tmp_path).text_query.exists()
     with pytest.raises(ImportError):
         load_text_query(*exported)
 
 
-def test_a_tower_that_does_not_reproduce_the_model_is_not_kept(model, tmp_path, monkeypatch):
+def test_a_tower_that_does_not_reproduce_the_model_is_not_kept(model, tmp_path, monkeypatch, caplog):
     built, tokenizer, identity = model
+    caplog.set_level(logging.INFO, logger="retrieval.query_encoder")
     other, _, _, _ = load_model_source(make_checkpoint(tmp_path / "other.pt", seed=1))
     real = clipalign.export_onnx.export_tower
     monkeypatch.setattr(clipalign.export_onnx, "export_tower",
                         lambda _model, tower, example, path, **options: real(other, tower, example, path, **options))
     assert export_text_query(built, tokenizer, tmp_path, identity) is None
+    assert "the ONNX text tower misses the model by" in caplog.text
     assert not IndexFolder(tmp_path).text_query.exists()
 
 
