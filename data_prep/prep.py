@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from clipalign.formats.atomic import replace_file, write_json
 from data_prep.manifest import Manifest
-from data_prep.memory import keep_freed_memory
+from clipalign.memory import keep_freed_memory
 from data_prep.retry import merge_retried, written_digests
 from data_prep.sample import SampleConfig
 from data_prep.shard_job import (

@@ -44,7 +44,7 @@ from bench_prep import FileServer, make_images  # noqa: E402
 from data_prep import shard_job  # noqa: E402
 from data_prep.fetch import Downloader, FetchConfig  # noqa: E402
 from data_prep.manifest import Record  # noqa: E402
-from data_prep.memory import keep_freed_memory  # noqa: E402
+from clipalign.memory import keep_freed_memory  # noqa: E402
 from data_prep.sample import SampleConfig  # noqa: E402
 
 

@@ -2,6 +2,7 @@
 
     python scripts/bench_step.py --model ca-small --threads 1 --clock cpu
     python scripts/bench_step.py --model ca-small --open-clip-attention   # the towers on nn.MultiheadAttention
+    python scripts/bench_step.py --model ca-small --system-malloc         # malloc handing freed memory back
 
 Where ``bench_train.py`` compares whole trainers, this isolates the step (model, losses,
 backward, fused AdamW) so that a change to it can be measured in minutes, and ``--profile``
@@ -95,11 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", choices=list(ROWS), default=[n for n in ROWS if "patch dropout" not in n],
                    help="rows to run; the patch-dropout rows (ViT towers only) run only when named here")
     p.add_argument("--open-clip-attention", action="store_true", help="run the towers on nn.MultiheadAttention")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="leave malloc as it is (by default freed memory is kept, as `clipalign train` does)")
     p.add_argument("--profile", action="store_true", help="also print an operator profile of one step per row")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if not a.system_malloc:
+        from clipalign.memory import keep_freed_memory
+
+        keep_freed_memory(largest=True)
 
     from clipalign.machine import describe, summary_line
 

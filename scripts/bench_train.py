@@ -6,12 +6,14 @@ Writes ``--shards`` synthetic 64 px JPEG shards (captions pre-tokenised as ``cli
 --tokenize`` stores them; open_clip_train reads the same ``jpg``/``txt``), then runs, one after
 the other, each trainer as a fresh process for ``--steps`` steps and reports the median
 samples/s of the steps after ``--warmup`` (each step timed from the end of the previous one,
-so data-loader waits count; both trainers log every step). Rows:
+so data-loader waits count; both trainers log every step). With ``--repeats N`` the rows run in
+turn N times and each reports the median of its N runs. Rows:
 
 - open_clip_train (installed open_clip_torch, through ``scripts/run_open_clip_train.py``) in
-  fp32 and ``amp_bf16``, and ``amp_bf16`` with the math attention kernels;
-- clipalign in fp32 and bf16 contrastive-only (MLM and SimCLR off: the like-for-like rows), then
-  the cost of each objective: MLM on, MLM on a fraction of the batch, image-conditioned MLM,
+  fp32 and ``amp_bf16``, and ``amp_bf16`` with the math attention kernels or with freed memory
+  kept (``GLIBC_TUNABLES`` set to what ``clipalign train`` sets itself, ``clipalign.memory``);
+- clipalign in fp32 and bf16 contrastive-only (MLM and SimCLR off: the like-for-like rows), bf16
+  with ``--system-malloc`` (what keeping freed memory buys), then the cost of each objective: MLM on, MLM on a fraction of the batch, image-conditioned MLM,
   patch dropout with and without MAE on the dropped patches, SimCLR at 0.5 (the default
   objective), the MoCo queue.
 
@@ -40,6 +42,9 @@ import torch
 import webdataset as wds
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from clipalign.memory import LARGEST_TOP_PAD, LARGEST_TRIM_THRESHOLD  # noqa: E402
+
 CONFIGS = ROOT / "clipalign" / "model_configs"
 REFERENCE_BF16_CEILING = 950e9  # ../shared/MEASURED.md, bf16 matmul on a quiet AMD EPYC (AMX Xeons: ~3,090e9)
 
@@ -51,19 +56,26 @@ class Row:
     precision: str  # "fp32" or "bf16"
     args: list[str] = field(default_factory=list)
     math_attention: bool = False  # open_clip_train only
+    env: dict[str, str] = field(default_factory=dict)  # added to the trainer's environment
 
 
 # Every row names its objectives (SimCLR, the default, is off unless the row says SimCLR), so each
 # keeps its meaning whatever the defaults are.
 OFF = ["--mlm-weight", "0", "--image-ssl", "none"]  # contrastive-only
 MLM = ["--mlm-weight", "0.1", "--image-ssl", "none"]
+# clipalign train's malloc settings (clipalign.memory.keep_freed_memory(largest=True)), for a process
+# that does not set them itself
+KEEP_FREED = {"GLIBC_TUNABLES": f"glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={LARGEST_TRIM_THRESHOLD}"
+                                f":glibc.malloc.top_pad={LARGEST_TOP_PAD}"}
 ROWS = [
     Row("open_clip_train fp32", "open_clip_train", "fp32"),
     Row("open_clip_train amp_bf16", "open_clip_train", "bf16"),
     Row("open_clip_train amp_bf16 + math attention", "open_clip_train", "bf16", math_attention=True),
+    Row("open_clip_train amp_bf16, freed memory kept", "open_clip_train", "bf16", env=KEEP_FREED),
     Row("clipalign fp32, MLM off", "clipalign", "fp32", OFF),
     Row("clipalign fp32, MLM on", "clipalign", "fp32", MLM),
     Row("clipalign bf16, MLM off", "clipalign", "bf16", OFF),
+    Row("clipalign bf16, MLM off, system malloc", "clipalign", "bf16", [*OFF, "--system-malloc"]),
     Row("clipalign bf16, MLM on", "clipalign", "bf16", MLM),
     Row("clipalign bf16, MLM on half the batch", "clipalign", "bf16", [*MLM, "--mlm-fraction", "0.5"]),
     Row("clipalign bf16, MLM on, image-conditioned", "clipalign", "bf16", [*MLM, "--mlm-condition", "image"]),
@@ -158,7 +170,7 @@ def run_row(row: Row, pattern: str, a: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         cmd = (_clipalign_cmd if row.trainer == "clipalign" else _open_clip_cmd)(row, pattern, out, a)
-        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **row.env}
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
         wall = time.perf_counter() - start
@@ -168,7 +180,7 @@ def run_row(row: Row, pattern: str, a: argparse.Namespace) -> dict:
     if len(rates) <= a.warmup:
         raise RuntimeError(f"{row.name}: only {len(rates)} steps logged")
     return {"name": row.name, "trainer": row.trainer, "precision": row.precision, "args": row.args,
-            "math_attention": row.math_attention, "samples_per_s": statistics.median(r for r, _ in rates[a.warmup:]),
+            "math_attention": row.math_attention, "env": row.env, "samples_per_s": statistics.median(r for r, _ in rates[a.warmup:]),
             "data_wait_ms": 1000 * statistics.median(w for _, w in rates[a.warmup:]),
             "steps": len(rates), "wall_s": wall, "command": " ".join(cmd)}
 
@@ -182,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="data loader processes, both trainers")
     p.add_argument("--shards", type=int, default=16)
     p.add_argument("--per-shard", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run the rows in turn this many times and report each row's median (a machine whose "
+                        "speed drifts by 10-20 %% between minutes slows every row alike)")
     p.add_argument("--only", nargs="*", default=None, help="run only these rows (exact names, or parts of names)")
     p.add_argument("--json", default=None, help="also write the results here")
     a = p.parse_args(argv)
@@ -199,22 +214,43 @@ def main(argv: list[str] | None = None) -> int:
         from clipalign.factory import create_model
 
         pattern = write_shards(Path(tmp) / "shards", a.model, a.shards, a.per_shard, create_model(a.model).image_size)
-        results = []
-        print(f"{'run':<46} {'samples/s':>9} {'GFLOP/sample':>12} {'MFU':>6} {'data wait':>9}")
+        flops = {}
         for row in rows:
             theirs = row.trainer == "open_clip_train"  # the same model and loss, over the full padded context
-            flops = step_flops(a.model, pattern, a.batch_size, OFF if theirs else row.args, full_context=theirs)
-            res = run_row(row, pattern, a)
-            res["gflop_per_sample"] = flops / 1e9
-            res["mfu"] = flops * res["samples_per_s"] / ceilings[row.precision]
+            flops[row.name] = step_flops(a.model, pattern, a.batch_size, OFF if theirs else row.args,
+                                         full_context=theirs)
+        runs: dict[str, list[dict]] = {row.name: [] for row in rows}
+        print(f"{'run':<46} {'samples/s':>9} {'GFLOP/sample':>12} {'MFU':>6} {'data wait':>9}")
+        for repeat in range(a.repeats):  # the rows in turn, so that a drifting machine slows them alike
+            for row in rows:
+                res = run_row(row, pattern, a)
+                runs[row.name].append(res)
+                print(f"{row.name:<46} {res['samples_per_s']:9.1f} {flops[row.name] / 1e9:12.2f} "
+                      f"{100 * flops[row.name] * res['samples_per_s'] / ceilings[row.precision]:5.1f}% "
+                      f"{res['data_wait_ms']:6.1f} ms" + (f"  (round {repeat + 1})" if a.repeats > 1 else ""), flush=True)
+        results = []
+        for row in rows:
+            res = dict(runs[row.name][0])
+            rates = [r["samples_per_s"] for r in runs[row.name]]
+            res.update(samples_per_s=statistics.median(rates), samples_per_s_each_round=rates,
+                       data_wait_ms=statistics.median(r["data_wait_ms"] for r in runs[row.name]),
+                       gflop_per_sample=flops[row.name] / 1e9,
+                       mfu=flops[row.name] * statistics.median(rates) / ceilings[row.precision])
             results.append(res)
-            print(f"{row.name:<46} {res['samples_per_s']:9.1f} {flops / 1e9:12.2f} {100 * res['mfu']:5.1f}% "
-                  f"{res['data_wait_ms']:6.1f} ms", flush=True)
+        if a.repeats > 1:
+            print(f"median of {a.repeats} rounds:")
+            for res in results:
+                print(f"{res['name']:<46} {res['samples_per_s']:9.1f} {res['gflop_per_sample']:12.2f} "
+                      f"{100 * res['mfu']:5.1f}% {res['data_wait_ms']:6.1f} ms  "
+                      f"(rounds: {', '.join(f'{r:.1f}' for r in res['samples_per_s_each_round'])})")
     by_name = {r["name"]: r for r in results}
     ratios = {}
     for ours, theirs in [("clipalign bf16, MLM off", "open_clip_train amp_bf16"),
                          ("clipalign fp32, MLM off", "open_clip_train fp32"),
                          ("clipalign bf16, MLM off", "open_clip_train fp32"),
+                         ("clipalign bf16, MLM off", "clipalign bf16, MLM off, system malloc"),
+                         ("open_clip_train amp_bf16, freed memory kept", "open_clip_train amp_bf16"),
+                         ("clipalign bf16, MLM off", "open_clip_train amp_bf16, freed memory kept"),
                          ("clipalign bf16, MLM on", "clipalign bf16, MLM off"),
                          ("clipalign fp32, MLM on", "clipalign fp32, MLM off"),
                          ("clipalign bf16, MLM on half the batch", "clipalign bf16, MLM off"),
@@ -227,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         summary = {"model": a.model, "batch_size": a.batch_size, "steps": a.steps, "warmup": a.warmup,
+                   "repeats": a.repeats,
                    "workers": a.workers, "ceilings_flop_s": ceilings, "reference_bf16_ceiling": REFERENCE_BF16_CEILING,
                    "torch": torch.__version__, "machine": machine, "rows": results, "ratios": ratios}
         Path(a.json).write_text(json.dumps(summary, indent=2) + "\n")

@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from data_prep.manifest import Manifest, ManifestError
-    from data_prep.memory import keep_freed_memory
+    from clipalign.memory import keep_freed_memory
     from data_prep.prep import ResumeMismatch, WorkerDied, run_prep
     from data_prep.ray_prep import ClusterError
     from data_prep.splits import prep_input
