@@ -13,9 +13,9 @@ turn N times and each reports the median of its N runs. Rows:
   fp32 and ``amp_bf16``, and ``amp_bf16`` with the math attention kernels or with freed memory
   kept (``GLIBC_TUNABLES`` set to what ``clipalign train`` sets itself, ``clipalign.memory``);
 - clipalign in fp32 and bf16 contrastive-only (MLM and SimCLR off: the like-for-like rows), bf16
-  with ``--system-malloc`` (what keeping freed memory buys), then the cost of each objective: MLM on, MLM on a fraction of the batch, image-conditioned MLM,
-  patch dropout with and without MAE on the dropped patches, SimCLR at 0.5 (the default
-  objective), the MoCo queue.
+  with ``--system-malloc`` (what keeping freed memory buys), then the cost of each objective:
+  MLM on, MLM on a fraction of the batch, image-conditioned MLM, patch dropout with and without
+  MAE on the dropped patches, SimCLR at 0.5 (the default objective), the MoCo queue.
 
 Model FLOPs utilisation: FLOPs of one training step counted by
 ``torch.utils.flop_counter.FlopCounterMode`` on a batch of these shards (open_clip's row:
