@@ -40,6 +40,14 @@ MMAP_MAX = 65536  # glibc's default: how many blocks may be mmap-ed at once
 LARGEST_TRIM_THRESHOLD = 2**31 - 1
 LARGEST_TOP_PAD = 64 * 2**20
 
+# keep_freed_memory's settings by ``largest``: (mallopt parameter, its GLIBC_TUNABLES name, value)
+_SETTINGS = {
+    False: ((_M_MMAP_MAX, "mmap_max", MMAP_MAX), (_M_MMAP_THRESHOLD, "mmap_threshold", MMAP_THRESHOLD),
+            (_M_TRIM_THRESHOLD, "trim_threshold", TRIM_THRESHOLD), (_M_TOP_PAD, "top_pad", TOP_PAD)),
+    True: ((_M_MMAP_MAX, "mmap_max", 0), (_M_TRIM_THRESHOLD, "trim_threshold", LARGEST_TRIM_THRESHOLD),
+           (_M_TOP_PAD, "top_pad", LARGEST_TOP_PAD)),
+}
+
 
 @functools.lru_cache(maxsize=1)
 def _libc() -> ctypes.CDLL | None:
@@ -66,9 +74,10 @@ def keep_freed_memory(*, largest: bool = False) -> bool:
     libc = _libc()
     if libc is None:
         return False
-    if largest:
-        settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, LARGEST_TRIM_THRESHOLD), (_M_TOP_PAD, LARGEST_TOP_PAD))
-    else:
-        settings = ((_M_MMAP_MAX, MMAP_MAX), (_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
-                    (_M_TOP_PAD, TOP_PAD))
-    return all(libc.mallopt(param, value) == 1 for param, value in settings)
+    return all(libc.mallopt(param, value) == 1 for param, _, value in _SETTINGS[largest])
+
+
+def glibc_tunables(*, largest: bool = False) -> str:
+    """``keep_freed_memory``'s settings as a ``GLIBC_TUNABLES`` value: for a process that does
+    not set them itself (another trainer, run side by side), which glibc reads at its start."""
+    return ":".join(f"glibc.malloc.{name}={value}" for _, name, value in _SETTINGS[largest])

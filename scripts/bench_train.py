@@ -43,7 +43,7 @@ import webdataset as wds
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from clipalign.memory import LARGEST_TOP_PAD, LARGEST_TRIM_THRESHOLD  # noqa: E402
+from clipalign.memory import glibc_tunables  # noqa: E402
 
 CONFIGS = ROOT / "clipalign" / "model_configs"
 REFERENCE_BF16_CEILING = 950e9  # ../shared/MEASURED.md, bf16 matmul on a quiet AMD EPYC (AMX Xeons: ~3,090e9)
@@ -63,10 +63,7 @@ class Row:
 # keeps its meaning whatever the defaults are.
 OFF = ["--mlm-weight", "0", "--image-ssl", "none"]  # contrastive-only
 MLM = ["--mlm-weight", "0.1", "--image-ssl", "none"]
-# clipalign train's malloc settings (clipalign.memory.keep_freed_memory(largest=True)), for a process
-# that does not set them itself
-KEEP_FREED = {"GLIBC_TUNABLES": f"glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={LARGEST_TRIM_THRESHOLD}"
-                                f":glibc.malloc.top_pad={LARGEST_TOP_PAD}"}
+KEEP_FREED = {"GLIBC_TUNABLES": glibc_tunables(largest=True)}  # clipalign train's malloc settings, for open_clip
 ROWS = [
     Row("open_clip_train fp32", "open_clip_train", "fp32"),
     Row("open_clip_train amp_bf16", "open_clip_train", "bf16"),

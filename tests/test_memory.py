@@ -1,4 +1,5 @@
 """The malloc settings of prep workers and trainers: accepted by glibc (Linux, as CI), and pages are then reused."""
+import os
 import platform
 import subprocess
 import sys
@@ -6,7 +7,7 @@ import sys
 import pytest
 
 from clipalign.cli.common import CliError
-from clipalign.memory import keep_freed_memory
+from clipalign.memory import glibc_tunables, keep_freed_memory
 
 # Prepare the same photo-sized JPEG many times, as a worker does, and count the minor page
 # faults of the steady state. In a fresh process, so the settings do not leak into the session.
@@ -81,13 +82,16 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def test_a_trainers_largest_tensors_are_reused_instead_of_faulted_in_again():
-    faults = {
-        mode: int(subprocess.run([sys.executable, "-c", _STEP, mode], capture_output=True, text=True,
-                                 check=True).stdout)
-        for mode in ("largest", "prep", "system")
-    }
+    def run(mode: str, **env: str) -> int:
+        return int(subprocess.run([sys.executable, "-c", _STEP, mode], capture_output=True, text=True, check=True,
+                                  env={**os.environ, **env}).stdout)
+
+    faults = {mode: run(mode) for mode in ("largest", "prep", "system")}
+    # the same settings through the environment, in a process that never calls keep_freed_memory
+    faults["tunables"] = run("system", GLIBC_TUNABLES=glibc_tunables(largest=True))
     # 96 MiB is 24,576 pages: fresh ones every step unless the heap keeps them
     assert faults["largest"] < 1000, faults
+    assert faults["tunables"] < 1000, faults
     assert faults["prep"] > 10 * 20_000, faults  # prep's settings still mmap blocks over 32 MiB
     assert faults["system"] > 10 * 20_000, faults
 

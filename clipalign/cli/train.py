@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system-malloc", action="store_true",
                    help="leave the C library's malloc as it is. By default the trainer keeps freed memory for "
                         "the next step instead of handing it back to the system and faulting it in again "
-                        "(a quarter of the page faults, about 7 %% faster on a 2-core CPU), so the process "
-                        "holds its peak memory")
+                        "(a quarter of the page faults; 6-7 %% faster in runs taken in turn on a 2-core CPU), so "
+                        "the process holds its peak memory")
     return p
 
 
