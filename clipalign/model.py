@@ -266,16 +266,22 @@ class ClipAlign(nn.Module):
         return mask.expand(batch, heads, length, length).reshape(batch * heads, length, length)
 
     def mlm_logits(self, masked_ids: torch.Tensor, labels: torch.Tensor,
-                   image_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   image_tokens: torch.Tensor | None = None, row_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits at the masked positions only.
 
         Args:
             masked_ids: (B, L) ids from ``mask_tokens``.
             labels: (B, L) original ids at chosen positions, ``IGNORE_INDEX`` elsewhere.
             image_tokens: (B, N, C) from ``encode_image_and_tokens``, for an image-conditioned MLM.
+            row_multiple: pad the rows to a multiple of this with zero hidden states whose
+                target is ``IGNORE_INDEX``. Cross-entropy (mean or sum) and top-1 hits leave
+                them out, so the loss and its gradients are unchanged; what changes is that
+                the (M, V) logits and their gradient come in a few sizes, not a new one each
+                step, so a heap that keeps freed memory reuses them instead of growing.
 
         Returns:
-            ``(logits, targets)``: (M, V) and (M,), M = number of chosen positions.
+            ``(logits, targets)``: (M, V) and (M,), M = number of chosen positions (rounded
+            up to ``row_multiple``).
         """
         if self.mlm_head is None:
             raise RuntimeError("this model was built without an MLM head")
@@ -285,9 +291,14 @@ class ClipAlign(nn.Module):
                 raise ValueError("this model's MLM is image-conditioned: pass the image tokens")
             hidden = self.mlm_fusion(hidden, image_tokens)
         chosen = labels != IGNORE_INDEX
+        hidden, targets = hidden[chosen], labels[chosen]  # (M, W), (M,)
+        pad = -len(targets) % row_multiple
+        if pad:
+            hidden = torch.cat([hidden, hidden.new_zeros(pad, hidden.shape[1])])
+            targets = torch.cat([targets, targets.new_full((pad,), IGNORE_INDEX)])
         if not isinstance(self.mlm_head, MlmHead):  # the tower's own head, its decoder tied already
-            return self.mlm_head(hidden[chosen]), labels[chosen]
-        return self.mlm_head(hidden[chosen], _token_embedding(self.clip).weight), labels[chosen]
+            return self.mlm_head(hidden), targets
+        return self.mlm_head(hidden, _token_embedding(self.clip).weight), targets
 
     def forward(
         self,

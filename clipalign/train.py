@@ -37,6 +37,11 @@ from clipalign.train_config import TrainConfig
 __all__ = ["NonFiniteLossError", "ResumeMismatchError", "RunLockedError", "TrainConfig", "Trainer", "split_batch"]
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learned inverse temperature at 100
+# The MLM logits' rows are padded to a multiple of this (ClipAlign.mlm_logits). The masked count
+# changes every step, and with freed memory kept (memory.keep_freed_memory) each new size of the
+# (M, 49408) logits and their gradient took fresh heap: ca-small, batch 128, grew 2.9 -> 3.5 GB
+# RSS over 120 steps with thousands of page faults a step; padded, it stays flat (BENCHMARKS.md).
+MLM_ROW_MULTIPLE = 64
 
 
 class NonFiniteLossError(RuntimeError):
@@ -207,10 +212,11 @@ class Trainer:
                 if obj.mlm is not None:
                     rows = self._mlm_rows(len(mb["text"]))
                     tokens = out["image_tokens"][:rows] if "image_tokens" in out else None  # same image pass
-                    logits, targets = model.mlm_logits(mb["masked_text"][:rows], mb["mlm_labels"][:rows], tokens)
+                    logits, targets = model.mlm_logits(mb["masked_text"][:rows], mb["mlm_labels"][:rows], tokens,
+                                                       row_multiple=MLM_ROW_MULTIPLE)
                     losses.update(obj.mlm(logits, targets, mlm_count))
                     logs["mlm_correct"] += mlm_hits(logits, targets)
-                    logs["mlm_total"] += targets.numel()
+                    logs["mlm_total"] += int((targets != IGNORE_INDEX).sum())
                 # per micro-batch means: each counts 1/K of the step's
                 losses.update({k: v / len(micro) for k, v in obj.micro_batch_losses(model, mb, out).items()})
             total = sum(v for k, v in losses.items() if k.endswith("_loss"))

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipalign.loss import ClipLoss, MlmLoss, QueueClipLoss, SigLipLoss, SimClrLoss, mlm_accuracy
+from clipalign.loss import ClipLoss, MlmLoss, QueueClipLoss, SigLipLoss, SimClrLoss, mlm_accuracy, mlm_hits
+from clipalign.masking import IGNORE_INDEX
 
 
 def _features(b=8, d=16, seed=0):
@@ -60,6 +61,13 @@ def test_mlm_loss_is_weighted_cross_entropy():
 def test_mlm_accuracy():
     logits = torch.eye(4)
     assert mlm_accuracy(logits, torch.tensor([0, 1, 2, 0])) == 0.75
+
+
+def test_mlm_accuracy_and_hits_leave_out_ignored_rows():
+    logits = torch.eye(4)  # rows 2 and 3 are padding: counted, the accuracy would be 1/4
+    targets = torch.tensor([0, 3, IGNORE_INDEX, IGNORE_INDEX])
+    assert mlm_hits(logits, targets) == 1 and mlm_accuracy(logits, targets) == 0.5
+    assert math.isnan(mlm_accuracy(logits, torch.full((4,), IGNORE_INDEX)))
 
 
 def reference_sigmoid_loss(img, txt, scale, bias):

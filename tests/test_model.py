@@ -107,6 +107,35 @@ def test_mlm_logits_only_at_masked_positions_equal_full_sequence_loss(nano):
     assert torch.allclose(F.cross_entropy(logits, targets), full_loss, atol=1e-5)
 
 
+def test_padded_mlm_rows_change_neither_the_loss_nor_its_gradients():
+    torch.manual_seed(0)
+    model = create_model("ca-nano")
+    tok = get_tokenizer("ca-nano")
+    ids = tok(["a small red triangle at the top left", "a blue circle", "a green square at the bottom"])
+    masked, labels = mask_tokens(ids, mask_id=model.mask_id, eot_id=tok.eot_token_id, random_high=tok.sot_token_id,
+                                 rate=0.3, generator=torch.Generator().manual_seed(2))
+
+    def losses_and_grads(multiple):
+        model.zero_grad()
+        logits, targets = model.mlm_logits(masked, labels, row_multiple=multiple)
+        mean, summed = F.cross_entropy(logits, targets), F.cross_entropy(logits, targets, reduction="sum")
+        (mean + summed).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logits, targets, mean.detach(), summed.detach(), grads
+
+    plain = losses_and_grads(1)
+    padded = losses_and_grads(16)
+    m = len(plain[1])
+    assert m % 16 and len(padded[1]) == -(-m // 16) * 16  # rounded up to the multiple
+    assert torch.equal(padded[1][:m], plain[1]) and (padded[1][m:] == IGNORE_INDEX).all()
+    torch.testing.assert_close(padded[0][:m], plain[0])  # the real rows' logits are the same
+    torch.testing.assert_close(padded[2], plain[2])
+    torch.testing.assert_close(padded[3], plain[3])
+    assert padded[4].keys() == plain[4].keys()
+    for name, grad in plain[4].items():
+        torch.testing.assert_close(padded[4][name], grad, msg=lambda msg: f"{name}: {msg}")
+
+
 def test_mlm_decoder_is_tied_to_the_token_embedding(nano):
     model, _ = nano
     names = [n for n, _ in model.named_parameters()]

@@ -229,6 +229,37 @@ def test_dropping_common_padding_gives_the_same_step(shards, tmp_path, extra):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("extra", [{}, {"accum_steps": 2}])
+def test_padding_the_mlm_rows_gives_the_same_step(shards, tmp_path, monkeypatch, extra):
+    """The trainer pads the MLM logits' rows (MLM_ROW_MULTIPLE); loss, accuracy and gradients must not change."""
+    import clipalign.train as train_module
+
+    def run(multiple, out):
+        monkeypatch.setattr(train_module, "MLM_ROW_MULTIPLE", multiple)
+        # every real target a hit: the accuracy is then 1 exactly when padding is left out of its count
+        monkeypatch.setattr(train_module, "mlm_hits", lambda logits, targets: int((targets >= 0).sum()))
+        torch.manual_seed(0)
+        trainer = Trainer(_cfg(shards, out, steps=1, **extra))
+        rows, plain = [], trainer.model.mlm_logits
+
+        def spy(*args, **kwargs):
+            logits, targets = plain(*args, **kwargs)
+            rows.append(len(targets))
+            return logits, targets
+
+        trainer.model.mlm_logits = spy
+        return trainer, _one_step(trainer), rows
+
+    ref_trainer, ref, ref_rows = run(1, tmp_path / "a")
+    trainer, got, rows = run(64, tmp_path / "b")
+    assert all(r % 64 for r in ref_rows) and rows == [64] * len(ref_rows)  # it does pad
+    assert got["mlm_acc"] == ref["mlm_acc"] == 1.0
+    for key in ("loss", "mlm_loss", "contrastive_loss"):
+        assert got[key] == pytest.approx(ref[key], rel=1e-6), key
+    for (name, a), b in zip(ref_trainer.model.named_parameters(), trainer.model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-7, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 def test_patch_dropout_reaches_the_vision_tower(shards, tmp_path):
     trainer = Trainer(_cfg(shards, tmp_path, steps=1, patch_dropout=0.5))
     visual = trainer.model.clip.visual

@@ -71,7 +71,7 @@ def test_mlm_fraction_runs_the_mlm_pass_on_part_of_the_batch(shards, tmp_path, m
     rows = []
     original = trainer.model.mlm_logits
     monkeypatch.setattr(trainer.model, "mlm_logits",
-                        lambda ids, labels, *tokens: rows.append(len(ids)) or original(ids, labels, *tokens))
+                        lambda ids, labels, *tokens, **kw: rows.append(len(ids)) or original(ids, labels, *tokens, **kw))
     logs = trainer.train_step(_batch(trainer, n=8))
     assert rows == [2] and np.isfinite(logs["mlm_loss"])
 
