@@ -20,8 +20,10 @@ turn N times and each reports the median of its N runs. Rows:
 Model FLOPs utilisation: FLOPs of one training step counted by
 ``torch.utils.flop_counter.FlopCounterMode`` on a batch of these shards (open_clip's row:
 the full padded context, as it runs it; clipalign's: what it runs), times samples/s, over
-the matmul ceiling measured in the same run. Run nothing else on the machine meanwhile: two
-compute-heavy processes on 2 cores slow each other by far more than 2x.
+the matmul ceiling measured in the same run. Peak RSS and minor page faults are the trainer
+process's whole run (``os.wait4``: its start-up and its data loader workers included). Run
+nothing else on the machine meanwhile: two compute-heavy processes on 2 cores slow each other
+by far more than 2x.
 """
 from __future__ import annotations
 
@@ -169,17 +171,23 @@ def run_row(row: Row, pattern: str, a: argparse.Namespace) -> dict:
         cmd = (_clipalign_cmd if row.trainer == "clipalign" else _open_clip_cmd)(row, pattern, out, a)
         env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **row.env}
         start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
+        with open(Path(tmp) / "output.log", "w+") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
+            _, status, usage = os.wait4(proc.pid, 0)  # this trainer's own peak memory and page faults
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            log.seek(0)
+            output = log.read()
         wall = time.perf_counter() - start
         if proc.returncode != 0:
-            raise RuntimeError(f"{row.name} failed:\n{proc.stderr[-3000:]}")
-        rates = step_rates(row, proc.stdout + proc.stderr, out)
+            raise RuntimeError(f"{row.name} failed:\n{output[-3000:]}")
+        rates = step_rates(row, output, out)
     if len(rates) <= a.warmup:
         raise RuntimeError(f"{row.name}: only {len(rates)} steps logged")
     return {"name": row.name, "trainer": row.trainer, "precision": row.precision, "args": row.args,
             "math_attention": row.math_attention, "env": row.env, "samples_per_s": statistics.median(r for r, _ in rates[a.warmup:]),
             "data_wait_ms": 1000 * statistics.median(w for _, w in rates[a.warmup:]),
-            "steps": len(rates), "wall_s": wall, "command": " ".join(cmd)}
+            "steps": len(rates), "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024,
+            "minor_faults": usage.ru_minflt, "command": " ".join(cmd)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,14 +225,16 @@ def main(argv: list[str] | None = None) -> int:
             flops[row.name] = step_flops(a.model, pattern, a.batch_size, OFF if theirs else row.args,
                                          full_context=theirs)
         runs: dict[str, list[dict]] = {row.name: [] for row in rows}
-        print(f"{'run':<46} {'samples/s':>9} {'GFLOP/sample':>12} {'MFU':>6} {'data wait':>9}")
+        print(f"{'run':<46} {'samples/s':>9} {'GFLOP/sample':>12} {'MFU':>6} {'data wait':>9} {'peak RSS':>9} "
+              f"{'faults':>7}")
         for repeat in range(a.repeats):  # the rows in turn, so that a drifting machine slows them alike
             for row in rows:
                 res = run_row(row, pattern, a)
                 runs[row.name].append(res)
                 print(f"{row.name:<46} {res['samples_per_s']:9.1f} {flops[row.name] / 1e9:12.2f} "
                       f"{100 * flops[row.name] * res['samples_per_s'] / ceilings[row.precision]:5.1f}% "
-                      f"{res['data_wait_ms']:6.1f} ms" + (f"  (round {repeat + 1})" if a.repeats > 1 else ""), flush=True)
+                      f"{res['data_wait_ms']:6.1f} ms {res['peak_rss_mb']:6.0f} MB {res['minor_faults'] / 1e3:6.0f}k"
+                      + (f"  (round {repeat + 1})" if a.repeats > 1 else ""), flush=True)
         results = []
         for row in rows:
             res = dict(runs[row.name][0])
