@@ -16,6 +16,11 @@ a page of zeroing. Two kinds of process pay for it, each measured on the project
   (``largest=True``): the demo's 100 training steps take 0.47 M page faults instead of 1.84 M
   and 1.9 s of system time instead of 4.4, and run about 7 % faster (BENCHMARKS.md).
 
+A heap that keeps freed blocks reuses them only for requests of sizes it has seen: a tensor
+whose size changes every step (the MLM logits, one row per masked token) splits and extends it
+instead, and RSS grows step by step; such tensors are padded to a few sizes
+(``ClipAlign.mlm_logits``'s ``row_multiple``).
+
 The cost is memory held at its high-water mark: about the working set of the busiest moment
 of each thread's arena (a training step's peak, which the step reaches again every step
 anyway). Prep workers and trainers own their processes, so that trade is theirs.
