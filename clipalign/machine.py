@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 # the flags that decide how fast bf16 runs: AMX tiles (Sapphire Rapids on), AVX-512 BF16 (Zen 4/5,
 # Cooper Lake on), else AVX2 only, where oneDNN emulates bf16
@@ -60,3 +65,22 @@ def summary_line(info: dict[str, Any] | None = None) -> str:
     return (f"{info['cpu']} ({info['kind']}: {' '.join(info['flags']) or 'no matrix flags'}), "
             f"{info['usable_cores']} cores, load {info['load_avg_1m']}, torch {info['torch']}, "
             f"{info['torch_threads']} threads")
+
+
+def matmul_ceiling(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of an n×n×n matmul in ``dtype`` on torch's threads: the median of ``repeats``.
+
+    The ceiling a benchmark quotes its MFU against, measured in the same run (a shared
+    machine's speed moves from day to day, and from minute to minute).
+    """
+    import torch
+
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times)

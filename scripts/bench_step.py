@@ -11,6 +11,12 @@ prints where the time goes. ``--clock cpu`` times the process's CPU time with to
 disturbed by other work than wall time (quote it as such; ``bench_train.py`` gives wall-clock
 samples/s). Each row is the median of ``--steps`` steps after 2 warm-up steps, in a fresh
 Trainer (same seed, same batch: captions of 6–13 words, the padding the trainer drops).
+
+Each row also gives its FLOPs a sample (``FlopCounterMode`` over one step) and its MFU against
+the matmul ceiling measured at the start of the run (on wall time, or on one thread's CPU
+time). With ``--profile`` it says whether the step is bound by the matrix units: the share of
+a profiled step spent in matmul kernels, and the rate those kernels ran at (of three profiled
+steps, the one whose profiled time is the median).
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -37,6 +44,8 @@ ROWS = {
     "MLM off, patch dropout 0.5": {"image_ssl": "none", "patch_dropout": 0.5},
     "MLM off, patch dropout 0.5 + MAE": {"image_ssl": "mae", "image_ssl_weight": 1.0, "patch_dropout": 0.5},
 }
+MATMUL_OPS = {"mm", "addmm", "bmm", "baddbmm"}  # the operators that run on the matrix units
+PROFILED_STEPS = 3  # --profile's steps; the one whose profiled time is the median is reported
 WORDS = "a red blue green small large circle square star triangle at the top left bottom right of".split()
 
 
@@ -73,16 +82,39 @@ def time_row(name: str, overrides: dict, a: argparse.Namespace) -> dict:
             start = clock()
             trainer.train_step(batch)
             times.append(clock() - start)
+        with FlopCounterMode(display=False) as counter:
+            trainer.train_step(batch)
+        flops = counter.get_flop_counts()["Global"]
+        row = {"name": name, "overrides": overrides, "flops_per_step": sum(flops.values()),
+               "matmul_flops_per_step": sum(v for op, v in flops.items() if str(op).split(".")[1] in MATMUL_OPS)}
         if a.profile:
             from torch.profiler import ProfilerActivity, profile
 
-            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-                trainer.train_step(batch)
-            table = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=25,
-                                                                         max_name_column_width=40)
-            print(table)
+            profiled = []  # (ms, operators) of PROFILED_STEPS steps: one step alone may be an outlier
+            for _ in range(PROFILED_STEPS):
+                with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                    trainer.train_step(batch)
+                ops = prof.key_averages(group_by_input_shape=True)
+                profiled.append((sum(e.self_cpu_time_total for e in ops) / 1000, ops))
+            row["profiled_ms"], ops = sorted(profiled, key=lambda p: p[0])[PROFILED_STEPS // 2]  # the median step
+            print(ops.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=40))
+            row["matmul_ms"] = sum(e.self_cpu_time_total for e in ops if e.key.removeprefix("aten::") in MATMUL_OPS) / 1000
     step = statistics.median(times)
-    return {"name": name, "overrides": overrides, "ms_per_step": 1000 * step, "samples_per_s": a.batch_size / step}
+    return {**row, "ms_per_step": 1000 * step, "samples_per_s": a.batch_size / step}
+
+
+def describe_row(row: dict, first: dict, ceiling: float | None, batch_size: int) -> str:
+    """A row's line: its step, samples/s, ratio to the first row, FLOPs, MFU, matmul share."""
+    line = (f"{row['name']:<32} {row['ms_per_step']:8.0f} ms/step {row['samples_per_s']:7.1f} samples/s  "
+            f"{row['samples_per_s'] / first['samples_per_s']:5.2f}x  {row['flops_per_step'] / batch_size / 1e9:5.2f} "
+            f"GFLOP/sample")
+    if ceiling:
+        line += f"  MFU {100 * row['mfu']:4.1f} %"
+    if "matmul_ms" in row:
+        rate = row["matmul_flops_per_step"] / (row["matmul_ms"] / 1000)
+        line += (f"  matmuls {100 * row['matmul_ms'] / row['profiled_ms']:4.1f} % of the profiled step, at "
+                 f"{rate / 1e9:.0f} GFLOP/s" + (f" ({100 * rate / ceiling:.0f} % of the ceiling)" if ceiling else ""))
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,20 +140,29 @@ def main(argv: list[str] | None = None) -> int:
 
         keep_freed_memory(largest=True)
 
-    from clipalign.machine import describe, summary_line
+    from clipalign.machine import describe, matmul_ceiling, summary_line
 
     machine = describe()
     print(f"machine: {summary_line(machine)}; clock: {a.clock}")
+    # MFU needs a clock that the ceiling's wall time compares with: wall, or one thread's CPU time
+    ceiling = None
+    if a.clock == "wall" or torch.get_num_threads() == 1:
+        from clipalign.precision import resolve_precision
+
+        dtype = torch.bfloat16 if resolve_precision(a.precision) == "bf16" else torch.float32
+        ceiling = matmul_ceiling(dtype)
+        print(f"matmul ceiling this run ({dtype}): {ceiling / 1e9:.0f} GFLOP/s")
     rows = []
     for name in a.only:
         row = time_row(name, ROWS[name], a)
+        if ceiling:
+            row["mfu"] = row["flops_per_step"] / (row["ms_per_step"] / 1000) / ceiling
         rows.append(row)
-        ratio = row["samples_per_s"] / rows[0]["samples_per_s"]
-        print(f"{name:<32} {row['ms_per_step']:8.0f} ms/step {row['samples_per_s']:7.1f} samples/s  {ratio:5.2f}x",
-              flush=True)
+        print(describe_row(row, rows[0], ceiling, a.batch_size), flush=True)
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps({"args": vars(a), "machine": machine, "rows": rows}, indent=2) + "\n")
+        Path(a.json).write_text(json.dumps({"args": vars(a), "machine": machine, "ceiling_flops": ceiling,
+                                            "rows": rows}, indent=2) + "\n")
     return 0
 
 

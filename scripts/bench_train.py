@@ -104,19 +104,6 @@ def write_shards(folder: Path, model: str, shards: int, per_shard: int, image_si
     return str(folder / f"{{00000..{shards - 1:05d}}}.tar")
 
 
-def matmul_ceiling(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
-    """FLOP/s of an n×n×n matmul in ``dtype``: the median of ``repeats``."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times)
-
-
 def step_flops(model: str, pattern: str, batch_size: int, extra: list[str], full_context: bool) -> float:
     """FLOPs of one training step (forward + backward) per sample, on a batch of the shards."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -209,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     names = {r.name for r in ROWS}
     rows = [r for r in ROWS if a.only is None or r.name in a.only
             or any(s not in names and s in r.name for s in a.only)]
-    from clipalign.machine import describe, summary_line
+    from clipalign.machine import describe, matmul_ceiling, summary_line
 
     machine = describe()
     print(f"machine: {summary_line(machine)}")
