@@ -7,6 +7,7 @@ and wires them.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -14,13 +15,19 @@ import torch
 from torch import nn
 
 from clipalign.image_ssl import ProjectionHead, simclr_view_transform
-from clipalign.loss import CaptionLoss, ClipLoss, MaeLoss, MlmLoss, QueueClipLoss, SigLipLoss, SimClrLoss
+from clipalign.loss import CaptionLoss, ClipLoss, MaeLoss, MlmLoss, QueueClipLoss, SigLipLoss, SimClrLoss, mlm_hits
 from clipalign.mae import MaeDecoder, RecordingPatchDropout, install_recording_dropout, mae_decoder_for, patchify
-from clipalign.masking import mask_tokens, masking_ids, stop_token_ids
+from clipalign.masking import IGNORE_INDEX, mask_tokens, masking_ids, stop_token_ids
 from clipalign.model import ClipAlign
 from clipalign.momentum import MomentumQueues
 from clipalign.precision import autocast
 from clipalign.train_config import TrainConfig
+
+# The MLM logits' rows are padded to a multiple of this (ClipAlign.mlm_logits). The masked count
+# changes every step, and with freed memory kept (memory.keep_freed_memory) each new size of the
+# (M, 49408) logits and their gradient took fresh heap: ca-small, batch 128, grew 2.9 -> 3.5 GB
+# RSS over 120 steps with thousands of page faults a step; padded, it stays flat (BENCHMARKS.md).
+MLM_ROW_MULTIPLE = 64
 
 
 @dataclass
@@ -31,6 +38,7 @@ class Objectives:
         contrastive: ``ClipLoss``, ``SigLipLoss`` or (with a queue) ``QueueClipLoss``.
         uses_bias: the contrastive loss takes the model's ``logit_bias`` (SigLIP).
         mlm: the masked-token loss, or ``None`` with ``mlm_weight`` 0.
+        mlm_fraction: the share of each micro-batch's rows (its first ones) the MLM pass runs on.
         masker: its input corruption, ``mask_tokens`` bound to the model's and tokenizer's
             special ids: (B, L) ids -> (masked ids, labels), both (B, L); else ``None``.
         ssl_head, ssl: SimCLR's projection head and loss (``image_ssl="simclr"``, the default), else
@@ -47,6 +55,7 @@ class Objectives:
     contrastive: nn.Module
     uses_bias: bool = False
     mlm: MlmLoss | None = None
+    mlm_fraction: float = 1.0
     masker: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
     ssl_head: ProjectionHead | None = None
     ssl: SimClrLoss | None = None
@@ -84,6 +93,31 @@ class Objectives:
         else:
             with autocast(precision, device_type):
                 self.queues.push(images, texts)
+
+    def mlm_rows(self, n: int) -> int:
+        """How many of a micro-batch's ``n`` rows the MLM pass runs on (at least one)."""
+        return max(1, math.ceil(self.mlm_fraction * n))
+
+    def masked_count(self, batch: dict[str, torch.Tensor]) -> int:
+        """The masked tokens of a micro-batch's ``mlm_labels`` (b, L) in the rows the MLM pass runs on."""
+        labels = batch["mlm_labels"]
+        return int((labels[: self.mlm_rows(len(labels))] != IGNORE_INDEX).sum())
+
+    def mlm_loss(self, model: ClipAlign, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor],
+                 count: float | None) -> tuple[dict[str, torch.Tensor], int]:
+        """The MLM loss of one micro-batch, and how many of its masked tokens it predicts top-1.
+
+        Args:
+            batch: ``masked_text`` and ``mlm_labels`` (b, L) from ``mask_tokens``.
+            out: the model's output on it, for the ``image_tokens`` of an image-conditioned MLM
+                (the same image pass).
+            count: the step's masked tokens on all micro-batches and ranks, the loss's mean.
+        """
+        rows = self.mlm_rows(len(batch["masked_text"]))
+        tokens = out["image_tokens"][:rows] if "image_tokens" in out else None
+        logits, targets = model.mlm_logits(batch["masked_text"][:rows], batch["mlm_labels"][:rows], tokens,
+                                           row_multiple=MLM_ROW_MULTIPLE)
+        return self.mlm(logits, targets, count), mlm_hits(logits, targets)
 
     def micro_batch_losses(self, model: ClipAlign, batch: dict[str, torch.Tensor],
                            out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -131,6 +165,7 @@ def build_objectives(cfg: TrainConfig, model: ClipAlign, tokenizer: Any, rank: i
     objectives = Objectives(contrastive, uses_bias=siglip)
     if cfg.mlm_weight > 0:
         objectives.mlm = MlmLoss(cfg.mlm_weight)
+        objectives.mlm_fraction = cfg.mlm_fraction
         stop_ids = stop_token_ids(tokenizer, tokenizer.eot_token_id) if cfg.mlm_target == "content" else None
         objectives.masker = functools.partial(mask_tokens, **masking_ids(tokenizer, model.mask_id),
                                               rate=cfg.mlm_rate, stop_ids=stop_ids)

@@ -22,8 +22,6 @@ from clipalign import checkpoint as ckpt
 from clipalign import distributed as D
 from clipalign.data import StreamPosition, merge_skip_counts, resolve_shards, train_loader, train_pipeline
 from clipalign.factory import create_model_and_transforms, get_tokenizer
-from clipalign.loss import mlm_hits
-from clipalign.masking import IGNORE_INDEX
 from clipalign.model import text_length
 from clipalign.objectives import build_objectives, optimizer_groups
 from clipalign.pixels import loader_transforms, normalize_batch
@@ -37,11 +35,6 @@ from clipalign.train_config import TrainConfig
 __all__ = ["NonFiniteLossError", "ResumeMismatchError", "RunLockedError", "TrainConfig", "Trainer", "split_batch"]
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learned inverse temperature at 100
-# The MLM logits' rows are padded to a multiple of this (ClipAlign.mlm_logits). The masked count
-# changes every step, and with freed memory kept (memory.keep_freed_memory) each new size of the
-# (M, 49408) logits and their gradient took fresh heap: ca-small, batch 128, grew 2.9 -> 3.5 GB
-# RSS over 120 steps with thousands of page faults a step; padded, it stays flat (BENCHMARKS.md).
-MLM_ROW_MULTIPLE = 64
 
 
 class NonFiniteLossError(RuntimeError):
@@ -160,9 +153,6 @@ class Trainer:
         with autocast(self.cfg.precision, self.device.type):
             return self.model(batch["image"], batch["text"])
 
-    def _mlm_rows(self, n: int) -> int:
-        return max(1, math.ceil(self.cfg.mlm_fraction * n))
-
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """Forward, backward and update on one batch; returns the logged scalars.
 
@@ -182,11 +172,11 @@ class Trainer:
             batch["masked_text"], batch["mlm_labels"] = self.mask(batch["text"])
         batch = self.drop_padding(batch)
         micro = split_batch(batch, cfg.accum_steps)
-        mlm_count = None
+        mlm_count = masked = None
         if obj.mlm is not None:
             # The MLM loss is a mean over the step's masked tokens, on all micro-batches and ranks.
-            local = sum(int((m["mlm_labels"][: self._mlm_rows(len(m["text"]))] != IGNORE_INDEX).sum()) for m in micro)
-            mlm_count = D.sum_over_ranks(local, self.env) / self.env.world_size
+            masked = D.sum_over_ranks(sum(obj.masked_count(m) for m in micro), self.env)
+            mlm_count = masked / self.env.world_size
 
         cached = None
         if len(micro) > 1:
@@ -210,13 +200,9 @@ class Trainer:
                 # every micro-batch's loss is the whole batch's: its temperature gradient counts once
                 losses = obj.contrastive_loss(image, text, out, scale_grad=j == 0)
                 if obj.mlm is not None:
-                    rows = self._mlm_rows(len(mb["text"]))
-                    tokens = out["image_tokens"][:rows] if "image_tokens" in out else None  # same image pass
-                    logits, targets = model.mlm_logits(mb["masked_text"][:rows], mb["mlm_labels"][:rows], tokens,
-                                                       row_multiple=MLM_ROW_MULTIPLE)
-                    losses.update(obj.mlm(logits, targets, mlm_count))
-                    logs["mlm_correct"] += mlm_hits(logits, targets)
-                    logs["mlm_total"] += int((targets != IGNORE_INDEX).sum())
+                    mlm_losses, hits = obj.mlm_loss(model, mb, out, mlm_count)
+                    losses.update(mlm_losses)
+                    logs["mlm_correct"] += hits
                 # per micro-batch means: each counts 1/K of the step's
                 losses.update({k: v / len(micro) for k, v in obj.micro_batch_losses(model, mb, out).items()})
             total = sum(v for k, v in losses.items() if k.endswith("_loss"))
@@ -236,10 +222,10 @@ class Trainer:
             logs = {"loss": float("nan")}
         logs["logit_scale"] = out["logit_scale"].item()
         logs["temperature"] = 1.0 / logs["logit_scale"]
-        correct, seen = logs.pop("mlm_correct", None), logs.pop("mlm_total", None)
+        correct = logs.pop("mlm_correct", None)
         logs = D.mean_over_ranks(logs, self.env)
         if correct is not None:
-            logs["mlm_acc"] = D.sum_over_ranks(correct, self.env) / max(1, D.sum_over_ranks(seen, self.env))
+            logs["mlm_acc"] = D.sum_over_ranks(correct, self.env) / max(1, masked)
         if finite:
             logs["loss"] = sum(v for k, v in logs.items() if k.endswith("_loss"))
         return logs

@@ -231,13 +231,13 @@ def test_dropping_common_padding_gives_the_same_step(shards, tmp_path, extra):
 
 @pytest.mark.parametrize("extra", [{}, {"accum_steps": 2}])
 def test_padding_the_mlm_rows_gives_the_same_step(shards, tmp_path, monkeypatch, extra):
-    """The trainer pads the MLM logits' rows (MLM_ROW_MULTIPLE); loss, accuracy and gradients must not change."""
-    import clipalign.train as train_module
+    """The MLM pass pads its logits' rows (MLM_ROW_MULTIPLE); loss, accuracy and gradients must not change."""
+    import clipalign.objectives as objectives_module
 
     def run(multiple, out):
-        monkeypatch.setattr(train_module, "MLM_ROW_MULTIPLE", multiple)
+        monkeypatch.setattr(objectives_module, "MLM_ROW_MULTIPLE", multiple)
         # every real target a hit: the accuracy is then 1 exactly when padding is left out of its count
-        monkeypatch.setattr(train_module, "mlm_hits", lambda logits, targets: int((targets >= 0).sum()))
+        monkeypatch.setattr(objectives_module, "mlm_hits", lambda logits, targets: int((targets >= 0).sum()))
         torch.manual_seed(0)
         trainer = Trainer(_cfg(shards, out, steps=1, **extra))
         rows, plain = [], trainer.model.mlm_logits

@@ -76,6 +76,18 @@ def test_mlm_fraction_runs_the_mlm_pass_on_part_of_the_batch(shards, tmp_path, m
     assert rows == [2] and np.isfinite(logs["mlm_loss"])
 
 
+def test_the_mlm_mean_counts_the_masked_tokens_of_the_rows_it_runs_on():
+    from clipalign.masking import IGNORE_INDEX
+    from clipalign.objectives import Objectives
+
+    labels = torch.full((4, 5), IGNORE_INDEX)
+    labels[0, :1], labels[1, :2], labels[2, :3], labels[3, :4] = 7, 7, 7, 7  # 1, 2, 3, 4 masked tokens a row
+    objectives = Objectives(contrastive=torch.nn.Identity(), mlm_fraction=0.5)
+    assert objectives.mlm_rows(4) == 2 and objectives.masked_count({"mlm_labels": labels}) == 1 + 2
+    assert Objectives(contrastive=torch.nn.Identity()).masked_count({"mlm_labels": labels}) == 10
+    assert Objectives(contrastive=torch.nn.Identity(), mlm_fraction=0.1).mlm_rows(4) == 1  # at least one row
+
+
 def test_feature_queue_is_a_ring_of_the_latest_features():
     q = FeatureQueue(5, 2)
     q.push(torch.tensor([[1.0, 0], [2, 0], [3, 0]]))
