@@ -16,12 +16,15 @@ Each row also gives its FLOPs a sample (``FlopCounterMode`` over one step) and i
 the matmul ceiling measured at the start of the run (on wall time, or on one thread's CPU
 time). With ``--profile`` it says whether the step is bound by the matrix units: the share of
 a profiled step spent in matmul kernels, and the rate those kernels ran at (of three profiled
-steps, the one whose profiled time is the median).
+steps, the one whose time is the median), with its page faults. The operators are timed by
+``clipalign.op_timer.OpTimer``, not ``torch.profiler``, whose event buffers move the heap that
+the step reuses, so that its fresh pages would be charged to the step's operators.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import time
@@ -44,7 +47,6 @@ ROWS = {
     "MLM off, patch dropout 0.5": {"image_ssl": "none", "patch_dropout": 0.5},
     "MLM off, patch dropout 0.5 + MAE": {"image_ssl": "mae", "image_ssl_weight": 1.0, "patch_dropout": 0.5},
 }
-MATMUL_OPS = {"mm", "addmm", "bmm", "baddbmm"}  # the operators that run on the matrix units
 PROFILED_STEPS = 3  # --profile's steps; the one whose profiled time is the median is reported
 WORDS = "a red blue green small large circle square star triangle at the top left bottom right of".split()
 
@@ -60,6 +62,7 @@ def make_batch(model, tokenizer, batch_size: int, views: bool) -> dict[str, torc
 
 
 def time_row(name: str, overrides: dict, a: argparse.Namespace) -> dict:
+    from clipalign.op_timer import MATMUL_OPS, OpTimer
     from clipalign.precision import attention_backend
     from clipalign.train import Trainer
     from clipalign.train_config import TrainConfig
@@ -88,17 +91,20 @@ def time_row(name: str, overrides: dict, a: argparse.Namespace) -> dict:
         row = {"name": name, "overrides": overrides, "flops_per_step": sum(flops.values()),
                "matmul_flops_per_step": sum(v for op, v in flops.items() if str(op).split(".")[1] in MATMUL_OPS)}
         if a.profile:
-            from torch.profiler import ProfilerActivity, profile
-
-            profiled = []  # (ms, operators) of PROFILED_STEPS steps: one step alone may be an outlier
+            profiled = []  # PROFILED_STEPS steps under the op timer: one step alone may be an outlier
             for _ in range(PROFILED_STEPS):
-                with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                before = resource.getrusage(resource.RUSAGE_SELF)
+                with OpTimer(clock) as timer:
+                    start = clock()
                     trainer.train_step(batch)
-                ops = prof.key_averages(group_by_input_shape=True)
-                profiled.append((sum(e.self_cpu_time_total for e in ops) / 1000, ops))
-            row["profiled_ms"], ops = sorted(profiled, key=lambda p: p[0])[PROFILED_STEPS // 2]  # the median step
-            print(ops.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=40))
-            row["matmul_ms"] = sum(e.self_cpu_time_total for e in ops if e.key.removeprefix("aten::") in MATMUL_OPS) / 1000
+                    elapsed = clock() - start
+                after = resource.getrusage(resource.RUSAGE_SELF)
+                profiled.append((elapsed, timer, after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime))
+            elapsed, timer, faults, system = sorted(profiled, key=lambda p: p[0])[PROFILED_STEPS // 2]  # the median
+            print(timer.table(elapsed))
+            row.update(profiled_ms=1000 * elapsed, matmul_ms=1000 * timer.matmul_seconds(),
+                       profiled_minor_faults=faults, profiled_system_ms=1000 * system,
+                       operators_ms={name: 1000 * sec for name, sec in timer.seconds.most_common()})
     step = statistics.median(times)
     return {**row, "ms_per_step": 1000 * step, "samples_per_s": a.batch_size / step}
 
@@ -113,7 +119,8 @@ def describe_row(row: dict, first: dict, ceiling: float | None, batch_size: int)
     if "matmul_ms" in row:
         rate = row["matmul_flops_per_step"] / (row["matmul_ms"] / 1000)
         line += (f"  matmuls {100 * row['matmul_ms'] / row['profiled_ms']:4.1f} % of the profiled step, at "
-                 f"{rate / 1e9:.0f} GFLOP/s" + (f" ({100 * rate / ceiling:.0f} % of the ceiling)" if ceiling else ""))
+                 f"{rate / 1e9:.0f} GFLOP/s" + (f" ({100 * rate / ceiling:.0f} % of the ceiling)" if ceiling else "")
+                 + f", {row['profiled_minor_faults']} page faults")
     return line
 
 
@@ -130,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--open-clip-attention", action="store_true", help="run the towers on nn.MultiheadAttention")
     p.add_argument("--system-malloc", action="store_true",
                    help="leave malloc as it is (by default freed memory is kept, as `clipalign train` does)")
-    p.add_argument("--profile", action="store_true", help="also print an operator profile of one step per row")
+    p.add_argument("--profile", action="store_true", help="also time every operator of a step per row (clipalign.op_timer)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     if a.threads:

@@ -24,10 +24,13 @@ def test_rows_report_flops_mfu_and_the_matmul_share(bench_step, tmp_path, capsys
                             "--only", "MLM off, SimCLR off", "MLM on", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     off, on = result["rows"]
+    printed = capsys.readouterr().out
     assert on["flops_per_step"] > off["flops_per_step"]  # the MLM pass was counted
     for row in (off, on):
         assert 0 < row["matmul_flops_per_step"] < row["flops_per_step"]  # ca-tiny's convolutions are not matmuls
         assert 0 < row["matmul_ms"] < row["profiled_ms"]
+        assert row["matmul_ms"] == pytest.approx(sum(row["operators_ms"][op] for op in ("mm", "addmm", "bmm", "baddbmm")
+                                                      if op in row["operators_ms"]))
+        assert f"{row['profiled_minor_faults']} page faults" in printed
         assert row["mfu"] == pytest.approx(row["flops_per_step"] / (row["ms_per_step"] / 1000) / result["ceiling_flops"])
-    printed = capsys.readouterr().out
     assert "matmul ceiling this run" in printed and f"MFU {100 * on['mfu']:4.1f} %" in printed
