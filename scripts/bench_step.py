@@ -10,7 +10,10 @@ prints where the time goes. ``--clock cpu`` times the process's CPU time with to
 ``--threads`` threads: on a shared 2-core machine, one thread timed in CPU seconds is far less
 disturbed by other work than wall time (quote it as such; ``bench_train.py`` gives wall-clock
 samples/s). Each row is the median of ``--steps`` steps after 2 warm-up steps, in a fresh
-Trainer (same seed, same batch: captions of 6–13 words, the padding the trainer drops).
+Trainer (same seed, same batch: captions of 6–13 words, the padding the trainer drops), and
+gives the process's RSS before and after its timed steps. ``--vary-length`` gives every timed
+step a batch of another longest caption instead, so that the width of the text activations
+changes from step to step as on real data.
 
 Each row also gives its FLOPs a sample (``FlopCounterMode`` over one step) and its MFU against
 the matmul ceiling measured at the start of the run (on wall time, or on one thread's CPU
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -48,17 +52,28 @@ ROWS = {
     "MLM off, patch dropout 0.5 + MAE": {"image_ssl": "mae", "image_ssl_weight": 1.0, "patch_dropout": 0.5},
 }
 PROFILED_STEPS = 3  # --profile's steps; the one whose profiled time is the median is reported
+VARY_WORDS = (10, 29)  # --vary-length: the range of a batch's longest caption, in words
 WORDS = "a red blue green small large circle square star triangle at the top left bottom right of".split()
 
 
-def make_batch(model, tokenizer, batch_size: int, views: bool) -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    captions = [" ".join(WORDS[j % len(WORDS)] for j in range(i, i + 6 + i % 8)) for i in range(batch_size)]
+def make_batch(model, tokenizer, batch_size: int, views: bool, longest: int | None = None) -> dict[str, torch.Tensor]:
+    """One batch: captions of 6-13 words, or (``longest``) of 3 to ``longest`` words, one of them that long."""
+    torch.manual_seed(0 if longest is None else longest)
+    if longest is None:
+        captions = [" ".join(WORDS[j % len(WORDS)] for j in range(i, i + 6 + i % 8)) for i in range(batch_size)]
+    else:
+        lengths = [longest] + torch.randint(3, longest + 1, (batch_size - 1,)).tolist()
+        captions = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(n)) for i, n in enumerate(lengths)]
     size = model.image_size
     batch = {"image": torch.randn(batch_size, 3, size, size), "text": tokenizer(captions)}
     if views:
         batch["views"] = torch.randn(batch_size, 2, 3, size, size)
     return batch
+
+
+def rss_mb() -> float:
+    """This process's resident memory now (Linux), in MB."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def time_row(name: str, overrides: dict, a: argparse.Namespace) -> dict:
@@ -74,21 +89,28 @@ def time_row(name: str, overrides: dict, a: argparse.Namespace) -> dict:
         for module in trainer.model.modules():
             if type(module).__name__ == "FastMultiheadAttention":
                 module.__class__ = torch.nn.MultiheadAttention
-    batch = make_batch(trainer.model, trainer.tokenizer, a.batch_size, trainer.objectives.view_transform is not None)
+    views = trainer.objectives.view_transform is not None
+    batch = make_batch(trainer.model, trainer.tokenizer, a.batch_size, views)
+    # --vary-length: every timed step a batch whose longest caption has another length, as on real data
+    batches = ([make_batch(trainer.model, trainer.tokenizer, a.batch_size, views, longest)
+                for longest in torch.randint(VARY_WORDS[0], VARY_WORDS[1] + 1, (a.steps,), generator=torch.Generator()
+                                             .manual_seed(0)).tolist()] if a.vary_length else [batch] * a.steps)
     clock = time.process_time if a.clock == "cpu" else time.perf_counter
     trainer.model.train()
     with attention_backend(cfg.attention):
         for _ in range(2):
             trainer.train_step(batch)
-        times = []
-        for _ in range(a.steps):
+        times, rss_start = [], rss_mb()
+        for step_batch in batches:
             start = clock()
-            trainer.train_step(batch)
+            trainer.train_step(step_batch)
             times.append(clock() - start)
+        rss_end = rss_mb()
         with FlopCounterMode(display=False) as counter:
             trainer.train_step(batch)
         flops = counter.get_flop_counts()["Global"]
-        row = {"name": name, "overrides": overrides, "flops_per_step": sum(flops.values()),
+        row = {"name": name, "overrides": overrides, "rss_mb_start": rss_start, "rss_mb_end": rss_end,
+               "flops_per_step": sum(flops.values()),
                "matmul_flops_per_step": sum(v for op, v in flops.items() if str(op).split(".")[1] in MATMUL_OPS)}
         if a.profile:
             profiled = []  # PROFILED_STEPS steps under the op timer: one step alone may be an outlier
@@ -116,6 +138,7 @@ def describe_row(row: dict, first: dict, ceiling: float | None, batch_size: int)
             f"GFLOP/sample")
     if ceiling:
         line += f"  MFU {100 * row['mfu']:4.1f} %"
+    line += f"  RSS {row['rss_mb_start']:.0f} -> {row['rss_mb_end']:.0f} MB"
     if "matmul_ms" in row:
         rate = row["matmul_flops_per_step"] / (row["matmul_ms"] / 1000)
         line += (f"  matmuls {100 * row['matmul_ms'] / row['profiled_ms']:4.1f} % of the profiled step, at "
@@ -135,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", choices=list(ROWS), default=[n for n in ROWS if "patch dropout" not in n],
                    help="rows to run; the patch-dropout rows (ViT towers only) run only when named here")
     p.add_argument("--open-clip-attention", action="store_true", help="run the towers on nn.MultiheadAttention")
+    p.add_argument("--vary-length", action="store_true",
+                   help=f"give every timed step a batch whose longest caption has {VARY_WORDS[0]}-{VARY_WORDS[1]} words "
+                        "(the padding the trainer drops then varies, as on real data); rows report RSS before and after")
     p.add_argument("--system-malloc", action="store_true",
                    help="leave malloc as it is (by default freed memory is kept, as `clipalign train` does)")
     p.add_argument("--profile", action="store_true", help="also time every operator of a step per row (clipalign.op_timer)")

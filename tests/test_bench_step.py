@@ -34,3 +34,17 @@ def test_rows_report_flops_mfu_and_the_matmul_share(bench_step, tmp_path, capsys
         assert f"{row['profiled_minor_faults']} page faults" in printed
         assert row["mfu"] == pytest.approx(row["flops_per_step"] / (row["ms_per_step"] / 1000) / result["ceiling_flops"])
     assert "matmul ceiling this run" in printed and f"MFU {100 * on['mfu']:4.1f} %" in printed
+
+
+def test_vary_length_batches_give_the_text_another_width(bench_step):
+    from types import SimpleNamespace
+
+    from clipalign.factory import get_tokenizer
+    from clipalign.model import text_length
+
+    tokenizer = get_tokenizer("ca-tiny")
+    model = SimpleNamespace(image_size=16)
+    widths = {n: text_length(bench_step.make_batch(model, tokenizer, 8, False, longest=n)["text"], tokenizer.eot_token_id)
+              for n in (5, 12, 20)}
+    assert widths[5] < widths[12] < widths[20]  # each longest caption sets the columns the trainer keeps
+    assert text_length(bench_step.make_batch(model, tokenizer, 8, False)["text"], tokenizer.eot_token_id) == widths[12] + 1
