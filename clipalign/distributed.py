@@ -47,6 +47,17 @@ def init_distributed() -> DistEnv:
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def finish_distributed(env: DistEnv, *, wait: bool = True) -> None:
+    """Leave the process group: wait for every rank (``wait``; not after an error, when some
+    rank may never come), then destroy it, so that no rank exits while the group's threads still
+    serve another (a rank that did so could abort at exit: "terminate called without an active
+    exception")."""
+    if env.distributed and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def broadcast_parameters(module: nn.Module, env: DistEnv) -> None:
     """Make every rank start from rank 0's weights and buffers."""
     if env.distributed:

@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from clipalign.data import DataStreamError
+    from clipalign.distributed import finish_distributed
     from clipalign.memory import keep_freed_memory
     from clipalign.resume import ResumeMismatchError
     from clipalign.run_folder import RunLockedError
@@ -122,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = trainer.fit(progress=None if args.no_progress else tqdm)
     except (FileNotFoundError, RunLockedError, ResumeMismatchError, DataStreamError, NonFiniteLossError) as err:
+        finish_distributed(trainer.env, wait=False)
         raise CliError(str(err)) from None
+    finish_distributed(trainer.env)
     if not trainer.env.is_main:
         return 0
     final = summary["final"]
