@@ -136,7 +136,7 @@ def describe_row(row: dict, first: dict, ceiling: float | None, batch_size: int)
     line = (f"{row['name']:<32} {row['ms_per_step']:8.0f} ms/step {row['samples_per_s']:7.1f} samples/s  "
             f"{row['samples_per_s'] / first['samples_per_s']:5.2f}x  {row['flops_per_step'] / batch_size / 1e9:5.2f} "
             f"GFLOP/sample")
-    if ceiling:
+    if "mfu" in row:
         line += f"  MFU {100 * row['mfu']:4.1f} %"
     line += f"  RSS {row['rss_mb_start']:.0f} -> {row['rss_mb_end']:.0f} MB"
     if "matmul_ms" in row:
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in a.only:
         row = time_row(name, ROWS[name], a)
-        if ceiling:
+        if ceiling and not a.vary_length:  # the FLOPs are the fixed batch's: no MFU for varying ones
             row["mfu"] = row["flops_per_step"] / (row["ms_per_step"] / 1000) / ceiling
         rows.append(row)
         print(describe_row(row, rows[0], ceiling, a.batch_size), flush=True)
